@@ -1,0 +1,65 @@
+# Developer entry points. `make test` and `make demo` work from a fresh clone.
+#
+# GPU users: create .venv and install your own CUDA build of torch first; `make venv`
+# installs torch only when the venv has none.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+BUF := node_modules/.bin/buf
+PROTOS := $(shell find proto -name '*.proto')
+STUBS := src/weightserve/v1/weightserve_pb2.py
+
+.PHONY: venv node proto demo test lint fmt clean
+
+venv: $(VENV)/.installed
+
+# torch goes in first and on its own: 2.13.0 CPU is on this machine's disk, while an
+# unpinned torch pulled in as a dependency would download a multi-GB CUDA build.
+# hatchling is the build backend; `make proto` runs hatch_build.py, which imports it.
+$(VENV)/.installed: pyproject.toml hatch_build.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install '$(TORCH_SPEC)'
+	$(BIN)/pip install 'hatchling>=1.24'
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+node: node_modules/.installed
+
+# Not `npm ci`: the registry reached here lacks buf's binaries for other platforms, so
+# the lock cannot list them and `npm ci` calls it out of sync. `npm install` still takes
+# the locked versions; --no-save keeps it from rewriting package-lock.json.
+node_modules/.installed: package.json package-lock.json
+	npm install --no-audit --no-fund --no-save
+	touch $@
+
+# The editable install generates the stubs once; this keeps them in step with proto/.
+$(STUBS): $(PROTOS) hatch_build.py | venv
+	$(BIN)/python hatch_build.py
+
+proto: venv
+	$(BIN)/python hatch_build.py
+
+demo: venv $(STUBS)
+	$(BIN)/weightserve demo
+
+test: venv node $(STUBS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv node $(STUBS)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BUF) lint
+
+fmt: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis src/weightserve/v1
+	find . -path ./$(VENV) -prune -o -path ./node_modules -prune -o \
+		\( -name __pycache__ -o -name '*.egg-info' \) -type d -print0 | xargs -0 rm -rf

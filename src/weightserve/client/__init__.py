@@ -1,0 +1,8 @@
+"""Client library: fetch a rank's state dict (sync or asyncio), files and model lists."""
+
+from weightserve.client.aio import AsyncWeightClient
+from weightserve.client.assembly import FetchStats
+from weightserve.client.retry import RetryPolicy
+from weightserve.client.sync import WeightClient
+
+__all__ = ["AsyncWeightClient", "FetchStats", "RetryPolicy", "WeightClient"]

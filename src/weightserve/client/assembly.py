@@ -1,0 +1,206 @@
+"""Rebuilding tensors from verified chunks, and knowing where to resume.
+
+Transport-free: a FetchSession is fed raw TensorChunk messages and says what to ask
+for next. Each tensor is allocated once and every chunk is written straight into its
+storage after its checksum matches, so nothing partial or corrupt is ever returned,
+and a broken stream resumes at the first byte not yet verified.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from weightserve import wire
+from weightserve.errors import IntegrityError
+from weightserve.v1 import weightserve_pb2 as pb
+
+
+@dataclass
+class TensorProgress:
+    """A tensor being received."""
+
+    info: pb.TensorInfo
+    index: int
+    received: int = 0
+    running_crc: int = 0
+    tensor: torch.Tensor | None = None
+    done: bool = False
+
+
+@dataclass
+class FetchStats:
+    """What one fetch cost, for callers and tests."""
+
+    attempts: int = 0
+    bytes_received: int = 0
+    payload_bytes: int = 0
+    integrity_retries: int = 0
+    bytes_after_reconnect: int = 0
+    reconnects: int = 0
+
+
+class _DeviceWriter:
+    """Copies verified chunks into device tensors through a small ring of pinned buffers."""
+
+    RING = 4
+
+    def __init__(self, device: torch.device, chunk_bytes: int) -> None:
+        self.device = device
+        pin = torch.cuda.is_available() and device.type == "cuda"
+        self.buffers = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(self.RING)]
+        self.events: list[torch.cuda.Event | None] = [None] * self.RING
+        self.pinned = pin
+        self.slot = 0
+
+    def write(self, dest: torch.Tensor, offset: int, data: memoryview) -> None:
+        slot = self.slot
+        self.slot = (slot + 1) % self.RING
+        event = self.events[slot]
+        if event is not None:
+            event.synchronize()  # the copy that last used this buffer has finished
+        staging = self.buffers[slot][: len(data)]
+        staging.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+        dest[offset : offset + len(data)].copy_(staging, non_blocking=self.pinned)
+        if self.pinned:
+            event = torch.cuda.Event()
+            event.record()
+            self.events[slot] = event
+
+    def finish(self) -> None:
+        for event in self.events:
+            if event is not None:
+                event.synchronize()
+
+
+class FetchSession:
+    """State of one fetch_state_dict across however many streams it takes."""
+
+    def __init__(
+        self,
+        manifest: pb.GetManifestResponse,
+        names: list[str] | None,
+        device: torch.device,
+        on_bytes: Callable[[int], None] | None = None,
+        destinations: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.device = device
+        self.stats = FetchStats()
+        self.on_bytes = on_bytes
+        self.destinations = destinations or {}
+        by_name = {t.name: i for i, t in enumerate(manifest.tensors)}
+        wanted = names if names else [t.name for t in manifest.tensors]
+        order = sorted({by_name[n] for n in wanted if n in by_name})  # the stream's order
+        self.pending = [TensorProgress(manifest.tensors[i], i) for i in order]
+        for progress in self.pending:
+            if nbytes_of(progress.info) != progress.info.nbytes:
+                raise IntegrityError(f"manifest entry {progress.info.name!r}: shape and dtype disagree with nbytes")
+        self._by_index = {p.index: p for p in self.pending}
+        self._cursor = 0
+        self._writer = None if device.type == "cpu" else _DeviceWriter(device, max(manifest.max_chunk_bytes, 1))
+
+    @property
+    def complete(self) -> bool:
+        return self._cursor >= len(self.pending)
+
+    def resume_point(self) -> tuple[str, int] | None:
+        """(tensor, verified bytes) to ask for next; None before anything arrived."""
+        if self._cursor == 0 and self.pending and self.pending[0].received == 0:
+            return None
+        if self.complete:
+            return None
+        current = self.pending[self._cursor]
+        return current.info.name, current.received
+
+    def accept(self, message: bytes) -> None:
+        """Verify one TensorChunk message and write its payload in place.
+
+        Raises:
+            IntegrityError: bad checksum, or a chunk out of order; the caller resumes
+                from resume_point(), which has not moved past the bad chunk.
+        """
+        chunk = wire.decode_chunk(message)
+        if self.complete:
+            raise IntegrityError("server sent a chunk after the last tensor")
+        progress = self.pending[self._cursor]
+        if chunk.tensor_index != progress.index or chunk.offset != progress.received:
+            raise IntegrityError(
+                f"expected tensor {progress.index} at byte {progress.received}, "
+                f"got tensor {chunk.tensor_index} at byte {chunk.offset}"
+            )
+        if chunk.header is not None:
+            self._check_header(progress, pb.TensorHeader.FromString(chunk.header))
+        if wire.crc32c(chunk.data) != chunk.crc:
+            raise IntegrityError(f"tensor {progress.info.name!r}: chunk at byte {chunk.offset} failed its crc32c")
+        size = len(chunk.data)
+        if progress.received + size > progress.info.nbytes:
+            raise IntegrityError(f"tensor {progress.info.name!r}: more bytes than its {progress.info.nbytes}")
+        if progress.tensor is None:
+            progress.tensor = self._allocate(progress.info)
+        self._write(progress.tensor, chunk.offset, chunk.data)
+        running = wire.crc32c_combine(progress.running_crc, chunk.crc, size)
+        if chunk.last:
+            expected = progress.info.crc32c if progress.info.HasField("crc32c") else chunk.tensor_crc
+            if progress.received + size != progress.info.nbytes or running != chunk.tensor_crc or running != expected:
+                progress.received, progress.running_crc = 0, 0  # refetch the whole tensor
+                raise IntegrityError(f"tensor {progress.info.name!r} failed its whole-tensor crc32c")
+            progress.done = True
+            self._cursor += 1
+        progress.received += size
+        progress.running_crc = running
+        self.stats.payload_bytes += size
+        if self.on_bytes is not None:
+            self.on_bytes(size)
+
+    def _check_header(self, progress: TensorProgress, header: pb.TensorHeader) -> None:
+        info = progress.info
+        if (header.name, header.dtype, list(header.shape), header.nbytes) != (
+            info.name, info.dtype, list(info.shape), info.nbytes
+        ):
+            raise IntegrityError(f"tensor {info.name!r}: header disagrees with the manifest")
+
+    def _allocate(self, info: pb.TensorInfo) -> torch.Tensor:
+        dtype = wire.torch_dtype(info.dtype)
+        dest = self.destinations.get(info.name)
+        if (
+            dest is not None
+            and dest.device == self.device
+            and dest.dtype == dtype
+            and tuple(dest.shape) == tuple(info.shape)
+            and dest.is_contiguous()
+        ):
+            return dest  # write straight into the caller's tensor (load_into)
+        return torch.empty(tuple(info.shape), dtype=dtype, device=self.device)
+
+    def _write(self, tensor: torch.Tensor, offset: int, data: memoryview) -> None:
+        if not len(data):
+            return
+        flat = tensor.reshape(-1).view(torch.uint8)
+        if self._writer is None:
+            np.copyto(flat.numpy()[offset : offset + len(data)], np.frombuffer(data, dtype=np.uint8))
+        else:
+            self._writer.write(flat, offset, data)
+
+    def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The finished tensors, by name, in manifest order."""
+        if self._writer is not None:
+            self._writer.finish()
+        out: dict[str, torch.Tensor] = {}
+        for progress in self.pending:
+            tensor = progress.tensor
+            if tensor is None:  # an empty tensor: nothing to write, still allocated once
+                tensor = self._allocate(progress.info)
+            if dtype is not None and tensor.dtype != dtype and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            out[progress.info.name] = tensor
+        return out
+
+
+def nbytes_of(info: pb.TensorInfo) -> int:
+    """Byte size from shape and dtype, for checking a manifest against itself."""
+    return math.prod(info.shape) * wire.DTYPE_SIZES[info.dtype]

@@ -1,0 +1,69 @@
+"""The exception taxonomy.
+
+Every class roots at WeightserveError and also subclasses the builtin a caller would
+expect, so `except LookupError` and `except ModelNotFoundError` both work. The server
+maps these to gRPC status codes in one table (server/status.py); the client raises
+FetchError carrying the status it received. Stdlib only.
+"""
+
+from __future__ import annotations
+
+
+class WeightserveError(Exception):
+    """Base of every error weightserve raises on purpose."""
+
+
+class ModelNotFoundError(WeightserveError, LookupError):
+    """The model name is not under any model root (or escapes its root)."""
+
+
+class TensorNotFoundError(WeightserveError, LookupError):
+    """A requested tensor name is not in the plan."""
+
+
+class UnknownFormatError(WeightserveError, LookupError):
+    """No loader is registered under the requested format name."""
+
+
+class InvalidRequestError(WeightserveError, ValueError):
+    """The request cannot be served as asked (bad rank, impossible split, ...)."""
+
+
+class PreconditionError(WeightserveError, RuntimeError):
+    """The request does not match the server's state (changed revision, stale manifest)."""
+
+
+class UnsafeCheckpointError(WeightserveError, RuntimeError):
+    """A pickle checkpoint tried to load something other than plain tensors."""
+
+
+class CorruptCheckpointError(WeightserveError, ValueError):
+    """A checkpoint file is malformed, truncated or changed while being read."""
+
+
+class ResourceExhaustedError(WeightserveError, MemoryError):
+    """Serving the request would exceed a configured budget."""
+
+
+class UnavailableError(WeightserveError, ConnectionError):
+    """The server is draining or cannot be reached."""
+
+
+class IntegrityError(WeightserveError, ValueError):
+    """Received bytes do not match their checksum."""
+
+
+class FetchError(WeightserveError, RuntimeError):
+    """A client call failed; `code()` is the grpc.StatusCode the server answered."""
+
+    def __init__(self, message: str, code: object) -> None:
+        super().__init__(message)
+        self._code = code
+
+    def code(self) -> object:
+        """The grpc.StatusCode of the failure (typed loosely: errors.py is stdlib only)."""
+        return self._code
+
+    def details(self) -> str:
+        """The human-readable message, as grpc.RpcError.details() gives it."""
+        return str(self)

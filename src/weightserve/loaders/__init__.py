@@ -1,0 +1,48 @@
+"""Checkpoint loaders, one module per format, behind one registry.
+
+Adding a format is one new module that subclasses Loader and registers itself; the
+rest of the server only ever sees TensorRecords and Sources.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+from weightserve.errors import UnknownFormatError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from weightserve.loaders.base import Loader
+
+_LOADERS: dict[str, type[Loader]] = {}
+
+# Built-in formats, in the order a model directory with several is served.
+FORMAT_PREFERENCE: tuple[str, ...] = ("safetensors", "torch")
+_MODULES = {"safetensors": "weightserve.loaders.safetensors", "torch": "weightserve.loaders.torch_pickle"}
+
+
+def register_loader(fmt: str) -> Callable[[type[Loader]], type[Loader]]:
+    """Class decorator: make `cls` the loader for format `fmt`."""
+
+    def wrap(cls: type[Loader]) -> type[Loader]:
+        cls.name = fmt
+        _LOADERS[fmt] = cls
+        return cls
+
+    return wrap
+
+
+def loader_for(fmt: str) -> type[Loader]:
+    """The loader class registered for `fmt`, importing its module on first use.
+
+    Raises:
+        UnknownFormatError: no loader has that name.
+    """
+    if fmt not in _LOADERS and fmt in _MODULES:
+        import_module(_MODULES[fmt])
+    try:
+        return _LOADERS[fmt]
+    except KeyError:
+        raise UnknownFormatError(f"no loader for {fmt!r}; have {sorted(set(_LOADERS) | set(_MODULES))}") from None

@@ -1,0 +1,82 @@
+"""The narrow waist: every checkpoint format becomes TensorRecords over Sources."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar
+
+from weightserve.errors import CorruptCheckpointError
+from weightserve.loaders.sources import Source
+from weightserve.wire import DTYPE_SIZES
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor as a byte range of a source; nothing is read until asked."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: int
+    offset: int
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        expected = math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+        if expected != self.nbytes:
+            raise CorruptCheckpointError(
+                f"tensor {self.name!r}: shape {list(self.shape)} x {self.dtype} is {expected} bytes, "
+                f"but its byte range holds {self.nbytes}"
+            )
+
+
+class Loader(ABC):
+    """Opens one checkpoint (a list of weight files) and describes its tensors.
+
+    Used as a context manager; `close()` releases file descriptors. Records keep the
+    file's order; sources are read with `Source.read_into`.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        self.sources: list[Source] = []
+        self.records: list[TensorRecord] = []
+
+    @classmethod
+    @abstractmethod
+    def find_files(cls, model_dir: Path) -> list[Path]:
+        """The weight files this loader would serve from `model_dir` (empty if none)."""
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every source."""
+        for source in self.sources:
+            source.close()
+
+    def total_bytes(self) -> int:
+        """Sum of every tensor's byte size."""
+        return sum(r.nbytes for r in self.records)
+
+    def _check_unique_names(self) -> None:
+        seen: dict[str, int] = {}
+        for record in self.records:
+            if record.name in seen:
+                files = {self.sources[seen[record.name]].label, self.sources[record.source].label}
+                raise CorruptCheckpointError(f"tensor {record.name!r} appears twice (in {sorted(files)})")
+            seen[record.name] = record.source

@@ -1,0 +1,105 @@
+"""Byte sources a loader's tensor records point into.
+
+A source is read with pread into caller-owned buffers, never mapped: a file that is
+truncated under a mapping turns the next page touch into SIGBUS, which would kill the
+server and every stream with it. A short read, or a file whose size or mtime changed
+since it was opened, raises CorruptCheckpointError, which costs only the stream that
+hit it.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weightserve.errors import CorruptCheckpointError
+
+
+class Source(ABC):
+    """A read-only container of bytes (a file, or a tensor held in memory)."""
+
+    label: str
+    size: int
+    bytes_read: int = 0
+
+    @abstractmethod
+    def read_into(self, offset: int, dest: memoryview) -> None:
+        """Fill `dest` with the bytes at [offset, offset + len(dest)).
+
+        Raises:
+            CorruptCheckpointError: the bytes are not all there, or changed.
+        """
+
+    def close(self) -> None:  # noqa: B027 - sources with nothing to release keep this
+        """Release what the source holds."""
+
+
+class FileSource(Source):
+    """A file read with os.preadv; safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.label = str(path)
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        st = os.fstat(self._fd)
+        self.size = st.st_size
+        self._identity = (st.st_size, st.st_mtime_ns, st.st_ino)
+        self.bytes_read = 0
+
+    def read_into(self, offset: int, dest: memoryview) -> None:
+        want = len(dest)
+        if offset < 0 or offset + want > self.size:
+            raise CorruptCheckpointError(
+                f"{self.path}: read of [{offset}, {offset + want}) is past the end ({self.size} bytes)"
+            )
+        done = 0
+        while done < want:
+            n = os.preadv(self._fd, [dest[done:]], offset + done)
+            if n <= 0:
+                raise CorruptCheckpointError(
+                    f"{self.path}: file ends at {offset + done}, expected {offset + want} bytes; "
+                    "it was truncated while being served"
+                )
+            done += n
+        self.bytes_read += want
+        self.check_unchanged()
+
+    def check_unchanged(self) -> None:
+        """Raise if the file was truncated or rewritten in place since it was opened."""
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != self._identity:
+            raise CorruptCheckpointError(
+                f"{self.path}: file changed while being served "
+                f"(size {self._identity[0]} -> {st.st_size}); fetch again to get the new revision"
+            )
+
+    def advise_willneed(self, offset: int, length: int) -> None:
+        """Ask the kernel to start reading a range into the page cache."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class MemorySource(Source):
+    """Bytes held in memory: tensors a loader had to materialise (legacy pickles)."""
+
+    def __init__(self, label: str, data: Any) -> None:
+        self.label = label
+        self._array = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+        self.size = int(self._array.nbytes)
+        self.bytes_read = 0
+
+    def read_into(self, offset: int, dest: memoryview) -> None:
+        end = offset + len(dest)
+        if offset < 0 or end > self.size:
+            raise CorruptCheckpointError(f"{self.label}: read of [{offset}, {end}) past {self.size} bytes")
+        np.frombuffer(dest, dtype=np.uint8)[:] = self._array[offset:end]
+        self.bytes_read += len(dest)

@@ -1,0 +1,152 @@
+"""`.pt` / `.bin` checkpoints, loaded with torch.load(weights_only=True).
+
+Zip-format files are opened with mmap=True only to learn each tensor's storage;
+every byte is then read with pread from the file itself, like safetensors, so a
+truncated file is a DATA_LOSS and never a SIGBUS. Legacy (pre-zip) files cannot be
+mapped and are held in memory. A pickle that asks for anything but tensors is refused
+by torch's weights-only unpickler before any of it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import struct
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightserve.errors import CorruptCheckpointError, UnsafeCheckpointError
+from weightserve.loaders import register_loader
+from weightserve.loaders.base import Loader, TensorRecord
+from weightserve.loaders.discovery import files_by_suffix, files_from_index
+from weightserve.loaders.sources import FileSource, MemorySource
+from weightserve.wire import dtype_name
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "pytorch_model.bin.index.json"
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Flatten a loaded checkpoint into (name, tensor), unwrapping {'state_dict': ...}."""
+    if isinstance(obj, Mapping):
+        if len(obj) == 1 and next(iter(obj)) in _WRAPPER_KEYS and isinstance(next(iter(obj.values())), Mapping):
+            yield from _tensors(next(iter(obj.values())), prefix)
+            return
+        for key, value in obj.items():
+            if isinstance(value, torch.Tensor):
+                yield f"{prefix}{key}", value
+            elif isinstance(value, Mapping):
+                yield from _tensors(value, f"{prefix}{key}.")
+            else:
+                logger.debug("skipping non-tensor entry %s%s (%s)", prefix, key, type(value).__name__)
+
+
+def _load(path: Path, mmap: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reasons = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        raise UnsafeCheckpointError(
+            f"{path.name}: refusing to unpickle: it holds more than plain tensors "
+            f"({reasons[0] if reasons else 'rejected by the weights-only unpickler'}). "
+            "Convert it to safetensors with a trusted tool first."
+        ) from None
+    except Exception as e:  # torch raises many types for a damaged file
+        raise CorruptCheckpointError(f"{path.name}: cannot read torch checkpoint: {e}") from None
+
+
+def _storage_offsets(path: Path) -> dict[int, int]:
+    """Map each stored data entry's file offset to its byte size."""
+    offsets: dict[int, int] = {}
+    with zipfile.ZipFile(path) as archive, path.open("rb") as f:
+        for info in archive.infolist():
+            parts = info.filename.split("/")
+            if len(parts) < 2 or parts[-2] != "data" or not parts[-1].isdigit():
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise CorruptCheckpointError(f"{path.name}: storage {info.filename} is compressed")
+            f.seek(info.header_offset)
+            fields = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+            name_len, extra_len = fields[-2], fields[-1]
+            offsets[info.header_offset + _LOCAL_HEADER.size + name_len + extra_len] = info.file_size
+    return offsets
+
+
+def _mapping_base(storages: list[torch.UntypedStorage], offsets: dict[int, int]) -> int:
+    """The address at which torch mapped the file, from storage pointers and zip offsets.
+
+    Every mmap-backed storage points at base + (its entry's file offset); the one base
+    that puts all of them on an entry of the right size is the answer.
+    """
+    live = [s for s in storages if s.nbytes() > 0]
+    if not live:
+        return 0
+    first = live[0]
+    for file_offset, size in offsets.items():
+        if size != first.nbytes():
+            continue
+        base = first.data_ptr() - file_offset
+        if all(offsets.get(s.data_ptr() - base) == s.nbytes() for s in live):
+            return base
+    raise CorruptCheckpointError("cannot place the checkpoint's storages in its zip entries")
+
+
+@register_loader("torch")
+class TorchLoader(Loader):
+    """Serves `pytorch_model*.bin`, `*.pt`, `*.pth` checkpoints."""
+
+    def __init__(self, files: list[Path]) -> None:
+        super().__init__(files)
+        try:
+            for path in files:
+                if zipfile.is_zipfile(path):
+                    self._add_zip(path)
+                else:
+                    self._add_legacy(path)
+            self._check_unique_names()
+        except BaseException:
+            self.close()
+            raise
+
+    def _add_zip(self, path: Path) -> None:
+        source = FileSource(path)
+        self.sources.append(source)
+        index = len(self.sources) - 1
+        loaded = list(_tensors(_load(path, mmap=True)))
+        offsets = _storage_offsets(path)
+        base = _mapping_base([t.untyped_storage() for _, t in loaded], offsets)
+        for name, tensor in loaded:
+            dtype = dtype_name(tensor.dtype)
+            nbytes = tensor.numel() * tensor.element_size()
+            if tensor.is_contiguous() and nbytes:
+                start = tensor.untyped_storage().data_ptr() - base + tensor.storage_offset() * tensor.element_size()
+                self.records.append(TensorRecord(name, dtype, tuple(tensor.shape), index, start, nbytes))
+            else:
+                self._add_in_memory(f"{path.name}:{name}", name, tensor)
+        del loaded  # drop the mapping; reads go through pread from here on
+
+    def _add_legacy(self, path: Path) -> None:
+        logger.info("%s is a legacy (non-zip) torch file; holding its tensors in memory", path)
+        for name, tensor in _tensors(_load(path, mmap=False)):
+            self._add_in_memory(f"{path.name}:{name}", name, tensor)
+
+    def _add_in_memory(self, label: str, name: str, tensor: torch.Tensor) -> None:
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.sources.append(MemorySource(label, flat))
+        self.records.append(
+            TensorRecord(name, dtype_name(tensor.dtype), tuple(tensor.shape), len(self.sources) - 1, 0, flat.nbytes)
+        )
+
+    @classmethod
+    def find_files(cls, model_dir: Path) -> list[Path]:
+        indexed = files_from_index(model_dir, INDEX_NAME)
+        if indexed is not None:
+            return indexed
+        return files_by_suffix(model_dir, (".bin", ".pt", ".pth"))

@@ -1,0 +1,1 @@
+"""The server: thin gRPC servicers over a transport-free data plane."""

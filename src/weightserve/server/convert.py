@@ -1,0 +1,83 @@
+"""Protobuf <-> domain objects, so servicers stay a few lines each."""
+
+from __future__ import annotations
+
+from weightserve.wire import WIRE_VERSION
+from weightserve.server.dataplane import Manifest, ModelSummary, ResumeFrom
+from weightserve.server.files import FilePiece
+from weightserve.sharding.spec import ShardSpec
+from weightserve.v1 import weightserve_pb2 as pb
+
+_LAYOUTS = {
+    pb.LAYOUT_UNSPECIFIED: "checkpoint",
+    pb.LAYOUT_CHECKPOINT: "checkpoint",
+    pb.LAYOUT_VLLM: "vllm",
+}
+
+
+def layout_name(layout: int) -> str:
+    """The domain name of a Layout enum value (unknown values are rejected by ShardSpec)."""
+    return _LAYOUTS.get(layout, f"layout-{layout}")
+
+
+def shard_spec(shard: pb.ShardSpec) -> ShardSpec:
+    """A validated ShardSpec; zero sizes mean 1 (ep_size 0 means no expert parallelism)."""
+    return ShardSpec(
+        model=shard.model,
+        revision=shard.revision,
+        format=shard.format,
+        rank=shard.rank,
+        world_size=shard.world_size or 1,
+        pp_rank=shard.pp_rank,
+        pp_size=shard.pp_size or 1,
+        ep_rank=shard.ep_rank,
+        ep_size=shard.ep_size,
+        layout=layout_name(shard.layout),
+    )
+
+
+def resume_from(request: pb.FetchShardRequest) -> ResumeFrom | None:
+    """The request's resume point, if it has one."""
+    if not request.HasField("resume_from"):
+        return None
+    return ResumeFrom(request.resume_from.tensor, request.resume_from.offset)
+
+
+def manifest_response(manifest: Manifest) -> pb.GetManifestResponse:
+    tensors = []
+    for plan, digest in zip(manifest.tensors, manifest.digests):
+        info = pb.TensorInfo(name=plan.name, dtype=plan.dtype, shape=plan.shape, nbytes=plan.nbytes)
+        if digest is not None:
+            info.crc32c = digest
+        tensors.append(info)
+    return pb.GetManifestResponse(
+        manifest_id=manifest.manifest_id,
+        revision=manifest.revision,
+        format=manifest.format,
+        tensors=tensors,
+        total_bytes=manifest.total_bytes,
+        wire_version=WIRE_VERSION,
+        max_chunk_bytes=manifest.chunk_bytes,
+    )
+
+
+def model_info(summary: ModelSummary) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=summary.name,
+        revision=summary.revision,
+        format=summary.format,
+        total_bytes=summary.total_bytes,
+        formats=summary.formats,
+    )
+
+
+def file_chunk(piece: FilePiece) -> pb.FileChunk:
+    return pb.FileChunk(
+        path=piece.path,
+        offset=piece.offset,
+        size=piece.size,
+        crc32c=piece.crc,
+        last=piece.last,
+        file_crc32c=piece.file_crc,
+        data=piece.data,
+    )

@@ -1,0 +1,86 @@
+"""FetchFiles: the non-weight files a worker needs, streamed with checksums."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from weightserve import wire
+from weightserve.errors import PreconditionError
+from weightserve.storage.local import WEIGHT_SUFFIXES
+
+DEFAULT_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+"""Configs, generation config, tokenizer files and chat templates at the top level."""
+
+_NEVER = ("*.index.json",)
+
+
+@dataclass(frozen=True)
+class FilePiece:
+    """One chunk of one file (a FileChunk without protobuf)."""
+
+    path: str
+    offset: int
+    size: int
+    crc: int
+    last: bool
+    file_crc: int
+    data: bytes
+
+
+def select_files(model_dir: Path, patterns: list[str] | None) -> list[Path]:
+    """Regular files under `model_dir` matching `patterns` (relative, '/'-separated paths).
+
+    Weight files, index files, hidden files and anything resolving outside the model
+    directory are never selected.
+    """
+    patterns = list(patterns or DEFAULT_PATTERNS)
+    root = model_dir.resolve()
+    chosen = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(filenames):
+            path = Path(dirpath) / filename
+            rel = path.relative_to(root).as_posix()
+            if filename.startswith(".") or filename.endswith(WEIGHT_SUFFIXES):
+                continue
+            if any(fnmatch.fnmatch(rel, p) for p in _NEVER) or not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
+                continue
+            real = path.resolve()
+            if os.path.commonpath([real, root]) == str(root) and real.is_file():
+                chosen.append(path)
+    return chosen
+
+
+def _file_pieces(root: Path, path: Path, chunk_bytes: int) -> Iterator[FilePiece]:
+    rel = path.relative_to(root).as_posix()
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        offset, running = 0, 0
+        while True:
+            data = f.read(min(chunk_bytes, size - offset))
+            crc = wire.crc32c(data)
+            running = wire.crc32c_combine(running, crc, len(data))
+            last = offset + len(data) >= size
+            if not data and not last:
+                raise PreconditionError(f"{rel} shrank while being sent; fetch the files again")
+            yield FilePiece(rel, offset, size, crc, last, running if last else 0, data)
+            offset += len(data)
+            if last:
+                return
+
+
+async def stream_files(model_dir: Path, patterns: list[str] | None, chunk_bytes: int) -> AsyncIterator[FilePiece]:
+    """Chunks of every selected file, in path order."""
+    root = model_dir.resolve()
+    for path in await asyncio.to_thread(select_files, root, patterns):
+        pieces = _file_pieces(root, path, chunk_bytes)
+        while True:
+            piece = await asyncio.to_thread(next, pieces, None)
+            if piece is None:
+                break
+            yield piece

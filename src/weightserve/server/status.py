@@ -1,0 +1,81 @@
+"""The one place exceptions become gRPC status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from weightserve import errors
+
+logger = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
+    errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.TensorNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.UnknownFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.UnsafeCheckpointError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.CorruptCheckpointError: grpc.StatusCode.DATA_LOSS,
+    errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
+    errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and message a client sees for `exc`.
+
+    Known errors keep their message; anything else is INTERNAL with a generic message
+    (the traceback goes to the log, not to the client).
+    """
+    for cls in type(exc).__mro__:
+        code = STATUS_BY_ERROR.get(cls)
+        if code is not None:
+            return code, str(exc)
+    logger.error("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal server error; the server log has the details"
+
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+def unary_errors(
+    method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
+    """Decorate a unary servicer method so raised errors become statuses."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await context.abort(*status_for(e))
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+    return wrapper
+
+
+def stream_errors(
+    method: Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]:
+    """Decorate a server-streaming servicer method so raised errors become statuses."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await context.abort(*status_for(e))
+
+    return wrapper

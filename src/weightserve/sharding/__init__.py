@@ -1,0 +1,1 @@
+"""Which bytes each rank gets: shard specs, tensor plans, and reading them."""

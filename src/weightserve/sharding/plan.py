@@ -1,0 +1,96 @@
+"""Tensor plans: each served tensor as pieces of its sources, and reading them.
+
+A plan never holds tensor bytes. A piece is a run of rows in one source (one row for
+a contiguous range; several, `stride` apart, for a slice along a later dim) or a run
+of zeros (vocabulary padding), so any slice is served straight from the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from weightserve.errors import InvalidRequestError
+from weightserve.loaders.base import TensorRecord
+from weightserve.loaders.sources import Source
+from weightserve.sharding.spec import ShardSpec
+
+ZEROS = -1
+"""Piece.source for bytes that are zero (padding), read from nowhere."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """`rows` runs of `row_bytes` bytes, `stride` apart, from `offset` in source `source`."""
+
+    source: int
+    offset: int
+    row_bytes: int
+    rows: int = 1
+    stride: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.row_bytes * self.rows
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor as a rank receives it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+
+def whole_tensor(record: TensorRecord) -> TensorPlan:
+    """The plan that serves a record unsliced."""
+    pieces = (Piece(record.source, record.offset, record.nbytes),) if record.nbytes else ()
+    return TensorPlan(record.name, record.dtype, record.shape, pieces)
+
+
+def plan_shard(records: list[TensorRecord], spec: ShardSpec) -> list[TensorPlan]:
+    """The tensors rank `spec` receives, in stream order.
+
+    Raises:
+        InvalidRequestError: the model cannot be split as asked.
+    """
+    if spec.world_size != 1 or spec.pp_size != 1 or spec.ep_size:
+        raise InvalidRequestError(
+            f"this server serves whole models only (world_size 1, pp_size 1, no ep); "
+            f"asked for world_size {spec.world_size}, pp_size {spec.pp_size}, ep_size {spec.ep_size}"
+        )
+    return [whole_tensor(r) for r in records]
+
+
+def read_range(plan: TensorPlan, sources: list[Source], start: int, dest: memoryview) -> None:
+    """Fill `dest` with bytes [start, start + len(dest)) of the served tensor."""
+    want_end = start + len(dest)
+    base = 0  # offset of the current piece within the tensor
+    for piece in plan.pieces:
+        lo, hi = max(start, base), min(want_end, base + piece.nbytes)
+        if lo < hi:
+            _read_piece(piece, sources, lo - base, dest[lo - start : hi - start])
+        base += piece.nbytes
+        if base >= want_end:
+            break
+
+
+def _read_piece(piece: Piece, sources: list[Source], at: int, dest: memoryview) -> None:
+    if piece.source == ZEROS:
+        dest[:] = bytes(len(dest))
+        return
+    source = sources[piece.source]
+    if piece.rows == 1:
+        source.read_into(piece.offset + at, dest)
+        return
+    done = 0
+    while done < len(dest):  # gather row by row: only the rank's bytes are read
+        row, col = divmod(at + done, piece.row_bytes)
+        n = min(piece.row_bytes - col, len(dest) - done)
+        source.read_into(piece.offset + row * piece.stride + col, dest[done : done + n])
+        done += n
