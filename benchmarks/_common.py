@@ -1,0 +1,124 @@
+"""Helpers the benchmarks share: a cached checkpoint, subprocess servers, RSS sampling."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psutil
+
+from weightserve.checkpoints import LlamaShape, write_llama_checkpoint
+
+BENCH_SHAPE = LlamaShape(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=9,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)
+"""About 1.07 GB of bf16."""
+
+
+def bench_root() -> Path:
+    env = os.environ.get("WEIGHTSERVE_BENCH_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "weightserve" / "bench"
+
+
+def ensure_checkpoint(root: Path, name: str = "bench/llama-1g", shape: LlamaShape = BENCH_SHAPE) -> Path:
+    """Write the benchmark checkpoint once; the marker file is written last."""
+    model_dir = root / name
+    marker = model_dir / ".complete"
+    if not marker.is_file():
+        write_llama_checkpoint(model_dir, shape, num_files=2)
+        marker.write_text("ok\n")
+    return model_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(address: str, timeout: float = 60.0) -> None:
+    """Poll until a channel to `address` connects."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        while True:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=1.0)
+                return
+            except grpc.FutureTimeoutError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"server at {address} not ready after {timeout}s") from None
+
+
+@contextlib.contextmanager
+def subprocess_server(args: list[str], address: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server process until the block ends."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_ready(address)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_worker(script: Path, *args: str) -> dict[str, float]:
+    """Run `python script --worker ...` and parse the JSON line it prints."""
+    out = subprocess.run([sys.executable, str(script), "--worker", *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+class RssSampler:
+    """Samples a process's RSS (anonymous and file-backed mapped pages) on a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.process = psutil.Process(pid)
+        self.interval = interval
+        self.before = self.process.memory_info().rss
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.before
+
+
+def current_rss() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss() -> int:
+    """Peak RSS of this process so far (ru_maxrss is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

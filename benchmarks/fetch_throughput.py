@@ -1,0 +1,206 @@
+"""Fetch throughput against the gRPC ceiling, and client/server memory.
+
+Prints, from one run on a ~1 GiB bf16 checkpoint:
+  - ceiling: raw gRPC byte streaming on the same loopback (identity serializers,
+    4 MiB messages), the client writing them into a fresh buffer of the model's size;
+  - our fetch_state_dict, from a `weightserve serve` subprocess;
+  - a local safetensors load + copy;
+  - our fetch over the ceiling (target >= 0.9);
+  - client peak RSS growth over the state dict size (target <= 1.15);
+  - server RSS growth while 4 clients fetch the same model, over model size
+    (target <= 0.25: no per-client copy of the model).
+Exits non-zero when a target is missed. Each figure is the best of --repeat runs,
+ceiling and ours interleaved so they see the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    RssSampler,
+    bench_root,
+    current_rss,
+    ensure_checkpoint,
+    free_port,
+    peak_rss,
+    run_worker,
+    subprocess_server,
+)
+
+MODEL = "bench/llama-1g"
+MESSAGE = 4 * 1024 * 1024
+RAW_METHOD = "/bench.Raw/Stream"
+TARGET_RATIO, TARGET_CLIENT_RSS, TARGET_SERVER_RSS = 0.9, 1.15, 0.25
+
+
+# ------------------------------------------------------------------- raw ceiling
+
+
+async def _raw_server(port: int, total: int) -> None:
+    import grpc
+
+    payload = b"\x01" * MESSAGE
+
+    async def stream(request: bytes, context: object):  # type: ignore[no-untyped-def]
+        sent = 0
+        while sent < total:
+            n = min(MESSAGE, total - sent)
+            yield payload if n == MESSAGE else payload[:n]
+            sent += n
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Raw", {"Stream": grpc.unary_stream_rpc_method_handler(stream)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([handler])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def _raw_client(address: str, total: int) -> dict[str, float]:
+    import grpc
+    import numpy as np
+    import torch
+
+    options = [("grpc.max_receive_message_length", 8 * MESSAGE)]
+    with grpc.insecure_channel(address, options=options) as channel:
+        call = channel.unary_stream(RAW_METHOD)
+        grpc.channel_ready_future(channel).result(timeout=30)
+        before = current_rss()
+        start = time.perf_counter()
+        dest = torch.empty(total, dtype=torch.uint8).numpy()
+        offset = 0
+        for message in call(b""):
+            dest[offset : offset + len(message)] = np.frombuffer(message, dtype=np.uint8)
+            offset += len(message)
+        seconds = time.perf_counter() - start
+    assert offset == total
+    return {"seconds": seconds, "bytes": total, "rss_before": before, "rss_peak": peak_rss()}
+
+
+# ----------------------------------------------------------------------- ours
+
+
+def _ours_client(address: str) -> dict[str, float]:
+    from weightserve.client import WeightClient
+
+    with WeightClient(address) as client:
+        client.list_models()  # connect first: time the fetch, not the handshake
+        before = current_rss()
+        start = time.perf_counter()
+        state = client.fetch_state_dict(MODEL)
+        seconds = time.perf_counter() - start
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    return {"seconds": seconds, "bytes": nbytes, "rss_before": before, "rss_peak": peak_rss()}
+
+
+def _local_load(model_dir: Path) -> dict[str, float]:
+    import torch
+    from safetensors.torch import load_file
+
+    start = time.perf_counter()
+    nbytes = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        for tensor in load_file(path).values():
+            copy = torch.empty_like(tensor)
+            copy.copy_(tensor)
+            nbytes += copy.numel() * copy.element_size()
+    return {"seconds": time.perf_counter() - start, "bytes": nbytes}
+
+
+def _worker(argv: list[str]) -> None:
+    kind = argv[0]
+    if kind == "raw-server":
+        asyncio.run(_raw_server(int(argv[1]), int(argv[2])))
+        return
+    result = {
+        "raw": lambda: _raw_client(argv[1], int(argv[2])),
+        "ours": lambda: _ours_client(argv[1]),
+        "local": lambda: _local_load(Path(argv[1])),
+    }[kind]()
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+# ----------------------------------------------------------------------- main
+
+
+def gbps(result: dict[str, float]) -> float:
+    return result["bytes"] / result["seconds"] / 1e9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--worker", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args.worker)
+        return 0
+
+    root = bench_root()
+    model_dir = ensure_checkpoint(root)
+    total = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    script = Path(__file__).resolve()
+    ours_port, raw_port = free_port(), free_port()
+    ours_addr, raw_addr = f"127.0.0.1:{ours_port}", f"127.0.0.1:{raw_port}"
+    serve_cmd = [sys.executable, "-m", "weightserve.cli", "serve", "--model-root", str(root), "--listen", ours_addr,
+                 "--log-level", "WARNING"]
+    raw_cmd = [sys.executable, str(script), "--worker", "raw-server", str(raw_port), str(total)]
+
+    with subprocess_server(serve_cmd, ours_addr) as server, subprocess_server(raw_cmd, raw_addr):
+        run_worker(script, "local", str(model_dir))  # warm the page cache
+        raws, ours, locals_ = [], [], []
+        for _ in range(args.repeat):
+            raws.append(run_worker(script, "raw", raw_addr, str(total)))
+            ours.append(run_worker(script, "ours", ours_addr))
+            locals_.append(run_worker(script, "local", str(model_dir)))
+        with RssSampler(server.pid) as sampler, ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: run_worker(script, "ours", ours_addr), range(4)))
+
+    raw = max(raws, key=gbps)
+    best = max(ours, key=gbps)
+    local = max(locals_, key=gbps)
+    state_bytes = best["bytes"]
+    ratio = gbps(best) / gbps(raw)
+    client_rss = min((r["rss_peak"] - r["rss_before"]) / r["bytes"] for r in ours)
+    server_rss = sampler.growth / total
+
+    rows = [
+        ("checkpoint", f"{total / 1e9:.2f} GB bf16, {MODEL}"),
+        ("ceiling: raw gRPC bytes", f"{gbps(raw):.2f} GB/s"),
+        ("weightserve fetch_state_dict", f"{gbps(best):.2f} GB/s"),
+        ("local safetensors load + copy", f"{gbps(local):.2f} GB/s"),
+        ("fetch / ceiling", f"{ratio:.3f}  (target >= {TARGET_RATIO})"),
+        ("client peak RSS growth / state dict", f"{client_rss:.3f}  (target <= {TARGET_CLIENT_RSS})"),
+        ("server RSS growth, 4 clients / model", f"{server_rss:.3f}  (target <= {TARGET_SERVER_RSS})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        sys.stdout.write(f"{key:<{width}}  {value}\n")
+    missed = [
+        name
+        for name, ok in (
+            ("throughput ratio", ratio >= TARGET_RATIO),
+            ("client RSS", client_rss <= TARGET_CLIENT_RSS),
+            ("server RSS", server_rss <= TARGET_SERVER_RSS),
+        )
+        if not ok
+    ]
+    if missed:
+        sys.stdout.write(f"MISSED: {', '.join(missed)}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Writing small deterministic Llama-shaped checkpoints (the demo's, and tests').
+
+Values come from a seeded generator, so every run writes the same bytes. Every file
+is written atomically (temp file in the same directory, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The config.json fields that decide a Llama checkpoint's tensor shapes."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 2816
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    vocab_size: int = 32000
+    tie_word_embeddings: bool = False
+
+    def config_json(self) -> dict[str, object]:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            **asdict(self),
+            "head_dim": self.hidden_size // self.num_attention_heads,
+            "rms_norm_eps": 1e-5,
+            "torch_dtype": "bfloat16",
+        }
+
+
+def llama_tensor_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
+    """Hugging Face names and shapes of a Llama checkpoint, in layer order."""
+    h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    kv = shape.num_key_value_heads * (h // shape.num_attention_heads)
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(shape.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        out |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        }
+    out["model.norm.weight"] = (h,)
+    if not shape.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
+def deterministic_tensors(
+    shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Seeded normal(0, 0.02) weights; norms are ones, as a fresh model has them."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, size in shapes.items():
+        if name.endswith("norm.weight"):
+            out[name] = torch.ones(size, dtype=dtype)
+        else:
+            out[name] = (torch.randn(size, generator=gen) * 0.02).to(dtype)
+    return out
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` for a temp path beside `path`, fsync it, rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_sharded_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, num_files: int) -> list[Path]:
+    """Split `tensors` over `num_files` safetensors files plus model.safetensors.index.json."""
+    names = list(tensors)
+    per_file = math.ceil(len(names) / num_files)
+    weight_map: dict[str, str] = {}
+    files = []
+    for part in range(num_files):
+        chunk = names[part * per_file : (part + 1) * per_file]
+        filename = f"model-{part + 1:05d}-of-{num_files:05d}.safetensors"
+        subset = {n: tensors[n].contiguous() for n in chunk}
+        atomic_write(out_dir / filename, lambda tmp, subset=subset: save_file(subset, str(tmp), {"format": "pt"}))
+        weight_map.update(dict.fromkeys(chunk, filename))
+        files.append(out_dir / filename)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write(out_dir / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    return files
+
+
+def write_llama_checkpoint(out_dir: Path, shape: LlamaShape, num_files: int = 2, seed: int = 0) -> list[Path]:
+    """A complete tiny Llama directory: sharded safetensors, index, config and tokenizer config."""
+    tensors = deterministic_tensors(llama_tensor_shapes(shape), seed=seed)
+    files = write_sharded_safetensors(tensors, out_dir, num_files)
+    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(shape.config_json(), indent=2)))
+    gen_config = {"bos_token_id": 1, "eos_token_id": 2}
+    atomic_write(out_dir / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(gen_config)))
+    tok_config = {"model_max_length": 4096, "bos_token": "<s>", "eos_token": "</s>"}
+    atomic_write(out_dir / "tokenizer_config.json", lambda tmp: tmp.write_text(json.dumps(tok_config)))
+    return files
