@@ -22,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
         chunk_bytes=args.chunk_bytes,
         grace_seconds=args.grace_seconds,
         log_level=args.log_level,
+        sharding_rules=args.sharding_rules,
     )
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not config.model_roots:
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chunk-bytes", type=int, help="payload bytes per chunk (default 4 MiB - 16 KiB)")
     serve.add_argument("--grace-seconds", type=float, help="drain time on SIGTERM (default 30)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    serve.add_argument("--sharding-rules", type=Path, help="TOML rules for architectures without built-in ones")
     serve.set_defaults(run=_serve)
 
     fetch = sub.add_parser("fetch", help="fetch a rank's state dict and the model's files")

@@ -28,6 +28,7 @@ class ServerConfig:
     keepalive_seconds: float = 30.0
     keepalive_timeout_seconds: float = 10.0
     log_level: str = "INFO"
+    sharding_rules: Path | None = None
 
     def __post_init__(self) -> None:
         if not 4096 <= self.chunk_bytes <= 4 * MiB - 16 * 1024:
@@ -55,6 +56,8 @@ class ServerConfig:
                 continue
             if f.name == "model_roots":
                 values[f.name] = tuple(Path(p) for p in raw.split(os.pathsep) if p)
+            elif f.name == "sharding_rules":
+                values[f.name] = Path(raw) if raw else None
             elif f.type in ("int", int):
                 values[f.name] = int(raw)
             elif f.type in ("float", float):

@@ -41,8 +41,9 @@ def imported_names(source: str, module: str, is_package: bool = False) -> Iterat
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join([*anchor, base] if base else anchor)
+                parts = package.split(".")
+                anchor = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{anchor}.{base}" if base else anchor
             for alias in node.names:
                 yield base if alias.name == "*" else f"{base}.{alias.name}"
 
@@ -80,7 +81,7 @@ TRANSPORT = ("weightserve.v1", "weightserve.server", "weightserve.client")
 
 
 def is_grpc(name: str) -> bool:
-    top = name.split(".")[0]
+    top = name.split(".", maxsplit=1)[0]
     return top == "grpc" or top.startswith("grpc_") or under(name, TRANSPORT)
 
 
@@ -102,7 +103,9 @@ def test_client_imports_only_stubs_wire_and_errors() -> None:
     assert not bad, "the client may import only v1, wire and errors:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("package", ["weightserve.loaders", "weightserve.sharding", "weightserve.cache", "weightserve.eplb"])
+@pytest.mark.parametrize(
+    "package", ["weightserve.loaders", "weightserve.sharding", "weightserve.cache", "weightserve.eplb"]
+)
 def test_below_the_servicers_never_imports_grpc(package: str) -> None:
     bad = violations(modules_under(package), lambda n: not is_grpc(n))
     assert not bad, f"{package} must stay transport-free:\n" + "\n".join(bad)
@@ -110,5 +113,5 @@ def test_below_the_servicers_never_imports_grpc(package: str) -> None:
 
 @pytest.mark.parametrize("module", ["weightserve.errors", "weightserve.config"])
 def test_leaf_modules_import_stdlib_only(module: str) -> None:
-    bad = violations(modules_under(module), lambda n: n.split(".")[0] in sys.stdlib_module_names)
+    bad = violations(modules_under(module), lambda n: n.split(".", maxsplit=1)[0] in sys.stdlib_module_names)
     assert not bad, f"{module} may import the stdlib only:\n" + "\n".join(bad)

@@ -20,7 +20,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STUBS = ("weightserve/v1/__init__.py", "weightserve/v1/weightserve_pb2.py", "weightserve/v1/weightserve_pb2_grpc.py")
+STUBS = (
+    "weightserve/v1/__init__.py",
+    "weightserve/v1/weightserve_pb2.py",
+    "weightserve/v1/weightserve_pb2_grpc.py",
+)
 
 # Run with `python -S -c CHECK_STUBS WHEEL_DIR SITE_DIR...`: with no .pth files read,
 # the editable install's src/ is not on the path; the unpacked wheel comes first and

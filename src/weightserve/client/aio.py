@@ -74,10 +74,12 @@ class AsyncWeightClient:
         *,
         format: str | None = None,
         layout: str = "checkpoint",
+        pp_rank: int = 0,
+        pp_size: int = 1,
         destinations: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """See WeightClient.fetch_state_dict."""
-        args = ShardArgs(model, rank, world_size, revision, format, layout)
+        args = ShardArgs(model, rank, world_size, revision, format, layout, pp_rank, pp_size)
         manifest = await self._call(
             f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto())
         )

@@ -16,7 +16,7 @@ from weightserve.v1 import weightserve_pb2 as pb
 
 FETCH_SHARD = "/weightserve.v1.WeightService/FetchShard"
 
-MANIFEST_ARGS = ("rank", "world_size", "revision", "format", "layout")
+MANIFEST_ARGS = ("rank", "world_size", "revision", "format", "layout", "pp_rank", "pp_size")
 """fetch_state_dict arguments that also pick the manifest."""
 
 LAYOUTS = {"checkpoint": pb.LAYOUT_CHECKPOINT, "vllm": pb.LAYOUT_VLLM}
@@ -50,6 +50,8 @@ class ShardArgs:
     revision: str | None = None
     format: str | None = None
     layout: str = "checkpoint"
+    pp_rank: int = 0
+    pp_size: int = 1
 
     def proto(self, revision: str | None = None) -> pb.ShardSpec:
         if self.layout not in LAYOUTS:
@@ -61,6 +63,8 @@ class ShardArgs:
             rank=self.rank,
             world_size=self.world_size,
             layout=LAYOUTS[self.layout],
+            pp_rank=self.pp_rank,
+            pp_size=self.pp_size,
         )
 
 

@@ -81,6 +81,8 @@ class WeightClient:
         *,
         format: str | None = None,
         layout: str = "checkpoint",
+        pp_rank: int = 0,
+        pp_size: int = 1,
         destinations: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """This rank's tensors, verified, resuming across broken streams.
@@ -93,14 +95,16 @@ class WeightClient:
             dtype: convert floating tensors to this dtype after they arrive.
             revision: pin a revision (all ranks of one job should pin the same one).
             format: a loader name, when the model directory has several formats.
-            layout: "checkpoint" (the checkpoint's names) or "vllm".
+            layout: "checkpoint" (the checkpoint's names, sliced) or "vllm" (the
+                tensors vLLM's parallel layers hold: fused qkv/gate_up, padded vocab).
+            pp_rank, pp_size: the pipeline stage; its decoder layers only.
             destinations: tensors to write into instead of allocating (see load_into).
 
         Raises:
             FetchError: `.code()` is the grpc.StatusCode (NOT_FOUND, INVALID_ARGUMENT,
                 FAILED_PRECONDITION when the model changed mid-fetch, DATA_LOSS, ...).
         """
-        args = ShardArgs(model, rank, world_size, revision, format, layout)
+        args = ShardArgs(model, rank, world_size, revision, format, layout, pp_rank, pp_size)
         manifest = self._call(f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto()))
         loop = ResumeLoop(args, manifest, names, torch.device(device), self.retry, destinations)
         self.last_stats = loop.stats

@@ -18,9 +18,14 @@ if TYPE_CHECKING:
 
 _LOADERS: dict[str, type[Loader]] = {}
 
-# Built-in formats, in the order a model directory with several is served.
-FORMAT_PREFERENCE: tuple[str, ...] = ("safetensors", "torch")
-_MODULES = {"safetensors": "weightserve.loaders.safetensors", "torch": "weightserve.loaders.torch_pickle"}
+# Built-in formats, in the order a model directory with several is served. A saved
+# per-rank directory (sharded_state) is recognised before the canonical formats.
+FORMAT_PREFERENCE: tuple[str, ...] = ("sharded_state", "safetensors", "torch")
+_MODULES = {
+    "sharded_state": "weightserve.loaders.sharded_state",
+    "safetensors": "weightserve.loaders.safetensors",
+    "torch": "weightserve.loaders.torch_pickle",
+}
 
 
 def register_loader(fmt: str) -> Callable[[type[Loader]], type[Loader]]:

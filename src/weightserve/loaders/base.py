@@ -34,6 +34,18 @@ class TensorRecord:
             )
 
 
+@dataclass(frozen=True)
+class SavedShards:
+    """A checkpoint already saved per rank (the sharded_state format).
+
+    Such a checkpoint is served file-for-file to the world size it was saved for.
+    """
+
+    world_size: int
+    layout: str
+    records_by_rank: tuple[tuple[TensorRecord, ...], ...]
+
+
 class Loader(ABC):
     """Opens one checkpoint (a list of weight files) and describes its tensors.
 
@@ -42,6 +54,8 @@ class Loader(ABC):
     """
 
     name: ClassVar[str]
+    saved_shards: SavedShards | None = None
+    """Set by loaders of pre-sharded checkpoints; None for canonical ones."""
 
     def __init__(self, files: list[Path]) -> None:
         self.files = files

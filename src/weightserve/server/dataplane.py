@@ -21,6 +21,7 @@ from weightserve.server.files import FilePiece, stream_files
 from weightserve.server.store import ModelStore, OpenModel, available_formats, model_files
 from weightserve.server.streaming import ChunkEncoder, chunk_jobs, stream_chunks
 from weightserve.sharding.plan import TensorPlan, plan_shard
+from weightserve.sharding.rules import RuleSet, load_rules
 from weightserve.sharding.spec import ShardSpec
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class DataPlane:
         self.config = config
         self.store = store
         self.executor = executor
+        self.rules = load_rules(config.sharding_rules) if config.sharding_rules else RuleSet()
 
     async def list_models(self) -> list[ModelSummary]:
         """Every servable model with its default format and revision."""
@@ -95,7 +97,8 @@ class DataPlane:
         mid = wire.manifest_id(model.revision, {**spec.plan_params(), "format": model.format})
         plans = model.plans.get(mid)
         if plans is None:
-            plans = plan_shard(model.loader.records, spec)
+            loader = model.loader
+            plans = plan_shard(loader.records, spec, model.model_config, self.rules, loader.saved_shards)
             for plan in plans:
                 if len(plan.name.encode()) > MAX_NAME_BYTES:
                     raise InvalidRequestError(f"tensor name of {len(plan.name)} characters is too long to serve")

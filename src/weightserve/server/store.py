@@ -18,6 +18,7 @@ from pathlib import Path
 from weightserve.errors import ModelNotFoundError, PreconditionError
 from weightserve.loaders import FORMAT_PREFERENCE, loader_for
 from weightserve.loaders.base import Loader
+from weightserve.sharding.model_config import ModelConfig
 from weightserve.sharding.plan import TensorPlan
 from weightserve.storage.local import LocalRoots, local_revision
 
@@ -36,6 +37,7 @@ class OpenModel:
     format: str
     revision: str
     loader: Loader
+    model_config: ModelConfig
     plans: dict[str, list[TensorPlan]] = field(default_factory=dict)
     digests: dict[tuple[str, str], int] = field(default_factory=dict)
     users: int = 0
@@ -119,10 +121,15 @@ class ModelStore:
             current = self._open.get(key)
             if current is None or current.revision != found.revision:
                 loader = await asyncio.to_thread(loader_for(found.format), found.files)
+                try:
+                    model_config = await asyncio.to_thread(ModelConfig.from_dir, model_dir)
+                except BaseException:
+                    loader.close()
+                    raise
                 if current is not None:
                     current.retired = True
                     current.close_if_unused()
-                current = OpenModel(name, model_dir, found.format, found.revision, loader)
+                current = OpenModel(name, model_dir, found.format, found.revision, loader, model_config)
                 self._open[key] = current
                 logger.info(
                     "opened %s: %s, %d tensors, %d bytes, revision %s",

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from weightserve.errors import InvalidRequestError
-from weightserve.loaders.base import TensorRecord
+from weightserve.errors import InvalidRequestError, PreconditionError
+from weightserve.loaders.base import SavedShards, TensorRecord
 from weightserve.loaders.sources import Source
+from weightserve.sharding.model_config import ModelConfig
+from weightserve.sharding.rules import RuleSet
 from weightserve.sharding.spec import ShardSpec
 
 ZEROS = -1
@@ -53,18 +55,55 @@ def whole_tensor(record: TensorRecord) -> TensorPlan:
     return TensorPlan(record.name, record.dtype, record.shape, pieces)
 
 
-def plan_shard(records: list[TensorRecord], spec: ShardSpec) -> list[TensorPlan]:
-    """The tensors rank `spec` receives, in stream order.
+def plan_shard(
+    records: list[TensorRecord],
+    spec: ShardSpec,
+    config: ModelConfig | None = None,
+    rules: RuleSet | None = None,
+    saved: SavedShards | None = None,
+) -> list[TensorPlan]:
+    """The tensors rank `spec` receives, in stream order (embeddings, layers, head).
+
+    At world_size 1, pp_size 1 with the checkpoint layout the model is served exactly
+    as saved; otherwise every tensor is placed by a rule (see rules.py).
 
     Raises:
         InvalidRequestError: the model cannot be split as asked.
     """
-    if spec.world_size != 1 or spec.pp_size != 1 or spec.ep_size:
-        raise InvalidRequestError(
-            f"this server serves whole models only (world_size 1, pp_size 1, no ep); "
-            f"asked for world_size {spec.world_size}, pp_size {spec.pp_size}, ep_size {spec.ep_size}"
+    from weightserve.sharding.layouts import to_vllm
+    from weightserve.sharding.slicing import slice_tensor
+    from weightserve.sharding.stages import in_stage, stream_order
+
+    config = config or ModelConfig()
+    rules = rules or RuleSet()
+    if saved is not None:
+        return stream_order([whole_tensor(r) for r in _saved_rank(saved, spec)])
+    if spec.ep_size:
+        raise InvalidRequestError("expert parallelism (ep_size) is not served yet; use tensor parallelism")
+    if spec.world_size == 1 and spec.pp_size == 1 and spec.layout == "checkpoint":
+        return stream_order([whole_tensor(r) for r in records])
+    selected = in_stage(records, spec, config)
+    plans = [
+        slice_tensor(r, rules.rule_for(r.name, config.model_type), config, spec.rank, spec.world_size)
+        for r in selected
+    ]
+    if spec.layout == "vllm":
+        plans = to_vllm(plans)
+    return stream_order(plans)
+
+
+def _saved_rank(saved: SavedShards, spec: ShardSpec) -> tuple[TensorRecord, ...]:
+    if spec.world_size != saved.world_size:
+        raise PreconditionError(
+            f"model {spec.model!r} is saved pre-sharded for world_size {saved.world_size}; "
+            f"asked for world_size {spec.world_size}: serve the canonical checkpoint for other sizes"
         )
-    return [whole_tensor(r) for r in records]
+    if spec.layout != saved.layout or spec.pp_size != 1 or spec.ep_size:
+        raise PreconditionError(
+            f"model {spec.model!r} is saved pre-sharded with layout {saved.layout!r} and no pipeline "
+            f"or expert parallelism; asked for layout {spec.layout!r}, pp_size {spec.pp_size}, ep_size {spec.ep_size}"
+        )
+    return saved.records_by_rank[spec.rank]
 
 
 def read_range(plan: TensorPlan, sources: list[Source], start: int, dest: memoryview) -> None:
@@ -92,5 +131,5 @@ def _read_piece(piece: Piece, sources: list[Source], at: int, dest: memoryview) 
     while done < len(dest):  # gather row by row: only the rank's bytes are read
         row, col = divmod(at + done, piece.row_bytes)
         n = min(piece.row_bytes - col, len(dest) - done)
-        source.read_into(piece.offset + row * piece.stride + col, dest[done : done + n])
         done += n
+        source.read_into(piece.offset + row * piece.stride + col, dest[done - n : done], check=done == len(dest))
