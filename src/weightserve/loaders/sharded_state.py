@@ -1,0 +1,75 @@
+"""Directories saved per rank (`model-rank-{rank}-part-{part}.safetensors`).
+
+This is the file pattern vLLM's ShardedStateLoader reads and `weightserve shard`
+writes. The server serves rank r's files as they are, to the world size they were
+saved for. `weightserve-sharded.json` records that size and the tensor layout; a
+directory without it (saved by vLLM) is taken as vLLM's run-time layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from weightserve.errors import CorruptCheckpointError
+from weightserve.loaders import register_loader
+from weightserve.loaders.base import Loader, SavedShards, TensorRecord
+from weightserve.loaders.discovery import natural_key
+from weightserve.loaders.safetensors import read_header
+from weightserve.loaders.sources import FileSource
+
+METADATA_NAME = "weightserve-sharded.json"
+RANK_FILE = re.compile(r"^model-rank-(\d+)-part-(\d+)\.safetensors$")
+
+
+def read_metadata(model_dir: Path, ranks_found: int) -> tuple[int, str]:
+    """(world_size, layout) from the metadata file, or inferred from the files."""
+    path = model_dir / METADATA_NAME
+    if not path.is_file():
+        return ranks_found, "vllm"
+    try:
+        meta = json.loads(path.read_text())
+        world_size, layout = int(meta["world_size"]), str(meta["layout"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"{path}: not valid sharded-state metadata ({e})") from None
+    return world_size, layout
+
+
+@register_loader("sharded_state")
+class ShardedStateLoader(Loader):
+    """Serves a per-rank directory file-for-file."""
+
+    def __init__(self, files: list[Path]) -> None:
+        super().__init__(files)
+        by_rank: dict[int, list[TensorRecord]] = {}
+        try:
+            for path in files:
+                match = RANK_FILE.match(path.name)
+                assert match is not None  # find_files selected only such names
+                source = FileSource(path)
+                self.sources.append(source)
+                index = len(self.sources) - 1
+                entries, _ = read_header(source)
+                by_rank.setdefault(int(match.group(1)), []).extend(
+                    TensorRecord(e.name, e.dtype, e.shape, index, e.begin, e.end - e.begin) for e in entries
+                )
+            world_size, layout = read_metadata(files[0].parent, len(by_rank))
+            if sorted(by_rank) != list(range(world_size)):
+                raise CorruptCheckpointError(
+                    f"{files[0].parent}: saved for world_size {world_size} but has files for ranks {sorted(by_rank)}"
+                )
+            for rank, records in by_rank.items():
+                names = [r.name for r in records]
+                if len(set(names)) != len(names):
+                    raise CorruptCheckpointError(f"rank {rank}'s files repeat a tensor name")
+            self.records = [r for rank in sorted(by_rank) for r in by_rank[rank]]
+            self.saved_shards = SavedShards(world_size, layout, tuple(tuple(by_rank[r]) for r in sorted(by_rank)))
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def find_files(cls, model_dir: Path) -> list[Path]:
+        found = [p for p in model_dir.iterdir() if RANK_FILE.match(p.name) and p.is_file()]
+        return sorted(found, key=natural_key)
