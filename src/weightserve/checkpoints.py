@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -95,6 +96,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), {"format": "pt"})
+
+
+def _write_json(obj: object, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2))
+
+
 def write_sharded_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, num_files: int) -> list[Path]:
     """Split `tensors` over `num_files` safetensors files plus model.safetensors.index.json."""
     names = list(tensors)
@@ -105,12 +114,12 @@ def write_sharded_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, n
         chunk = names[part * per_file : (part + 1) * per_file]
         filename = f"model-{part + 1:05d}-of-{num_files:05d}.safetensors"
         subset = {n: tensors[n].contiguous() for n in chunk}
-        atomic_write(out_dir / filename, lambda tmp, subset=subset: save_file(subset, str(tmp), {"format": "pt"}))
+        atomic_write(out_dir / filename, partial(_save_safetensors, subset))
         weight_map.update(dict.fromkeys(chunk, filename))
         files.append(out_dir / filename)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    atomic_write(out_dir / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    atomic_write(out_dir / "model.safetensors.index.json", partial(_write_json, index))
     return files
 
 
@@ -118,9 +127,9 @@ def write_llama_checkpoint(out_dir: Path, shape: LlamaShape, num_files: int = 2,
     """A complete tiny Llama directory: sharded safetensors, index, config and tokenizer config."""
     tensors = deterministic_tensors(llama_tensor_shapes(shape), seed=seed)
     files = write_sharded_safetensors(tensors, out_dir, num_files)
-    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(shape.config_json(), indent=2)))
+    atomic_write(out_dir / "config.json", partial(_write_json, shape.config_json()))
     gen_config = {"bos_token_id": 1, "eos_token_id": 2}
-    atomic_write(out_dir / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(gen_config)))
+    atomic_write(out_dir / "generation_config.json", partial(_write_json, gen_config))
     tok_config = {"model_max_length": 4096, "bos_token": "<s>", "eos_token": "</s>"}
-    atomic_write(out_dir / "tokenizer_config.json", lambda tmp: tmp.write_text(json.dumps(tok_config)))
+    atomic_write(out_dir / "tokenizer_config.json", partial(_write_json, tok_config))
     return files

@@ -39,7 +39,7 @@ class AsyncWeightClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def _call(self, action: str, method: Any, request: Any) -> Any:
         attempt = 0
@@ -60,7 +60,10 @@ class AsyncWeightClient:
         self, model: str, *, rank: int = 0, world_size: int = 1, **kw: Any
     ) -> pb.GetManifestResponse:
         args = ShardArgs(model, rank, world_size, **kw)
-        return await self._call(f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto()))
+        manifest: pb.GetManifestResponse = await self._call(
+            f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto())
+        )
+        return manifest
 
     async def fetch_state_dict(
         self,
@@ -116,7 +119,8 @@ class AsyncWeightClient:
 
     async def prefetch(self, model: str, world_size: int = 1, ranks: list[int] | None = None) -> pb.PrefetchResponse:
         request = pb.PrefetchRequest(model=model, world_size=world_size, ranks=ranks or [])
-        return await self._call(f"prefetch {model}", self._stub.Prefetch, request)
+        response: pb.PrefetchResponse = await self._call(f"prefetch {model}", self._stub.Prefetch, request)
+        return response
 
     async def evict(self, model: str) -> bool:
         response = await self._call(f"evict {model}", self._stub.Evict, pb.EvictRequest(model=model))

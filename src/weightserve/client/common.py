@@ -74,7 +74,7 @@ def fetch_error(error: grpc.RpcError, action: str) -> FetchError:
     return FetchError(f"{action}: {code.name}: {error.details()}", code)
 
 
-def progress_bar(total: int, desc: str) -> tqdm:  # type: ignore[type-arg]
+def progress_bar(total: int, desc: str) -> tqdm:
     """A byte progress bar on a terminal, silent otherwise."""
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not sys.stderr.isatty(), leave=False)
 

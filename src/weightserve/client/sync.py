@@ -67,7 +67,10 @@ class WeightClient:
     def get_manifest(self, model: str, *, rank: int = 0, world_size: int = 1, **kw: Any) -> pb.GetManifestResponse:
         """One rank's plan: names, shapes, dtypes, sizes, digests and the manifest id."""
         args = ShardArgs(model, rank, world_size, **kw)
-        return self._call(f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto()))
+        manifest: pb.GetManifestResponse = self._call(
+            f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto())
+        )
+        return manifest
 
     def fetch_state_dict(
         self,
@@ -163,7 +166,8 @@ class WeightClient:
     def prefetch(self, model: str, world_size: int = 1, ranks: list[int] | None = None) -> pb.PrefetchResponse:
         """Ask the server to warm a model (returns at once)."""
         request = pb.PrefetchRequest(model=model, world_size=world_size, ranks=ranks or [])
-        return self._call(f"prefetch {model}", self._stub.Prefetch, request)
+        response: pb.PrefetchResponse = self._call(f"prefetch {model}", self._stub.Prefetch, request)
+        return response
 
     def evict(self, model: str) -> bool:
         """Ask the server to drop a model's open state."""

@@ -64,7 +64,7 @@ class Server:
 
     grpc_server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped in grpc-stubs)
     store: ModelStore
     executor: ThreadPoolExecutor
 
@@ -91,7 +91,7 @@ def build_server(config: ServerConfig) -> Server:
     plane = DataPlane(config, store, executor)
     server = grpc.aio.server(options=server_options(config))
     server.add_generic_rpc_handlers([_handlers(WeightServicer(plane), SERVICE_NAME, PREENCODED_RESPONSES)])
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(config.listen)

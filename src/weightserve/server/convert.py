@@ -8,7 +8,7 @@ from weightserve.server.files import FilePiece
 from weightserve.sharding.spec import ShardSpec
 from weightserve.v1 import weightserve_pb2 as pb
 
-_LAYOUTS = {
+_LAYOUTS: dict[int, str] = {
     pb.LAYOUT_UNSPECIFIED: "checkpoint",
     pb.LAYOUT_CHECKPOINT: "checkpoint",
     pb.LAYOUT_VLLM: "vllm",
@@ -17,7 +17,7 @@ _LAYOUTS = {
 
 def layout_name(layout: int) -> str:
     """The domain name of a Layout enum value (unknown values are rejected by ShardSpec)."""
-    return _LAYOUTS.get(layout, f"layout-{layout}")
+    return _LAYOUTS.get(int(layout), f"layout-{layout}")
 
 
 def shard_spec(shard: pb.ShardSpec) -> ShardSpec:
