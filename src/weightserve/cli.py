@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from weightserve.config import parse_size
 from weightserve.errors import WeightserveError
+
+if TYPE_CHECKING:
+    from weightserve.loaders.formats import ModelFiles
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -23,6 +29,11 @@ def _serve(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_seconds,
         log_level=args.log_level,
         sharding_rules=args.sharding_rules,
+        cache_memory=args.cache_memory,
+        prefetch_depth=args.prefetch_depth,
+        allow_source=tuple(args.allow_source) if args.allow_source else None,
+        disk_cache_dir=args.disk_cache_dir,
+        disk_cache_bytes=args.disk_cache_bytes,
     )
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not config.model_roots:
@@ -53,11 +64,24 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _ls(args: argparse.Namespace) -> int:
     from weightserve.client import WeightClient
+    from weightserve.v1 import weightserve_pb2 as pb
 
     with WeightClient(args.server) as client:
         models = client.list_models()
-    rows = [("MODEL", "FORMAT", "BYTES", "REVISION", "FORMATS")]
-    rows += [(m.name, m.format, f"{m.total_bytes:,}", m.revision, ",".join(m.formats)) for m in models]
+    rows = [("MODEL", "FORMAT", "BYTES", "REVISION", "CACHE", "RESIDENT", "STREAMS", "LAST USED", "LOAD")]
+    for m in models:
+        cache = m.cache
+        state = pb.CacheState.Name(cache.state).removeprefix("CACHE_STATE_").lower()
+        last = time.strftime("%H:%M:%S", time.localtime(cache.last_used_unix)) if cache.last_used_unix else "-"
+        load = (
+            f"{cache.load_source} {cache.load_bytes / max(cache.load_seconds, 1e-9) / 1e9:.2f} GB/s"
+            if cache.load_seconds
+            else "-"
+        )
+        rows.append(
+            (m.name, m.format, f"{m.total_bytes:,}", m.revision, state, f"{cache.resident_bytes:,}",
+             str(cache.pinned_streams), last, load)
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
@@ -68,6 +92,73 @@ def _demo(args: argparse.Namespace) -> int:
     from weightserve.demo import main as demo_main
 
     return demo_main()
+
+
+def _shard_source(model: str, roots: list[Path] | None) -> ModelFiles:
+    """The canonical weights of MODEL: a name under --model-root, or a directory path."""
+    from weightserve.errors import ModelNotFoundError
+    from weightserve.loaders.formats import available_formats, model_files
+    from weightserve.storage.local import LocalRoots
+
+    try:
+        model_dir = LocalRoots(roots or []).resolve(model)
+    except ModelNotFoundError:
+        if not Path(model).is_dir():
+            raise
+        model_dir = Path(model).resolve()
+    have = available_formats(model_dir)
+    formats = [f for f in have if f != "sharded_state"]
+    if not formats:
+        raise ModelNotFoundError(f"{model}: no canonical checkpoint to shard (formats: {have or 'none'})")
+    return model_files(model_dir, formats[0])
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from weightserve.loaders import loader_for
+    from weightserve.server.files import select_files
+    from weightserve.sharding.model_config import ModelConfig
+    from weightserve.sharding.rules import RuleSet, load_rules
+    from weightserve.sharding.saved import write_saved
+    from weightserve.sharding.saved_check import SourceModel, check_saved
+    from weightserve.sharding.saved_plan import plan_saved
+
+    rules = load_rules(args.sharding_rules) if args.sharding_rules else RuleSet()
+    if args.check:
+        if args.source:
+            found = _shard_source(args.source, args.model_root)
+            with loader_for(found.format)(found.files) as loader:
+                source = SourceModel(loader.records, ModelConfig.from_dir(found.model_dir), rules)
+                check = check_saved(args.check, source)
+        else:
+            check = check_saved(args.check, rules=rules)
+        sys.stdout.writelines(f"{args.check}: {problem}\n" for problem in check.problems)
+        if check.problems:
+            sys.stderr.write(f"weightserve shard --check: {len(check.problems)} problem(s) in {args.check}\n")
+            return 1
+        tensors = len(check.tensors.get(0, {}))
+        summary = f"world_size {check.world_size}, layout {check.layout}, {tensors} tensors on rank 0"
+        sys.stdout.write(f"{args.check}: ok ({summary})\n")
+        return 0
+    if not (args.model and args.world_size and args.out):
+        sys.stderr.write("weightserve shard: give MODEL, --world-size and --out (or --check DIR)\n")
+        return 2
+    found = _shard_source(args.model, args.model_root)
+    extra = {p.relative_to(found.model_dir).as_posix(): p for p in select_files(found.model_dir, None)}
+    with loader_for(found.format)(found.files) as loader:
+        config = ModelConfig.from_dir(found.model_dir)
+        plan = plan_saved(
+            loader.records, config, model=args.model, world_size=args.world_size,
+            layout=args.layout, max_part_size=args.max_part_size, rules=rules,
+        )  # fmt: skip
+        tty = sys.stderr.isatty()
+        with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="shard", disable=not tty) as bar:
+            written = write_saved(
+                plan, loader, args.out, revision=found.revision, extra_files=extra, on_bytes=bar.update
+            )
+    sys.stdout.write(f"wrote {len(written)} files ({plan.total_bytes:,} tensor bytes) to {args.out}\n")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-seconds", type=float, help="drain time on SIGTERM (default 30)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     serve.add_argument("--sharding-rules", type=Path, help="TOML rules for architectures without built-in ones")
+    serve.add_argument("--cache-memory", type=parse_size, help="bytes of chunks kept in memory, e.g. 20GiB (default 0)")
+    serve.add_argument("--prefetch-depth", type=int, help="chunks read ahead of each stream (default 2)")
+    serve.add_argument(
+        "--allow-source", action="append", help="remote names clients may ask for: hf://*, s3://bucket/prefix/*"
+    )
+    serve.add_argument("--disk-cache-dir", type=Path, help="where remote models are downloaded")
+    serve.add_argument("--disk-cache-bytes", type=parse_size, help="disk cache budget, e.g. 500GiB (default: no limit)")
     serve.set_defaults(run=_serve)
 
     fetch = sub.add_parser("fetch", help="fetch a rank's state dict and the model's files")
@@ -97,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list the server's models")
     ls.add_argument("--server", required=True)
     ls.set_defaults(run=_ls)
+
+    shard = sub.add_parser("shard", help="save a model per rank (vLLM's sharded_state files), or --check one")
+    shard.add_argument("model", nargs="?", help="model directory, or a name under --model-root")
+    shard.add_argument("--world-size", type=int, help="tensor-parallel size to save for")
+    shard.add_argument("--out", type=Path, help="new or empty directory to write")
+    shard.add_argument("--max-part-size", type=parse_size, help="cap on a part file's bytes, e.g. 5GiB")
+    shard.add_argument("--layout", choices=("checkpoint", "vllm"), default="checkpoint", help="names to save")
+    shard.add_argument("--model-root", action="append", type=Path, help="directory of models (repeatable)")
+    shard.add_argument("--sharding-rules", type=Path, help="TOML rules for other architectures")
+    shard.add_argument("--check", type=Path, metavar="DIR", help="validate a saved directory instead")
+    shard.add_argument("--source", help="with --check: the canonical model to compare every rank with")
+    shard.set_defaults(run=_shard)
 
     demo = sub.add_parser("demo", help="serve and fetch a generated tiny Llama, verifying every bit")
     demo.set_defaults(run=_demo)

@@ -6,13 +6,32 @@ CLI flags override the environment. Stdlib only.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "WEIGHTSERVE_"
 MiB = 1024 * 1024
+
+
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '20GiB', '512MB', '1.5G' or a plain integer.
+
+    Raises:
+        ValueError: not a size.
+    """
+    match = _SIZE.match(text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (try 20GiB, 512MB or a byte count)")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 @dataclass(frozen=True)
@@ -23,7 +42,11 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"
     chunk_bytes: int = 4 * MiB - 16 * 1024
     read_threads: int = 8
-    read_ahead: int = 2
+    prefetch_depth: int = 2
+    cache_memory: int = 0
+    allow_source: tuple[str, ...] = ()
+    disk_cache_dir: Path | None = None
+    disk_cache_bytes: int = 0
     grace_seconds: float = 30.0
     keepalive_seconds: float = 30.0
     keepalive_timeout_seconds: float = 10.0
@@ -35,10 +58,13 @@ class ServerConfig:
             raise ValueError(f"chunk_bytes {self.chunk_bytes} must be within [4096, 4 MiB - 16 KiB]")
         if self.read_threads < 1:
             raise ValueError(f"read_threads {self.read_threads} must be >= 1")
-        if self.read_ahead < 1:
-            raise ValueError(f"read_ahead {self.read_ahead} must be >= 1")
-        if self.grace_seconds < 0 or self.keepalive_seconds <= 0 or self.keepalive_timeout_seconds <= 0:
-            raise ValueError("grace_seconds must be >= 0 and keepalive times > 0")
+        if self.prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth {self.prefetch_depth} must be >= 1")
+        if self.cache_memory < 0 or self.disk_cache_bytes < 0:
+            raise ValueError("cache_memory and disk_cache_bytes must be >= 0")
+        # `not x >= 0` rather than `x < 0`: NaN fails every comparison and must be refused
+        if not self.grace_seconds >= 0 or not self.keepalive_seconds > 0 or not self.keepalive_timeout_seconds > 0:
+            raise ValueError("grace_seconds must be >= 0 and keepalive times > 0 (and not NaN)")
         if ":" not in self.listen and not self.listen.startswith("unix:"):
             raise ValueError(f"listen {self.listen!r} must be HOST:PORT or unix:PATH")
 
@@ -56,14 +82,17 @@ class ServerConfig:
                 continue
             if f.name == "model_roots":
                 values[f.name] = tuple(Path(p) for p in raw.split(os.pathsep) if p)
-            elif f.name == "sharding_rules":
+            elif f.name == "allow_source":
+                values[f.name] = tuple(p for p in raw.split(",") if p)
+            elif f.name in ("sharding_rules", "disk_cache_dir"):
                 values[f.name] = Path(raw) if raw else None
+            elif f.name in ("cache_memory", "disk_cache_bytes"):
+                values[f.name] = parse_size(raw)
             elif f.type in ("int", int):
                 values[f.name] = int(raw)
             elif f.type in ("float", float):
                 values[f.name] = float(raw)
             else:
                 values[f.name] = raw
-        config = cls(**values)
-        set_overrides = {k: v for k, v in overrides.items() if v is not None}
-        return replace(config, **set_overrides) if set_overrides else config
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

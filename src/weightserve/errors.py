@@ -41,6 +41,10 @@ class CorruptCheckpointError(WeightserveError, ValueError):
     """A checkpoint file is malformed, truncated or changed while being read."""
 
 
+class PermissionDeniedError(WeightserveError, PermissionError):
+    """The caller may not have this (a remote source outside the allow-list, a bad token)."""
+
+
 class ResourceExhaustedError(WeightserveError, MemoryError):
     """Serving the request would exceed a configured budget."""
 

@@ -220,6 +220,19 @@ def encode_chunk_prefix(
     return b"".join(parts)
 
 
+def encode_tensor_header(name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
+    """A serialized TensorHeader (name, dtype, packed shape, nbytes), written by hand so
+    the server's data path needs no protobuf objects."""
+    name_b, dtype_b = name.encode(), dtype.encode()
+    parts = [b"\x0a", _varint(len(name_b)), name_b, b"\x12", _varint(len(dtype_b)), dtype_b]
+    if shape:
+        packed = b"".join(_varint(d) for d in shape)
+        parts += [b"\x1a", _varint(len(packed)), packed]
+    if nbytes:
+        parts += [b"\x20", _varint(nbytes)]
+    return b"".join(parts)
+
+
 @dataclass(frozen=True)
 class ChunkView:
     """A parsed TensorChunk whose payload is a view into the received message."""
@@ -278,6 +291,8 @@ def decode_chunk(message: bytes) -> ChunkView:
                 data = buf[pos : pos + length]
             pos += length
         elif wire_type == 1:
+            if pos + 8 > end:
+                raise IntegrityError("truncated fixed64 in chunk")
             pos += 8
         else:
             raise IntegrityError(f"unsupported wire type {wire_type} in chunk")

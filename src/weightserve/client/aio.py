@@ -117,8 +117,9 @@ class AsyncWeightClient:
             writer.abort()
         return writer.written
 
-    async def prefetch(self, model: str, world_size: int = 1, ranks: list[int] | None = None) -> pb.PrefetchResponse:
-        request = pb.PrefetchRequest(model=model, world_size=world_size, ranks=ranks or [])
+    async def prefetch(self, model: str, world_size: int = 1, ranks: list[int] | None = None, *, wait: bool = False
+    ) -> pb.PrefetchResponse:
+        request = pb.PrefetchRequest(model=model, world_size=world_size, ranks=ranks or [], wait=wait)
         response: pb.PrefetchResponse = await self._call(f"prefetch {model}", self._stub.Prefetch, request)
         return response
 

@@ -163,9 +163,10 @@ class WeightClient:
         except grpc.RpcError as e:
             raise fetch_error(e, f"files of {request.model}") from None
 
-    def prefetch(self, model: str, world_size: int = 1, ranks: list[int] | None = None) -> pb.PrefetchResponse:
+    def prefetch(self, model: str, world_size: int = 1, ranks: list[int] | None = None, *, wait: bool = False
+    ) -> pb.PrefetchResponse:
         """Ask the server to warm a model (returns at once)."""
-        request = pb.PrefetchRequest(model=model, world_size=world_size, ranks=ranks or [])
+        request = pb.PrefetchRequest(model=model, world_size=world_size, ranks=ranks or [], wait=wait)
         response: pb.PrefetchResponse = self._call(f"prefetch {model}", self._stub.Prefetch, request)
         return response
 

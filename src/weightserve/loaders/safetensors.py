@@ -50,7 +50,7 @@ def _parse_entry(name: str, spec: Any, data_start: int, data_len: int) -> Header
     if not isinstance(spec, dict):
         raise CorruptCheckpointError(f"tensor {name!r}: header entry is not an object")
     dtype = spec.get("dtype")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise CorruptCheckpointError(f"tensor {name!r}: unknown dtype {dtype!r}")
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
@@ -101,11 +101,12 @@ def parse_header(prefix: bytes, file_size: int) -> tuple[list[HeaderEntry], dict
         raise CorruptCheckpointError("header was cut short while reading")
     try:
         header = json.loads(prefix[8 : 8 + header_len], object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CorruptCheckpointError(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise CorruptCheckpointError("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptCheckpointError("__metadata__ must map strings to strings")
     data_start = 8 + header_len
@@ -121,6 +122,8 @@ def parse_header(prefix: bytes, file_size: int) -> tuple[list[HeaderEntry], dict
         if entry.begin > cursor:
             raise CorruptCheckpointError(f"tensor {entry.name!r}: {entry.begin - cursor} unindexed bytes before it")
         cursor = entry.end
+    if cursor != file_size:
+        raise CorruptCheckpointError(f"{file_size - cursor} bytes after the last tensor are not indexed by the header")
     return entries, metadata
 
 

@@ -20,6 +20,8 @@ from weightserve.loaders.safetensors import read_header
 from weightserve.loaders.sources import FileSource
 
 METADATA_NAME = "weightserve-sharded.json"
+INCOMPLETE_NAME = ".weightserve-sharded.incomplete"
+"""Present while `weightserve shard` writes a directory; its metadata file is written last."""
 RANK_FILE = re.compile(r"^model-rank-(\d+)-part-(\d+)\.safetensors$")
 
 
@@ -27,6 +29,8 @@ def read_metadata(model_dir: Path, ranks_found: int) -> tuple[int, str]:
     """(world_size, layout) from the metadata file, or inferred from the files."""
     path = model_dir / METADATA_NAME
     if not path.is_file():
+        if (model_dir / INCOMPLETE_NAME).exists():
+            raise CorruptCheckpointError(f"{model_dir}: `weightserve shard` did not finish writing it")
         return ranks_found, "vllm"
     try:
         meta = json.loads(path.read_text())

@@ -52,10 +52,13 @@ def _load(path: Path, mmap: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        reasons = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        # The weights-only unpickler refuses globals it does not allow (code the pickle
+        # would run); any other complaint is about bytes that are not a valid pickle.
+        refusals = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported class" in line]
+        if not refusals:
+            raise CorruptCheckpointError(f"{path.name}: not a valid torch checkpoint ({e})") from None
         raise UnsafeCheckpointError(
-            f"{path.name}: refusing to unpickle: it holds more than plain tensors "
-            f"({reasons[0] if reasons else 'rejected by the weights-only unpickler'}). "
+            f"{path.name}: refusing to unpickle: it holds more than plain tensors ({refusals[0].strip()}). "
             "Convert it to safetensors with a trusted tool first."
         ) from None
     except Exception as e:  # torch raises many types for a damaged file

@@ -21,8 +21,10 @@ from grpc_reflection.v1alpha import reflection
 from weightserve.config import ServerConfig
 from weightserve.server.dataplane import DataPlane
 from weightserve.server.servicer import PREENCODED_RESPONSES, WeightServicer
-from weightserve.server.store import ModelStore
+from weightserve.cache.model_cache import ModelCache
+from weightserve.storage import allowed_schemes, storage_for
 from weightserve.storage.local import LocalRoots
+from weightserve.storage.router import StorageRouter
 from weightserve.v1 import weightserve_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class Server:
     grpc_server: grpc.aio.Server
     port: int
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped in grpc-stubs)
-    store: ModelStore
+    cache: ModelCache
     executor: ThreadPoolExecutor
 
     async def start(self) -> None:
@@ -77,7 +79,7 @@ class Server:
         """Health NOT_SERVING, refuse new RPCs, drain streams for `grace` seconds, close."""
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
-        self.store.close()
+        self.cache.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -86,9 +88,10 @@ def build_server(config: ServerConfig) -> Server:
     roots = LocalRoots(config.model_roots)
     for name, where in roots.shadowed().items():
         logger.warning("model %s is under several roots; serving it from %s", name, where[0])
-    store = ModelStore(roots)
+    remotes = {scheme: storage_for(scheme, config) for scheme in allowed_schemes(config.allow_source)}
+    cache = ModelCache(StorageRouter(roots, remotes, config.allow_source), config.cache_memory)
     executor = ThreadPoolExecutor(max_workers=config.read_threads, thread_name_prefix="weightserve-read")
-    plane = DataPlane(config, store, executor)
+    plane = DataPlane(config, cache, executor)
     server = grpc.aio.server(options=server_options(config))
     server.add_generic_rpc_handlers([_handlers(WeightServicer(plane), SERVICE_NAME, PREENCODED_RESPONSES)])
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -97,7 +100,7 @@ def build_server(config: ServerConfig) -> Server:
     port = server.add_insecure_port(config.listen)
     if port == 0 and not config.listen.startswith("unix:"):
         raise OSError(f"could not bind {config.listen}")
-    return Server(server, port, health_servicer, store, executor)
+    return Server(server, port, health_servicer, cache, executor)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -61,13 +61,32 @@ def manifest_response(manifest: Manifest) -> pb.GetManifestResponse:
     )
 
 
+_CACHE_STATES = {
+    "cold": pb.CACHE_STATE_COLD,
+    "loading": pb.CACHE_STATE_LOADING,
+    "warming": pb.CACHE_STATE_WARMING,
+    "ready": pb.CACHE_STATE_READY,
+}
+
+
 def model_info(summary: ModelSummary) -> pb.ModelInfo:
+    cache = summary.cache
     return pb.ModelInfo(
         name=summary.name,
         revision=summary.revision,
         format=summary.format,
         total_bytes=summary.total_bytes,
         formats=summary.formats,
+        cache=pb.CacheStatus(
+            state=_CACHE_STATES[cache.state],
+            resident_bytes=cache.resident_bytes,
+            pinned_streams=cache.pinned_streams,
+            last_used_unix=cache.last_used,
+            load_source=cache.load_source,
+            load_files=cache.load_files,
+            load_bytes=cache.load_bytes,
+            load_seconds=cache.load_seconds,
+        ),
     )
 
 

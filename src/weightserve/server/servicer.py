@@ -57,7 +57,7 @@ class WeightServicer:
             world_size=request.world_size or 1,
             layout=convert.layout_name(request.layout),
         )
-        revision, nbytes = await self.plane.prefetch(spec, list(request.ranks))
+        revision, nbytes = await self.plane.prefetch(spec, list(request.ranks), request.wait)
         return pb.PrefetchResponse(revision=revision, bytes=nbytes)
 
     @unary_errors

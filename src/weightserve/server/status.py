@@ -23,6 +23,7 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     errors.CorruptCheckpointError: grpc.StatusCode.DATA_LOSS,
     errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
     errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -1,24 +1,29 @@
-"""Turning tensor plans into encoded TensorChunk messages, reading ahead of the send.
+"""Turning tensor plans into TensorChunk messages, reading ahead of the send.
 
-Reads and checksums run on a thread pool; the event loop only frames and yields.
-At most `read_ahead` chunks are in flight per stream, each in a reused buffer, and
-the next one is read only when gRPC has taken the previous (flow control), so a slow
-client never makes the server hold more than a few chunks for it.
+Chunks come from the model cache or are read on the thread pool (each thread reads
+into its own reused buffer and frames the message there), at most `read_ahead` (--prefetch-depth) per
+stream at a time. The next chunk is requested only when gRPC has taken the previous
+one (flow control), so a slow client never makes the server hold more than its
+window for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from weightserve import wire
+from weightserve.cache.entry import CachedChunk, ModelEntry
+from weightserve.cache.model_cache import ModelCache
 from weightserve.errors import CorruptCheckpointError
 from weightserve.loaders.sources import Source
 from weightserve.sharding.plan import TensorPlan, read_range
-from weightserve.v1 import weightserve_pb2 as pb
+
+_buffers = threading.local()
 
 
 @dataclass(frozen=True)
@@ -37,14 +42,16 @@ def chunk_jobs(
 ) -> Iterator[ChunkJob]:
     """Chunks for the selected tensors, the first starting at `start_offset`.
 
-    Chunks never span two tensors; an empty tensor is one empty chunk.
+    Chunks never span two tensors; an empty tensor is one empty chunk. Boundaries are
+    multiples of `chunk_bytes` from the tensor's start, so a resumed stream meets the
+    same cached chunks as a fresh one.
     """
     for position, index in enumerate(selection):
         size = plans[index].nbytes
         offset = start_offset if position == 0 else 0
         first = True
         while True:
-            length = min(chunk_bytes, size - offset)
+            length = min(chunk_bytes - offset % chunk_bytes, size - offset)
             last = offset + length >= size
             yield ChunkJob(index, offset, length, first, last)
             if last:
@@ -53,14 +60,37 @@ def chunk_jobs(
             first = False
 
 
-def _read_and_sum(plan: TensorPlan, sources: list[Source], job: ChunkJob, buf: bytearray) -> int:
-    view = memoryview(buf)[: job.length]
-    read_range(plan, sources, job.offset, view)
-    return wire.crc32c(view)
+def _thread_buffer(size: int) -> bytearray:
+    buf: bytearray | None = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _buffers.buf = bytearray(size)
+    return buf
 
 
-def prefix_crc(plan: TensorPlan, sources: list[Source], length: int, buf: bytearray) -> int:
+def header_of(plan: TensorPlan) -> bytes:
+    return wire.encode_tensor_header(plan.name, plan.dtype, plan.shape, plan.nbytes)
+
+
+def read_chunk(plan: TensorPlan, sources: list[Source], index: int, offset: int, length: int) -> CachedChunk:
+    """Read and frame one chunk (runs on the read pool)."""
+    view = memoryview(_thread_buffer(length))[:length]
+    read_range(plan, sources, offset, view)
+    crc = wire.crc32c(view)
+    prefix = wire.encode_chunk_prefix(
+        header=header_of(plan) if offset == 0 else None,
+        tensor_index=index,
+        offset=offset,
+        crc=crc,
+        last=False,
+        tensor_crc=0,
+        data_len=length,
+    )
+    return CachedChunk(b"".join((prefix, view)), len(prefix), crc)
+
+
+def prefix_crc(plan: TensorPlan, sources: list[Source], length: int) -> int:
     """crc32c of the first `length` bytes of a tensor (for a resume mid-tensor)."""
+    buf = _thread_buffer(wire.MAX_CHUNK_BYTES)
     crc, done = 0, 0
     while done < length:
         n = min(len(buf), length - done)
@@ -71,8 +101,8 @@ def prefix_crc(plan: TensorPlan, sources: list[Source], length: int, buf: bytear
     return crc
 
 
-class ChunkEncoder:
-    """Frames one stream's chunks and tracks each tensor's running checksum."""
+class ChunkFramer:
+    """Tracks each tensor's running checksum and frames what a stream sends."""
 
     def __init__(self, plans: list[TensorPlan], known_digests: dict[int, int]) -> None:
         self.plans = plans
@@ -81,87 +111,84 @@ class ChunkEncoder:
         self._running: int | None = 0
 
     def start(self, prior_crc: int | None) -> None:
-        """Begin a tensor whose skipped prefix has checksum `prior_crc`.
-
-        None means the prefix was not read because the tensor's digest is already
-        known; the last chunk then carries that digest.
-        """
+        """Begin a tensor whose skipped prefix has checksum `prior_crc` (None: digest known)."""
         self._running = prior_crc
 
-    def encode(self, job: ChunkJob, crc: int, payload: memoryview) -> bytes:
-        """The TensorChunk message for `job` whose payload has checksum `crc`.
+    def frame(self, job: ChunkJob, chunk: CachedChunk) -> bytes:
+        """The message to send for `job`.
 
         Raises:
             CorruptCheckpointError: the tensor's bytes no longer match its known digest.
         """
         if self._running is not None:
-            self._running = wire.crc32c_combine(self._running, crc, job.length)
+            self._running = wire.crc32c_combine(self._running, chunk.crc, job.length)
+        resumed_mid_tensor = job.first and job.offset > 0
+        if not job.last and not resumed_mid_tensor:
+            return chunk.message
         tensor_crc = 0
         if job.last:
             expected = self.known.get(job.index)
             tensor_crc = self._running if self._running is not None else expected or 0
             if expected is not None and expected != tensor_crc:
-                plan = self.plans[job.index]
                 raise CorruptCheckpointError(
-                    f"tensor {plan.name!r} no longer matches its digest; its file changed while served"
+                    f"tensor {self.plans[job.index].name!r} no longer matches its digest; "
+                    "its file changed while served"
                 )
             self.finished[job.index] = tensor_crc
-        header = None
-        if job.first:
-            plan = self.plans[job.index]
-            header = pb.TensorHeader(
-                name=plan.name, dtype=plan.dtype, shape=plan.shape, nbytes=plan.nbytes
-            ).SerializeToString()
         prefix = wire.encode_chunk_prefix(
-            header=header,
+            header=header_of(self.plans[job.index]) if job.first else None,
             tensor_index=job.index,
             offset=job.offset,
-            crc=crc,
+            crc=chunk.crc,
             last=job.last,
             tensor_crc=tensor_crc,
             data_len=job.length,
         )
-        return b"".join((prefix, payload))
+        return b"".join((prefix, chunk.payload))
 
 
 async def stream_chunks(
+    cache: ModelCache,
+    entry: ModelEntry,
+    manifest_id: str,
     plans: list[TensorPlan],
-    sources: list[Source],
     jobs: Iterator[ChunkJob],
-    encoder: ChunkEncoder,
+    framer: ChunkFramer,
     executor: Executor,
     *,
-    chunk_bytes: int,
     read_ahead: int,
 ) -> AsyncIterator[bytes]:
-    """Yield encoded chunks for `jobs`, reading up to `read_ahead` chunks ahead."""
+    """Yield framed chunks for `jobs`, fetching up to `read_ahead` chunks ahead."""
     loop = asyncio.get_running_loop()
-    free = [bytearray(chunk_bytes) for _ in range(read_ahead)]
-    pending: collections.deque[tuple[ChunkJob, bytearray, asyncio.Future[int]]] = collections.deque()
+    sources = entry.loader.sources
+
+    def fetch(job: ChunkJob) -> asyncio.Task[CachedChunk]:
+        plan = plans[job.index]
+
+        async def fill() -> CachedChunk:
+            return await loop.run_in_executor(executor, read_chunk, plan, sources, job.index, job.offset, job.length)
+
+        key = (manifest_id, job.index, job.offset, job.length)
+        return asyncio.ensure_future(cache.chunk(entry, key, fill))
+
+    pending: collections.deque[tuple[ChunkJob, asyncio.Task[CachedChunk]]] = collections.deque()
     jobs = iter(jobs)
-    exhausted = False
-    while True:
-        while not exhausted and free:
-            job = next(jobs, None)
-            if job is None:
-                exhausted = True
-                break
-            buf = free.pop()
-            future = loop.run_in_executor(executor, _read_and_sum, plans[job.index], sources, job, buf)
-            pending.append((job, buf, future))
-        if not pending:
-            return
-        job, buf, future = pending.popleft()
-        crc = await future
-        if job.first:
-            prior: int | None = 0
-            if job.offset and job.index in encoder.known:
-                prior = None
-            elif job.offset:
-                prior = await loop.run_in_executor(
-                    executor, prefix_crc, plans[job.index], sources, job.offset, bytearray(chunk_bytes)
-                )
-            encoder.start(prior)
-        message = encoder.encode(job, crc, memoryview(buf)[: job.length])
-        free.append(buf)
-        yield message
+    try:
+        while True:
+            while len(pending) < read_ahead and (job := next(jobs, None)) is not None:
+                pending.append((job, fetch(job)))
+            if not pending:
+                return
+            job, task = pending.popleft()
+            chunk = await task
+            if job.first:
+                prior: int | None = 0
+                if job.offset and job.index in framer.known:
+                    prior = None
+                elif job.offset:
+                    prior = await loop.run_in_executor(executor, prefix_crc, plans[job.index], sources, job.offset)
+                framer.start(prior)
+            yield framer.frame(job, chunk)
+    finally:
+        for _, task in pending:
+            task.cancel()

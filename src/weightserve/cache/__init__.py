@@ -1,0 +1,1 @@
+"""The server's model cache: open checkpoints, cached chunks, a memory budget."""

@@ -1,0 +1,98 @@
+"""One cache entry: a checkpoint revision opened for serving, and its cached chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from weightserve.loaders.base import Loader
+from weightserve.sharding.model_config import ModelConfig
+from weightserve.sharding.plan import TensorPlan
+
+logger = logging.getLogger(__name__)
+
+ChunkKey = tuple[str, int, int, int]
+"""(manifest id, tensor index, byte offset, length)."""
+
+
+@dataclass(frozen=True)
+class CachedChunk:
+    """A chunk's canonical TensorChunk encoding: a header iff offset 0, never `last`.
+
+    Streams send it as it is, except a tensor's last chunk (which carries the
+    whole-tensor crc) and the first chunk after a mid-tensor resume (which needs the
+    header): those are re-framed around `payload`.
+    """
+
+    message: bytes
+    payload_at: int
+    crc: int
+
+    @property
+    def payload(self) -> memoryview:
+        return memoryview(self.message)[self.payload_at :]
+
+
+@dataclass
+class LoadStats:
+    """What opening (and downloading) a model cost."""
+
+    source: str
+    files: int
+    bytes: int
+    seconds: float
+
+    @property
+    def throughput(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ModelEntry:
+    """A model revision opened for serving; pinned while any stream reads it."""
+
+    name: str
+    source: str
+    format: str
+    revision: str
+    loader: Loader
+    model_config: ModelConfig
+    load: LoadStats
+    plans: dict[str, list[TensorPlan]] = field(default_factory=dict)
+    digests: dict[tuple[str, str], int] = field(default_factory=dict)
+    chunks: dict[ChunkKey, CachedChunk] = field(default_factory=dict)
+    inflight: dict[ChunkKey, asyncio.Task[CachedChunk]] = field(default_factory=dict)
+    resident_bytes: int = 0
+    pins: int = 0
+    warming: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    last_used_wall: float = field(default_factory=time.time)
+    retired: bool = False
+
+    @property
+    def pinned(self) -> bool:
+        return self.pins > 0
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+        self.last_used_wall = time.time()
+
+    def keep(self, key: ChunkKey, chunk: CachedChunk) -> None:
+        if key not in self.chunks:
+            self.chunks[key] = chunk
+            self.resident_bytes += len(chunk.message)
+
+    def drop_chunks(self) -> int:
+        freed = self.resident_bytes
+        self.chunks.clear()
+        self.resident_bytes = 0
+        return freed
+
+    def close_if_unused(self) -> None:
+        """Close files once retired and no stream holds the entry."""
+        if self.retired and self.pins == 0:
+            self.drop_chunks()
+            self.loader.close()
+            logger.info("closed %s (%s, %s)", self.name, self.format, self.revision)

@@ -1,0 +1,167 @@
+"""The model cache: one open copy of each model revision, shared by every stream.
+
+Entries are keyed by (source, model, format, revision). Opening is single-flight:
+concurrent first requests wait for the one load, and a failed load releases them all
+with its error. Chunk reads are single-flight too, so no byte is read twice per
+entry while it stays cached. When a model's files change, the next request opens the
+new revision; the old entry stays usable by streams in flight and closes after them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from weightserve.cache.budget import MemoryBudget
+from weightserve.cache.entry import CachedChunk, ChunkKey, LoadStats, ModelEntry
+from weightserve.errors import PreconditionError
+from weightserve.loaders import loader_for
+from weightserve.loaders.formats import ModelFiles, model_files
+from weightserve.sharding.model_config import ModelConfig
+from weightserve.storage.base import ModelLocation
+from weightserve.storage.router import StorageRouter
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _detached(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """A task whose failure is reported to its awaiters, never as 'exception never retrieved'."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+EntryKey = tuple[str, str, str]
+"""(model name, format, revision); the name carries the source scheme."""
+
+
+class ModelCache:
+    """Opens models on demand, shares each open copy, keeps chunks within a budget."""
+
+    def __init__(self, router: StorageRouter, memory_bytes: int = 0) -> None:
+        self.router = router
+        self.entries: dict[EntryKey, ModelEntry] = {}
+        self.current: dict[tuple[str, str], EntryKey] = {}
+        self.budget = MemoryBudget(memory_bytes, lambda: list(self.entries.values()))
+        self._loads: dict[EntryKey, asyncio.Task[ModelEntry]] = {}
+        self.loads_started = 0
+
+    @asynccontextmanager
+    async def use(self, name: str, fmt: str = "", revision: str = "") -> AsyncIterator[ModelEntry]:
+        """Pin an entry for the duration of a request.
+
+        Raises:
+            ModelNotFoundError: unknown model or format.
+            PermissionDeniedError: a remote source the operator did not allow.
+            PreconditionError: `revision` is pinned and the model now has another.
+        """
+        entry = await self.acquire(name, fmt, revision)
+        try:
+            yield entry
+        finally:
+            self.release(entry)
+
+    async def acquire(self, name: str, fmt: str = "", revision: str = "") -> ModelEntry:
+        """Pin and return the current entry for a model (release() it after)."""
+        location = await asyncio.to_thread(self.router.resolve, name)
+        found = await asyncio.to_thread(model_files, location.model_dir, fmt, location.revision)
+        if revision and revision != found.revision:
+            raise PreconditionError(
+                f"model {name!r} is at revision {found.revision}, not the pinned {revision}; "
+                "its files changed: fetch the manifest again"
+            )
+        key = (name, found.format, found.revision)
+        entry = self.entries.get(key)
+        if entry is None or entry.retired:
+            entry = await self._load(key, location, found)
+        entry.pins += 1
+        entry.touch()
+        return entry
+
+    def release(self, entry: ModelEntry) -> None:
+        entry.pins -= 1
+        entry.touch()
+        entry.close_if_unused()
+
+    async def _load(self, key: EntryKey, location: ModelLocation, found: ModelFiles) -> ModelEntry:
+        """Open once however many requests ask; the load outlives a caller that gives up."""
+        task = self._loads.get(key)
+        if task is None:
+            self.loads_started += 1
+            task = _detached(self._open(key, location, found))
+            self._loads[key] = task
+            task.add_done_callback(lambda _: self._loads.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _open(self, key: EntryKey, location: ModelLocation, found: ModelFiles) -> ModelEntry:
+        started = time.perf_counter()
+        loader = await asyncio.to_thread(loader_for(found.format), found.files)
+        try:
+            model_config = await asyncio.to_thread(ModelConfig.from_dir, found.model_dir)
+            total = await asyncio.to_thread(lambda: found.total_bytes)
+        except BaseException:
+            loader.close()
+            raise
+        stats = LoadStats(location.source, len(found.files), total, time.perf_counter() - started)
+        entry = ModelEntry(key[0], location.source, found.format, found.revision, loader, model_config, stats)
+        previous = self.current.get((key[0], key[1]))
+        if previous is not None and previous in self.entries and previous != key:
+            old = self.entries.pop(previous)
+            old.retired = True
+            old.close_if_unused()
+        self.entries[key] = entry
+        self.current[(key[0], key[1])] = key
+        logger.info(
+            "opened %s: %s, %d tensors, %d bytes, revision %s, source %s",
+            key[0], found.format, len(loader.records), total, found.revision, location.source,
+        )
+        return entry
+
+    async def chunk(
+        self, entry: ModelEntry, key: ChunkKey, fill: Callable[[], Awaitable[CachedChunk]]
+    ) -> CachedChunk:
+        """A chunk from the cache, or from `fill()` once however many streams ask at once.
+
+        The fill runs as its own task: a stream that disconnects does not cancel the
+        read another stream is waiting for.
+        """
+        cached = entry.chunks.get(key)
+        if cached is not None:
+            return cached
+        task = entry.inflight.get(key)
+        if task is None:
+            task = _detached(self._fill(entry, key, fill))
+            entry.inflight[key] = task
+            task.add_done_callback(lambda _: entry.inflight.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _fill(self, entry: ModelEntry, key: ChunkKey, fill: Callable[[], Awaitable[CachedChunk]]) -> CachedChunk:
+        chunk = await fill()
+        if not entry.retired and self.budget.admit(len(chunk.message)):
+            entry.keep(key, chunk)
+        return chunk
+
+    def loading(self) -> list[EntryKey]:
+        """Entries being opened right now."""
+        return list(self._loads)
+
+    def evict(self, name: str) -> bool:
+        """Drop every entry of `name`; streams in flight keep theirs until they end."""
+        keys = [key for key in self.entries if key[0] == name]
+        for key in keys:
+            entry = self.entries.pop(key)
+            self.current.pop((key[0], key[1]), None)
+            entry.retired = True
+            entry.drop_chunks()
+            entry.close_if_unused()
+        return bool(keys)
+
+    def close(self) -> None:
+        """Close everything (at shutdown, after streams have drained)."""
+        for name in {key[0] for key in self.entries}:
+            self.evict(name)

@@ -1,0 +1,65 @@
+"""Where a model's files live, behind one interface.
+
+Every back end ends in a local directory of files (remote ones download into a disk
+cache first), so loaders only ever read local files with pread. A remote name is
+`SCHEME://PATH[@REVISION]`; a name without a scheme is a local model.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+_SCHEME = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<rest>.*)$")
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """A model's files on local disk, and the revision that pins them."""
+
+    source: str
+    name: str
+    model_dir: Path
+    revision: str | None = None
+    """The remote revision (a commit, an ETag digest); None for local files."""
+
+
+@dataclass(frozen=True)
+class RemoteName:
+    """A parsed `scheme://path[@revision]`."""
+
+    scheme: str
+    path: str
+    revision: str | None
+
+    @property
+    def unversioned(self) -> str:
+        return f"{self.scheme}://{self.path}"
+
+
+def parse_remote(name: str) -> RemoteName | None:
+    """Split a remote model name; None for a local name."""
+    match = _SCHEME.match(name)
+    if match is None:
+        return None
+    rest = match["rest"]
+    path, _, revision = rest.partition("@")
+    return RemoteName(match["scheme"], path.strip("/"), revision or None)
+
+
+class Storage(ABC):
+    """One remote back end (Hugging Face, S3, ...)."""
+
+    scheme: ClassVar[str]
+
+    @abstractmethod
+    def resolve(self, remote: RemoteName) -> ModelLocation:
+        """Make the model's files available locally (downloading if needed); blocking.
+
+        Raises:
+            ModelNotFoundError: the remote has no such model or revision.
+            UnavailableError: the remote cannot be reached.
+        """
