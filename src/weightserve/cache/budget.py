@@ -31,11 +31,22 @@ class Evictable(Protocol):
         ...
 
 
+PROCESS_RESERVE = 8 * 1024 * 1024
+"""Growth of a serving process that no cache entry accounts for (gRPC buffers, plans)."""
+
+
+def reserved_bytes(read_threads: int, chunk_bytes: int) -> int:
+    """What the budget sets aside before caching anything: the read pool's buffers and
+    PROCESS_RESERVE, so the process's growth, not just the cache's, stays in budget."""
+    return PROCESS_RESERVE + read_threads * chunk_bytes
+
+
 class MemoryBudget:
     """Byte accounting for one server; `limit == 0` disables in-memory caching."""
 
-    def __init__(self, limit: int, entries: Callable[[], Iterable[Evictable]]) -> None:
+    def __init__(self, limit: int, entries: Callable[[], Iterable[Evictable]], reserved: int = 0) -> None:
         self.limit = limit
+        self.reserved = reserved
         self._entries = entries
         self.windows = 0
         self.evictions = 0
@@ -48,7 +59,7 @@ class MemoryBudget:
         return sum(e.resident_bytes for e in self._entries())
 
     def used(self) -> int:
-        return self.resident() + self.windows
+        return self.reserved + self.resident() + self.windows
 
     def _evict_until(self, needed: int) -> bool:
         """Evict unpinned entries, least recently used first, until `needed` bytes fit."""
@@ -73,8 +84,9 @@ class MemoryBudget:
             return
         if not self._evict_until(nbytes):
             raise ResourceExhaustedError(
-                f"cache memory budget {self.limit} bytes: {self.resident()} held by models being streamed "
-                f"and {self.windows} by stream windows leave less than the {nbytes}-byte window a stream needs; "
+                f"cache memory budget {self.limit} bytes: {self.resident()} held by models being streamed, "
+                f"{self.windows} by stream windows and {self.reserved} reserved for read buffers leave less "
+                f"than the {nbytes}-byte window a stream needs; "
                 "retry when streams finish, or raise --cache-memory"
             )
         self.windows += nbytes

@@ -43,11 +43,11 @@ EntryKey = tuple[str, str, str]
 class ModelCache:
     """Opens models on demand, shares each open copy, keeps chunks within a budget."""
 
-    def __init__(self, router: StorageRouter, memory_bytes: int = 0) -> None:
+    def __init__(self, router: StorageRouter, memory_bytes: int = 0, reserved_bytes: int = 0) -> None:
         self.router = router
         self.entries: dict[EntryKey, ModelEntry] = {}
         self.current: dict[tuple[str, str], EntryKey] = {}
-        self.budget = MemoryBudget(memory_bytes, lambda: list(self.entries.values()))
+        self.budget = MemoryBudget(memory_bytes, lambda: list(self.entries.values()), reserved_bytes)
         self._loads: dict[EntryKey, asyncio.Task[ModelEntry]] = {}
         self.loads_started = 0
 

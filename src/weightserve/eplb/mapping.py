@@ -57,6 +57,13 @@ def held_by_gpu(phy2log: torch.Tensor, num_logical: int, num_gpus: int) -> torch
     return held.view(layers, num_gpus, num_logical) > 0
 
 
+def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """[layers, num_gpus] float64: tokens each GPU serves when replicas split evenly."""
+    counts = replica_counts(phy2log, weight.shape[1]).to(torch.float64)
+    share = (weight.to(torch.float64) / counts).gather(1, phy2log)
+    return share.view(phy2log.shape[0], num_gpus, -1).sum(-1)
+
+
 @dataclass(frozen=True, eq=False)
 class ExpertMapping:
     """One versioned placement of expert replicas; treat its tensors as read-only.
@@ -169,7 +176,7 @@ class ExpertMapping:
         is never new, so it can be copied locally. An expert that is new to the GPU is
         new in every slot that holds it.
         """
-        self._check_comparable(previous)
+        self.check_comparable(previous)
         before = held_by_gpu(previous.phy2log, self.num_logical, self.topology.num_gpus)
         gpu = torch.arange(self.num_physical) // self.slots_per_gpu
         had = before.view(self.num_layers, -1).gather(1, gpu * self.num_logical + self.phy2log)
@@ -189,7 +196,8 @@ class ExpertMapping:
         if not 0 <= gpu < self.topology.num_gpus:
             raise InvalidRequestError(f"gpu {gpu} >= num_gpus {self.topology.num_gpus}")
 
-    def _check_comparable(self, previous: ExpertMapping) -> None:
+    def check_comparable(self, previous: ExpertMapping) -> None:
+        """Raise InvalidRequestError unless `previous` has the same layers, experts, slots and GPUs."""
         mine = (self.num_layers, self.num_logical, self.num_physical, self.topology.num_gpus)
         theirs = (previous.num_layers, previous.num_logical, previous.num_physical, previous.topology.num_gpus)
         if mine != theirs:

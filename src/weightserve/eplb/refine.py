@@ -44,40 +44,29 @@ class SwapPreference:
     gpus_per_node: int = 1
 
 
-def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """[layers, num_gpus] float64: tokens each GPU serves when replicas split evenly."""
-    counts = replica_counts(phy2log, weight.shape[1]).to(torch.float64)
-    share = (weight.to(torch.float64) / counts).gather(1, phy2log)
-    return share.view(phy2log.shape[0], num_gpus, -1).sum(-1)
-
-
-# ATen splits an elementwise op over threads from 32768 elements up; on a small, busy
-# host that costs far more than it saves, so the pass works on chunks of layers whose
-# candidate tensors stay below it.
-_CHUNK_ELEMENTS = 32768
 # Swap partners are looked for on this many of the least loaded GPUs.
 _PARTNER_GPUS = 8
 
 
 class _Layers:
-    """Working state of the layers still being refined, compacted as layers finish."""
+    """Working state of the layers being refined; finished layers are dropped in batches."""
 
     def __init__(self, weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, target: torch.Tensor) -> None:
-        layers, num_physical = phy2log.shape
-        num_logical = weight.shape[1]
+        layers = phy2log.shape[0]
+        counts = replica_counts(phy2log, weight.shape[1]).to(torch.float64)
         self.rows = torch.arange(layers)
         self.p2l = phy2log.clone()
-        counts = replica_counts(phy2log, num_logical).to(torch.float64)
         self.share = (weight / counts).gather(1, phy2log)
         self.load = self.share.view(layers, num_gpus, -1).sum(-1)
-        gpu = torch.arange(num_physical) // (num_physical // num_gpus)
-        held = torch.zeros(layers, num_gpus * num_logical, dtype=torch.int32)
-        self.held = held.scatter_add_(1, gpu * num_logical + phy2log, torch.ones_like(phy2log, dtype=torch.int32))
-        self.target = target.clone()
+        self.target = target
+        self.live = torch.ones(layers, dtype=torch.bool)
 
-    def keep(self, mask: torch.Tensor) -> None:
-        for name in ("rows", "p2l", "share", "load", "held", "target"):
-            setattr(self, name, getattr(self, name)[mask])
+    def flush(self, out: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Write finished rows to `out` and keep only `keep` (all rows when None)."""
+        out[self.rows] = self.p2l
+        if keep is not None:
+            for name in ("rows", "p2l", "share", "load", "target", "live"):
+                setattr(self, name, getattr(self, name)[keep])
 
 
 def refine_swaps(
@@ -97,90 +86,58 @@ def refine_swaps(
         num_gpus: GPUs; slots divide evenly over them.
         target: [layers] optional; a layer stops once its top GPU load is <= target.
         preference: optional cost classes for choosing among improving swaps.
-        max_rounds: cap on batched rounds per chunk of layers (default 4 * num_physical).
+        max_rounds: cap on batched rounds (default 4 * num_physical).
     """
     weight = weight.to(torch.float64)
     layers, num_physical = phy2log.shape
+    per_gpu = num_physical // num_gpus
+    width = min(num_gpus - 1, _PARTNER_GPUS)
+    out = phy2log.clone()
+    if width < 1 or layers == 0:
+        return out
     if target is None:
         target = torch.full((layers,), -1.0, dtype=torch.float64)
-    target = target.to(torch.float64)
-    rounds = 4 * num_physical if max_rounds is None else max_rounds
-    out = phy2log.clone()
-    per_gpu = num_physical // num_gpus
-    chunk = max(1, _CHUNK_ELEMENTS // (per_gpu * per_gpu * min(num_gpus, _PARTNER_GPUS)))
-    for lo in range(0, layers, chunk):
-        part = slice(lo, min(layers, lo + chunk))
-        pref = preference and SwapPreference(
-            held_before=None if preference.held_before is None else preference.held_before[part],
-            home_node=None if preference.home_node is None else preference.home_node[part],
-            gpus_per_node=preference.gpus_per_node,
-        )
-        out[part] = _refine_chunk(weight[part], phy2log[part], num_gpus, target[part], pref, rounds)
-    return out
-
-
-def _refine_chunk(
-    weight: torch.Tensor,
-    phy2log: torch.Tensor,
-    num_gpus: int,
-    target: torch.Tensor,
-    preference: SwapPreference | None,
-    rounds: int,
-) -> torch.Tensor:
-    num_physical = phy2log.shape[1]
-    num_logical = weight.shape[1]
-    per_gpu = num_physical // num_gpus
-    out = phy2log.clone()
-    state = _Layers(weight, phy2log, num_gpus, target)
+    state = _Layers(weight, phy2log, num_gpus, target.to(torch.float64))
     local = torch.arange(per_gpu)
-    width = min(num_gpus - 1, _PARTNER_GPUS)
-    if width < 1:
-        return out
-    for _ in range(rounds):
-        top, hot = state.load.max(dim=-1)
-        live = top > state.target
-        if not bool(live.all()):
-            out[state.rows[~live]] = state.p2l[~live]
-            state.keep(live)
-            top, hot = top[live], hot[live]
+    for _ in range(4 * num_physical if max_rounds is None else max_rounds):
         n = state.rows.numel()
-        if n == 0:
-            break
+        top, hot = state.load.max(dim=-1)
+        state.live &= top > state.target
         a_slots = hot[:, None] * per_gpu + local  # [n, S]
         a_share = state.share.gather(1, a_slots)
         a_expert = state.p2l.gather(1, a_slots)
-        # Partners come from the `width` least loaded GPUs (never the hot one).
+        # Partners come from the `width` least loaded GPUs (the hot one only on ties,
+        # where no swap with it can help).
         light = state.load.topk(width, dim=-1, largest=False).indices  # [n, K]
         b_slots = (light[:, :, None] * per_gpu + local).view(n, -1)  # [n, K*S]
         b_share = state.share.gather(1, b_slots).view(n, 1, width, per_gpu)
-        b_expert = state.p2l.gather(1, b_slots)
+        b_expert = state.p2l.gather(1, b_slots).view(n, 1, width, per_gpu)
         # Candidates are [n, S (slot on the hot GPU), K (light GPU), S (slot there)].
         moved = a_share[:, :, None, None] - b_share
         worst = top[:, None, None, None] - moved
-        torch.maximum(worst, moved.add_(state.load.gather(1, light)[:, None, :, None]), out=worst)
+        moved += state.load.gather(1, light)[:, None, :, None]
+        torch.maximum(worst, moved, out=worst)
+        limit = torch.where(state.live, top * (1 - _REL_EPS), -torch.inf)
+        bad = worst >= limit[:, None, None, None]
         # Never stack a second replica of an expert on a GPU: a's expert must be new to
         # b's GPU and b's expert new to the hot GPU.
-        flat = state.held
-        fresh_b = flat.gather(1, (light[:, None, :] * num_logical + a_expert[:, :, None]).view(n, -1)) == 0
-        fresh_a = flat.gather(1, hot[:, None] * num_logical + b_expert) == 0
-        ok = fresh_b.view(n, per_gpu, width, 1) & fresh_a.view(n, 1, width, per_gpu)
-        ok &= worst < (top * (1 - _REL_EPS))[:, None, None, None]
+        bad |= (a_expert[:, :, None, None] == b_expert).any(dim=-1, keepdim=True)
+        bad |= (b_expert.reshape(n, -1, 1) == a_expert[:, None, :]).any(dim=-1).view(n, 1, width, per_gpu)
         if preference is not None:
             worst /= top.clamp(min=1e-300)[:, None, None, None]
-            worst += _cost(preference, state.rows, hot, a_expert, light, b_expert, num_logical)
-        best_key, best = worst.masked_fill_(~ok, torch.inf).view(n, -1).min(dim=-1)
-        go = torch.isfinite(best_key)
-        if not bool(go.any()):
+            worst += _cost(preference, state.rows, hot, a_expert, light, b_expert.view(n, -1), layers)
+        best_key, best = worst.masked_fill_(bad, torch.inf).view(n, -1).min(dim=-1)
+        state.live = best_key < torch.inf
+        idx = state.live.nonzero().flatten()
+        if idx.numel() == 0:
             break
-        idx = go.nonzero().flatten()
         pick = best[idx]
         a = a_slots[idx, pick // (width * per_gpu)]
         b = b_slots[idx, pick % (width * per_gpu)]
-        _apply(state, idx, a, b, hot[idx], b // per_gpu, num_logical)
-        if not bool(go.all()):
-            out[state.rows[~go]] = state.p2l[~go]
-            state.keep(go)
-    out[state.rows] = state.p2l
+        _apply(state, idx, a, b, hot[idx], b // per_gpu)
+        if 2 * idx.numel() <= n:
+            state.flush(out, keep=state.live)
+    state.flush(out)
     return out
 
 
@@ -191,45 +148,38 @@ def _cost(
     a_expert: torch.Tensor,
     light: torch.Tensor,
     b_expert: torch.Tensor,
-    num_logical: int,
+    layers: int,
 ) -> torch.Tensor:
     """[n, S, K, S] cost class of each candidate swap; added to keys below 1."""
     n, per_gpu = a_expert.shape
     width = light.shape[1]
     cost = torch.zeros(n, per_gpu, width, 1, dtype=torch.float64)
     if pref.held_before is not None:
-        before = pref.held_before[rows].view(n, -1)
-        new_on_b = ~before.gather(1, (light[:, None, :] * num_logical + a_expert[:, :, None]).view(n, -1))
-        new_on_hot = ~before.gather(1, hot[:, None] * num_logical + b_expert)
-        cost += 2.0 * new_on_b.view(n, per_gpu, width, 1)
-        cost = cost + 2.0 * new_on_hot.view(n, 1, width, per_gpu)
+        _, num_gpus, num_logical = pref.held_before.shape
+        before = pref.held_before.view(-1)
+        base = (rows * num_gpus)[:, None]
+        on_b = ((base + light)[:, None, :] * num_logical + a_expert[:, :, None]).view(-1)
+        on_hot = ((base + hot[:, None]) * num_logical + b_expert).view(-1)
+        cost += 2.0 * (~before[on_b]).view(n, per_gpu, width, 1)
+        cost = cost + 2.0 * (~before[on_hot]).view(n, 1, width, per_gpu)
     if pref.home_node is not None:
-        home = pref.home_node[rows]
-        off_b = home.gather(1, a_expert)[:, :, None] != light // pref.gpus_per_node
-        off_hot = home.gather(1, b_expert) != (hot // pref.gpus_per_node)[:, None]
+        home = pref.home_node.view(-1)
+        num_logical = pref.home_node.shape[1]
+        base = (rows * num_logical)[:, None]
+        off_b = home[(base + a_expert).view(-1)].view(n, per_gpu, 1) != light[:, None, :] // pref.gpus_per_node
+        off_hot = home[(base + b_expert).view(-1)].view(n, -1) != (hot // pref.gpus_per_node)[:, None]
         cost += off_b.view(n, per_gpu, width, 1)
         cost = cost + off_hot.view(n, 1, width, per_gpu)
     return cost
 
 
 def _apply(
-    state: _Layers,
-    idx: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    gpu_a: torch.Tensor,
-    gpu_b: torch.Tensor,
-    num_logical: int,
+    state: _Layers, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gpu_a: torch.Tensor, gpu_b: torch.Tensor
 ) -> None:
-    """Swap slots a and b in rows idx, keeping shares, loads and held counts in step."""
+    """Swap slots a and b in rows idx, keeping shares and loads in step."""
     x, y = state.p2l[idx, a], state.p2l[idx, b]
     sx, sy = state.share[idx, a], state.share[idx, b]
     state.p2l[idx, a], state.p2l[idx, b] = y, x
     state.share[idx, a], state.share[idx, b] = sy, sx
     state.load[idx, gpu_a] -= sx - sy
     state.load[idx, gpu_b] += sx - sy
-    one = torch.ones_like(x, dtype=torch.int32)
-    state.held[idx, gpu_a * num_logical + x] -= one
-    state.held[idx, gpu_a * num_logical + y] += one
-    state.held[idx, gpu_b * num_logical + y] -= one
-    state.held[idx, gpu_b * num_logical + x] += one

@@ -128,17 +128,17 @@ def parse_header(prefix: bytes, file_size: int) -> tuple[list[HeaderEntry], dict
 
 
 def read_header(source: FileSource) -> tuple[list[HeaderEntry], dict[str, str]]:
-    """Read and validate the header of an open safetensors file."""
+    """Read and validate the header of an open safetensors file (each byte read once)."""
     if source.size < 8:
         raise CorruptCheckpointError(f"{source.label}: {source.size} bytes is too short for safetensors")
     head = bytearray(8)
     source.read_into(0, memoryview(head))
     (header_len,) = struct.unpack("<Q", head)
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > source.size:
-        parse_header(bytes(head), source.size)  # raises with the precise reason
-    prefix = bytearray(8 + header_len)
-    source.read_into(0, memoryview(prefix))
     try:
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > source.size:
+            parse_header(bytes(head), source.size)  # raises with the precise reason
+        prefix = head + bytearray(header_len)
+        source.read_into(8, memoryview(prefix)[8:])
         return parse_header(bytes(prefix), source.size)
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"{source.label}: {e}") from None

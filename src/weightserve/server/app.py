@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from weightserve.config import ServerConfig
 from weightserve.server.dataplane import DataPlane
 from weightserve.server.servicer import PREENCODED_RESPONSES, WeightServicer
+from weightserve.cache.budget import reserved_bytes
 from weightserve.cache.model_cache import ModelCache
 from weightserve.storage import allowed_schemes, storage_for
 from weightserve.storage.local import LocalRoots
@@ -89,7 +90,8 @@ def build_server(config: ServerConfig) -> Server:
     for name, where in roots.shadowed().items():
         logger.warning("model %s is under several roots; serving it from %s", name, where[0])
     remotes = {scheme: storage_for(scheme, config) for scheme in allowed_schemes(config.allow_source)}
-    cache = ModelCache(StorageRouter(roots, remotes, config.allow_source), config.cache_memory)
+    reserved = reserved_bytes(config.read_threads, config.chunk_bytes)
+    cache = ModelCache(StorageRouter(roots, remotes, config.allow_source), config.cache_memory, reserved)
     executor = ThreadPoolExecutor(max_workers=config.read_threads, thread_name_prefix="weightserve-read")
     plane = DataPlane(config, cache, executor)
     server = grpc.aio.server(options=server_options(config))

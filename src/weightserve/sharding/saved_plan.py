@@ -7,6 +7,7 @@ Pure functions over plans and sizes; `saved.py` writes what they decide and
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import sys
 from dataclasses import dataclass
@@ -84,13 +85,11 @@ def filter_shared(plans: list[TensorPlan]) -> list[TensorPlan]:
     >>> [p.name for p in filter_shared([a, TensorPlan("lm_head.weight", "F32", (2,), a.pieces)])]
     ['lm_head.weight']
     """
-    runs: dict[int, list[Run]] = {}
+    runs = functools.cache(lambda i: _runs(plans[i]))  # only plans that overlap another are expanded
     dropped: set[int] = set()
     for i, j in sorted(_overlapping_pairs(plans)):
         for small, big in ((i, j), (j, i)):
-            if not _preferred(plans[big], plans[small]):
-                continue
-            if _covers(runs.setdefault(big, _runs(plans[big])), runs.setdefault(small, _runs(plans[small]))):
+            if _preferred(plans[big], plans[small]) and _covers(runs(big), runs(small)):
                 dropped.add(small)
     return [plan for i, plan in enumerate(plans) if i not in dropped]
 
