@@ -34,15 +34,15 @@ def files_from_index(model_dir: Path, index_name: str) -> list[Path] | None:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = set(weight_map.values())
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CorruptCheckpointError(f"{index}: not a valid index json ({e})") from None
+        raise CorruptCheckpointError(f"{index.name}: not a valid index json ({e})") from None
     files = []
     for name in names:
         rel = PurePosixPath(str(name))
         if rel.is_absolute() or ".." in rel.parts or len(rel.parts) != 1:
-            raise CorruptCheckpointError(f"{index}: weight file {name!r} is not a file in the model directory")
+            raise CorruptCheckpointError(f"{index.name}: weight file {name!r} is not a file in the model directory")
         path = model_dir / rel.name
         if not path.is_file():
-            raise CorruptCheckpointError(f"{index}: names {name!r}, which does not exist")
+            raise CorruptCheckpointError(f"{index.name}: names {name!r}, which does not exist")
         files.append(path)
     return sorted(files, key=natural_key)
 

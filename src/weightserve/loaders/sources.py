@@ -42,11 +42,15 @@ class Source(ABC):
 
 
 class FileSource(Source):
-    """A file read with os.preadv; safe to share between threads."""
+    """A file read with os.preadv; safe to share between threads.
+
+    Errors name the file by its base name only: they reach clients, who have no
+    business learning the server's directory layout.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.label = str(path)
+        self.label = path.name
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         st = os.fstat(self._fd)
         self.size = st.st_size
@@ -57,14 +61,14 @@ class FileSource(Source):
         want = len(dest)
         if offset < 0 or offset + want > self.size:
             raise CorruptCheckpointError(
-                f"{self.path}: read of [{offset}, {offset + want}) is past the end ({self.size} bytes)"
+                f"{self.label}: read of [{offset}, {offset + want}) is past the end ({self.size} bytes)"
             )
         done = 0
         while done < want:
             n = os.preadv(self._fd, [dest[done:]], offset + done)
             if n <= 0:
                 raise CorruptCheckpointError(
-                    f"{self.path}: file ends at {offset + done}, expected {offset + want} bytes; "
+                    f"{self.label}: file ends at {offset + done}, expected {offset + want} bytes; "
                     "it was truncated while being served"
                 )
             done += n
@@ -77,7 +81,7 @@ class FileSource(Source):
         st = os.fstat(self._fd)
         if (st.st_size, st.st_mtime_ns, st.st_ino) != self._identity:
             raise CorruptCheckpointError(
-                f"{self.path}: file changed while being served "
+                f"{self.label}: file changed while being served "
                 f"(size {self._identity[0]} -> {st.st_size}); fetch again to get the new revision"
             )
 

@@ -51,9 +51,9 @@ class ModelConfig:
         try:
             raw = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise CorruptCheckpointError(f"{path}: not valid JSON ({e})") from None
+            raise CorruptCheckpointError(f"{path.name}: not valid JSON ({e})") from None
         if not isinstance(raw, dict):
-            raise CorruptCheckpointError(f"{path}: not a JSON object")
+            raise CorruptCheckpointError(f"{path.name}: not a JSON object")
         return cls.from_dict(raw)
 
 
