@@ -34,6 +34,22 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+LOADERS = ("safetensors", "fastsafetensors")
+"""Readers of safetensors files a server may use (`--loader`)."""
+
+
+def parse_dummy(text: str) -> tuple[str, Path]:
+    """('org/model', Path('config.json')) from 'org/model=config.json'.
+
+    Raises:
+        ValueError: not NAME=PATH.
+    """
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise ValueError(f"{text!r} is not NAME=CONFIG.json")
+    return name.strip(), Path(path.strip())
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `weightserve serve` needs; see the README's table for each variable."""
@@ -52,12 +68,19 @@ class ServerConfig:
     keepalive_timeout_seconds: float = 10.0
     log_level: str = "INFO"
     sharding_rules: Path | None = None
+    eplb_window: int = 1000
+    loader: str = "safetensors"
+    dummy: tuple[tuple[str, Path], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.loader not in LOADERS:
+            raise ValueError(f"loader {self.loader!r} must be one of {LOADERS}")
         if not 4096 <= self.chunk_bytes <= 4 * MiB - 16 * 1024:
             raise ValueError(f"chunk_bytes {self.chunk_bytes} must be within [4096, 4 MiB - 16 KiB]")
         if self.read_threads < 1:
             raise ValueError(f"read_threads {self.read_threads} must be >= 1")
+        if self.eplb_window < 1:
+            raise ValueError(f"eplb_window {self.eplb_window} must be >= 1")
         if self.prefetch_depth < 1:
             raise ValueError(f"prefetch_depth {self.prefetch_depth} must be >= 1")
         if self.cache_memory < 0 or self.disk_cache_bytes < 0:
@@ -72,7 +95,8 @@ class ServerConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
         """Build from WEIGHTSERVE_* variables, then apply non-None `overrides` (CLI flags).
 
-        WEIGHTSERVE_MODEL_ROOTS holds paths separated by os.pathsep.
+        WEIGHTSERVE_MODEL_ROOTS holds paths separated by os.pathsep; WEIGHTSERVE_DUMMY
+        holds NAME=CONFIG.json pairs separated by commas.
         """
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
@@ -84,6 +108,8 @@ class ServerConfig:
                 values[f.name] = tuple(Path(p) for p in raw.split(os.pathsep) if p)
             elif f.name == "allow_source":
                 values[f.name] = tuple(p for p in raw.split(",") if p)
+            elif f.name == "dummy":
+                values[f.name] = tuple(parse_dummy(p) for p in raw.split(",") if p.strip())
             elif f.name in ("sharding_rules", "disk_cache_dir"):
                 values[f.name] = Path(raw) if raw else None
             elif f.name in ("cache_memory", "disk_cache_bytes"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from weightserve.cache.budget import reserved_bytes
+from weightserve.cache import model_cache
 from weightserve.cache.model_cache import ModelCache
 from weightserve.checkpoints import LlamaShape, write_llama_checkpoint
 from weightserve.client import WeightClient
@@ -105,11 +107,21 @@ def test_ten_concurrent_first_requests_cause_one_load(root, serve):  # type: ign
     assert bytes_read(server) == file_bytes(root)  # single-flight chunk reads: each byte once
 
 
-def test_failed_load_releases_every_waiter(tmp_path: Path) -> None:
+def test_failed_load_releases_every_waiter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bad = tmp_path / "org" / "bad"
     bad.mkdir(parents=True)
     (bad / "model.safetensors").write_bytes(b"\xff" * 64)
     cache = ModelCache(StorageRouter(LocalRoots([tmp_path])))
+    real_loader_for = model_cache.loader_for
+
+    def slow_loader_for(fmt: str):  # type: ignore[no-untyped-def]
+        def open_slowly(files):  # type: ignore[no-untyped-def]
+            time.sleep(0.5)  # a slow disk: every request arrives while the one load runs
+            return real_loader_for(fmt)(files)
+
+        return open_slowly
+
+    monkeypatch.setattr(model_cache, "loader_for", slow_loader_for)
 
     async def many() -> list[BaseException | object]:
         async def one() -> object:

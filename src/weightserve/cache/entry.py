@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from weightserve.loaders.base import Loader
+from weightserve.sharding.experts import MoeLayout, moe_layout
 from weightserve.sharding.model_config import ModelConfig
 from weightserve.sharding.plan import TensorPlan
 
@@ -70,6 +71,14 @@ class ModelEntry:
     last_used: float = field(default_factory=time.monotonic)
     last_used_wall: float = field(default_factory=time.time)
     retired: bool = False
+    moe: MoeLayout | None = None
+    moe_known: bool = False
+
+    def moe_layout(self) -> MoeLayout | None:
+        """The checkpoint's MoE layers and expert count (None for a dense model), found once."""
+        if not self.moe_known:
+            self.moe, self.moe_known = moe_layout(self.loader.records), True
+        return self.moe
 
     @property
     def pinned(self) -> bool:

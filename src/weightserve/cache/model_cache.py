@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from weightserve.cache.budget import MemoryBudget
 from weightserve.cache.entry import CachedChunk, ChunkKey, LoadStats, ModelEntry
 from weightserve.errors import PreconditionError
 from weightserve.loaders import loader_for
+from weightserve.loaders.base import Loader
 from weightserve.loaders.formats import ModelFiles, model_files
 from weightserve.sharding.model_config import ModelConfig
 from weightserve.storage.base import ModelLocation
@@ -36,6 +38,13 @@ def _detached(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
     return task
 
+
+def model_config_for(loader: Loader, model_dir: Path) -> ModelConfig:
+    """The directory's config.json when it has one, else the checkpoint's own (GGUF metadata)."""
+    raw = None if (model_dir / "config.json").is_file() else loader.model_config_dict()
+    return ModelConfig.from_dict(raw) if raw is not None else ModelConfig.from_dir(model_dir)
+
+
 EntryKey = tuple[str, str, str]
 """(model name, format, revision); the name carries the source scheme."""
 
@@ -43,8 +52,13 @@ EntryKey = tuple[str, str, str]
 class ModelCache:
     """Opens models on demand, shares each open copy, keeps chunks within a budget."""
 
-    def __init__(self, router: StorageRouter, memory_bytes: int = 0, reserved_bytes: int = 0) -> None:
+    def __init__(
+        self, router: StorageRouter, memory_bytes: int = 0, reserved_bytes: int = 0,
+        loaders: Mapping[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self.router = router
+        self.loaders = dict(loaders or {})
+        """format -> the loader that opens it instead of the format's own (`serve --loader`)."""
         self.entries: dict[EntryKey, ModelEntry] = {}
         self.current: dict[tuple[str, str], EntryKey] = {}
         self.budget = MemoryBudget(memory_bytes, lambda: list(self.entries.values()), reserved_bytes)
@@ -100,9 +114,9 @@ class ModelCache:
 
     async def _open(self, key: EntryKey, location: ModelLocation, found: ModelFiles) -> ModelEntry:
         started = time.perf_counter()
-        loader = await asyncio.to_thread(loader_for(found.format), found.files)
+        loader = await asyncio.to_thread(loader_for(self.loaders.get(found.format, found.format)), found.files)
         try:
-            model_config = await asyncio.to_thread(ModelConfig.from_dir, found.model_dir)
+            model_config = await asyncio.to_thread(model_config_for, loader, found.model_dir)
             total = await asyncio.to_thread(lambda: found.total_bytes)
         except BaseException:
             loader.close()

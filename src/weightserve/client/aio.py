@@ -79,10 +79,15 @@ class AsyncWeightClient:
         layout: str = "checkpoint",
         pp_rank: int = 0,
         pp_size: int = 1,
+        ep_rank: int = 0,
+        ep_size: int = 0,
+        since_mapping: int | None = None,
         destinations: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """See WeightClient.fetch_state_dict."""
-        args = ShardArgs(model, rank, world_size, revision, format, layout, pp_rank, pp_size)
+        args = ShardArgs(
+            model, rank, world_size, revision, format, layout, pp_rank, pp_size, ep_rank, ep_size, since_mapping
+        )
         manifest = await self._call(
             f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto())
         )

@@ -16,7 +16,9 @@ from weightserve.v1 import weightserve_pb2 as pb
 
 FETCH_SHARD = "/weightserve.v1.WeightService/FetchShard"
 
-MANIFEST_ARGS = ("rank", "world_size", "revision", "format", "layout", "pp_rank", "pp_size")
+MANIFEST_ARGS = (
+    "rank", "world_size", "revision", "format", "layout", "pp_rank", "pp_size", "ep_rank", "ep_size", "since_mapping",
+)
 """fetch_state_dict arguments that also pick the manifest."""
 
 LAYOUTS = {"checkpoint": pb.LAYOUT_CHECKPOINT, "vllm": pb.LAYOUT_VLLM}
@@ -52,6 +54,9 @@ class ShardArgs:
     layout: str = "checkpoint"
     pp_rank: int = 0
     pp_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 0
+    since_mapping: int | None = None
 
     def proto(self, revision: str | None = None) -> pb.ShardSpec:
         if self.layout not in LAYOUTS:
@@ -65,6 +70,9 @@ class ShardArgs:
             layout=LAYOUTS[self.layout],
             pp_rank=self.pp_rank,
             pp_size=self.pp_size,
+            ep_rank=self.ep_rank,
+            ep_size=self.ep_size,
+            since_mapping=self.since_mapping,
         )
 
 

@@ -86,6 +86,9 @@ class WeightClient:
         layout: str = "checkpoint",
         pp_rank: int = 0,
         pp_size: int = 1,
+        ep_rank: int = 0,
+        ep_size: int = 0,
+        since_mapping: int | None = None,
         destinations: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """This rank's tensors, verified, resuming across broken streams.
@@ -101,13 +104,20 @@ class WeightClient:
             layout: "checkpoint" (the checkpoint's names, sliced) or "vllm" (the
                 tensors vLLM's parallel layers hold: fused qkv/gate_up, padded vocab).
             pp_rank, pp_size: the pipeline stage; its decoder layers only.
+            ep_rank, ep_size: the expert-parallel rank: the experts it holds under the
+                server's current mapping, whole, named by local slot (the manifest's
+                `experts` maps slots to experts); other tensors TP-sliced.
+            since_mapping: with ep_size, only the experts this rank did not hold at
+                that mapping version.
             destinations: tensors to write into instead of allocating (see load_into).
 
         Raises:
             FetchError: `.code()` is the grpc.StatusCode (NOT_FOUND, INVALID_ARGUMENT,
                 FAILED_PRECONDITION when the model changed mid-fetch, DATA_LOSS, ...).
         """
-        args = ShardArgs(model, rank, world_size, revision, format, layout, pp_rank, pp_size)
+        args = ShardArgs(
+            model, rank, world_size, revision, format, layout, pp_rank, pp_size, ep_rank, ep_size, since_mapping
+        )
         manifest = self._call(f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto()))
         loop = ResumeLoop(args, manifest, names, torch.device(device), self.retry, destinations)
         self.last_stats = loop.stats

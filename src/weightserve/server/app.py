@@ -19,10 +19,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from weightserve.config import ServerConfig
+from weightserve.server.control import ControlPlane
+from weightserve.server.control_servicer import ControlServicer
 from weightserve.server.dataplane import DataPlane
 from weightserve.server.servicer import PREENCODED_RESPONSES, WeightServicer
 from weightserve.cache.budget import reserved_bytes
 from weightserve.cache.model_cache import ModelCache
+from weightserve.loaders.dummy import write_dummy_root
 from weightserve.storage import allowed_schemes, storage_for
 from weightserve.storage.local import LocalRoots
 from weightserve.storage.router import StorageRouter
@@ -31,6 +34,7 @@ from weightserve.v1 import weightserve_pb2 as pb
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WeightService"].full_name
+CONTROL_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ControlService"].full_name
 
 
 def _handlers(servicer: Any, service_name: str, preencoded: frozenset[str]) -> grpc.GenericRpcHandler:
@@ -75,6 +79,7 @@ class Server:
         await self.grpc_server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(CONTROL_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None) -> None:
         """Health NOT_SERVING, refuse new RPCs, drain streams for `grace` seconds, close."""
@@ -86,19 +91,31 @@ class Server:
 
 def build_server(config: ServerConfig) -> Server:
     """An unstarted server bound to `config.listen` (port 0 picks a free port)."""
-    roots = LocalRoots(config.model_roots)
+    dummy_roots = [write_dummy_root(config.dummy)] if config.dummy else []
+    roots = LocalRoots([*config.model_roots, *dummy_roots])
     for name, where in roots.shadowed().items():
         logger.warning("model %s is under several roots; serving it from %s", name, where[0])
     remotes = {scheme: storage_for(scheme, config) for scheme in allowed_schemes(config.allow_source)}
     reserved = reserved_bytes(config.read_threads, config.chunk_bytes)
-    cache = ModelCache(StorageRouter(roots, remotes, config.allow_source), config.cache_memory, reserved)
+    cache = ModelCache(
+        StorageRouter(roots, remotes, config.allow_source), config.cache_memory, reserved,
+        loaders={"safetensors": config.loader},
+    )  # fmt: skip
     executor = ThreadPoolExecutor(max_workers=config.read_threads, thread_name_prefix="weightserve-read")
-    plane = DataPlane(config, cache, executor)
+    control = ControlPlane(cache, executor, config.eplb_window)
+    plane = DataPlane(config, cache, executor, control)
     server = grpc.aio.server(options=server_options(config))
-    server.add_generic_rpc_handlers([_handlers(WeightServicer(plane), SERVICE_NAME, PREENCODED_RESPONSES)])
+    server.add_generic_rpc_handlers(
+        [
+            _handlers(WeightServicer(plane), SERVICE_NAME, PREENCODED_RESPONSES),
+            _handlers(ControlServicer(control), CONTROL_SERVICE_NAME, frozenset()),
+        ]
+    )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, CONTROL_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     port = server.add_insecure_port(config.listen)
     if port == 0 and not config.listen.startswith("unix:"):
         raise OSError(f"could not bind {config.listen}")

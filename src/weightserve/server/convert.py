@@ -33,6 +33,8 @@ def shard_spec(shard: pb.ShardSpec) -> ShardSpec:
         ep_rank=shard.ep_rank,
         ep_size=shard.ep_size,
         layout=layout_name(shard.layout),
+        num_redundant_experts=shard.num_redundant_experts,
+        since_mapping=shard.since_mapping if shard.HasField("since_mapping") else None,
     )
 
 
@@ -50,7 +52,20 @@ def manifest_response(manifest: Manifest) -> pb.GetManifestResponse:
         if digest is not None:
             info.crc32c = digest
         tensors.append(info)
+    experts = None
+    if manifest.experts is not None:
+        slots = manifest.experts
+        experts = pb.ExpertPlacement(
+            mapping_version=slots.version,
+            layers=[
+                pb.LayerSlots(layer=layer, physical_slots=physical, logical_experts=logical, sent_slots=send)
+                for layer, physical, logical, send in zip(
+                    slots.layers, slots.physical, slots.logical, slots.send, strict=True
+                )
+            ],
+        )
     return pb.GetManifestResponse(
+        experts=experts,
         manifest_id=manifest.manifest_id,
         revision=manifest.revision,
         format=manifest.format,

@@ -22,6 +22,8 @@ from weightserve.loaders.formats import available_formats, model_files
 from weightserve.server.files import FilePiece, stream_files
 from weightserve.server.streaming import ChunkFramer, chunk_jobs, stream_chunks
 from weightserve.server.warming import Warmer
+from weightserve.server.control import ControlPlane
+from weightserve.sharding.experts import ExpertSlots
 from weightserve.sharding.plan import TensorPlan, plan_shard
 from weightserve.sharding.rules import RuleSet, load_rules
 from weightserve.sharding.spec import ShardSpec
@@ -42,6 +44,7 @@ class Manifest:
     tensors: list[TensorPlan]
     digests: list[int | None]
     chunk_bytes: int
+    experts: ExpertSlots | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -85,10 +88,11 @@ class ResumeFrom:
 class DataPlane:
     """What the WeightService RPCs do, minus gRPC."""
 
-    def __init__(self, config: ServerConfig, cache: ModelCache, executor: Executor) -> None:
+    def __init__(self, config: ServerConfig, cache: ModelCache, executor: Executor, control: ControlPlane) -> None:
         self.config = config
         self.cache = cache
         self.executor = executor
+        self.control = control
         self.rules = load_rules(config.sharding_rules) if config.sharding_rules else RuleSet()
         self.warmer = Warmer(cache, executor, config, self.plan)
 
@@ -139,17 +143,25 @@ class DataPlane:
 
     def plan(self, entry: ModelEntry, spec: ShardSpec) -> Manifest:
         """The entry's plan for `spec`, computed once per manifest id."""
-        mid = wire.manifest_id(entry.revision, {**spec.plan_params(), "format": entry.format})
+        params = {**spec.plan_params(), "format": entry.format}
+        slots = None
+        if spec.ep_size:
+            layout = entry.moe_layout()
+            if layout is None:
+                raise InvalidRequestError(f"model {spec.model!r} has no experts to spread over ep_size {spec.ep_size}")
+            slots = self.control.slots(spec, layout)
+            params["mapping_version"] = slots.version
+        mid = wire.manifest_id(entry.revision, params)
         plans = entry.plans.get(mid)
         if plans is None:
             loader = entry.loader
-            plans = plan_shard(loader.records, spec, entry.model_config, self.rules, loader.saved_shards)
+            plans = plan_shard(loader.records, spec, entry.model_config, self.rules, loader.saved_shards, slots)
             for plan in plans:
                 if len(plan.name.encode()) > MAX_NAME_BYTES:
                     raise InvalidRequestError(f"tensor name of {len(plan.name)} characters is too long to serve")
             entry.plans[mid] = plans
         digests = [entry.digests.get((mid, p.name)) for p in plans]
-        return Manifest(mid, entry.revision, entry.format, plans, digests, self.config.chunk_bytes)
+        return Manifest(mid, entry.revision, entry.format, plans, digests, self.config.chunk_bytes, slots)
 
     async def fetch(
         self,

@@ -8,6 +8,7 @@ of zeros (vocabulary padding), so any slice is served straight from the file.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from weightserve.errors import InvalidRequestError, PreconditionError
 from weightserve.loaders.base import SavedShards, TensorRecord
@@ -15,6 +16,9 @@ from weightserve.loaders.sources import Source
 from weightserve.sharding.model_config import ModelConfig
 from weightserve.sharding.rules import RuleSet
 from weightserve.sharding.spec import ShardSpec
+
+if TYPE_CHECKING:
+    from weightserve.sharding.experts import ExpertSlots
 
 ZEROS = -1
 """Piece.source for bytes that are zero (padding), read from nowhere."""
@@ -61,15 +65,21 @@ def plan_shard(
     config: ModelConfig | None = None,
     rules: RuleSet | None = None,
     saved: SavedShards | None = None,
+    experts: ExpertSlots | None = None,
 ) -> list[TensorPlan]:
     """The tensors rank `spec` receives, in stream order (embeddings, layers, head).
 
     At world_size 1, pp_size 1 with the checkpoint layout the model is served exactly
-    as saved; otherwise every tensor is placed by a rule (see rules.py).
+    as saved; otherwise every tensor is placed by a rule (see rules.py). With
+    expert parallelism (`spec.ep_size`), `experts` says which expert slots the rank
+    holds: those experts come whole, everything else is TP-sliced; when `experts`
+    sends only a delta, nothing else is sent.
 
     Raises:
         InvalidRequestError: the model cannot be split as asked.
     """
+    # Imported here: these modules build on this module's types.
+    from weightserve.sharding.experts import expert_plans, is_expert, moe_layout
     from weightserve.sharding.layouts import to_vllm
     from weightserve.sharding.slicing import slice_tensor
     from weightserve.sharding.stages import in_stage, stream_order
@@ -78,15 +88,24 @@ def plan_shard(
     rules = rules or RuleSet()
     if saved is not None:
         return stream_order([whole_tensor(r) for r in _saved_rank(saved, spec)])
+    expert_part: list[TensorPlan] = []
     if spec.ep_size:
-        raise InvalidRequestError("expert parallelism (ep_size) is not served yet; use tensor parallelism")
-    if spec.world_size == 1 and spec.pp_size == 1 and spec.layout == "checkpoint":
+        layout = moe_layout(records)
+        if layout is None or experts is None:
+            raise InvalidRequestError(f"model {spec.model!r} has no experts to spread over ep_size {spec.ep_size}")
+        stage = {r.name for r in in_stage(records, spec, config)}
+        expert_part = expert_plans([r for r in records if r.name in stage], layout, experts)
+        if experts.delta_only:
+            return stream_order(expert_part)
+        records = [r for r in records if not is_expert(r.name)]
+    elif spec.world_size == 1 and spec.pp_size == 1 and spec.layout == "checkpoint":
         return stream_order([whole_tensor(r) for r in records])
     selected = in_stage(records, spec, config)
     plans = [
         slice_tensor(r, rules.rule_for(r.name, config.model_type), config, spec.rank, spec.world_size)
         for r in selected
     ]
+    plans += expert_part
     if spec.layout == "vllm":
         plans = to_vllm(plans)
     return stream_order(plans)

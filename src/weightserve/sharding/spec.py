@@ -24,6 +24,8 @@ class ShardSpec:
     ep_rank: int = 0
     ep_size: int = 0
     layout: str = "checkpoint"
+    num_redundant_experts: int = 0
+    since_mapping: int | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -32,6 +34,10 @@ class ShardSpec:
         _check_rank("pp_rank", self.pp_rank, "pp_size", self.pp_size)
         if self.ep_size or self.ep_rank:
             _check_rank("ep_rank", self.ep_rank, "ep_size", self.ep_size)
+        if self.num_redundant_experts < 0:
+            raise InvalidRequestError(f"num_redundant_experts {self.num_redundant_experts} must be >= 0")
+        if self.since_mapping is not None and not self.ep_size:
+            raise InvalidRequestError("since_mapping needs ep_rank/ep_size")
         if self.layout not in LAYOUTS:
             raise InvalidRequestError(f"layout {self.layout!r} is not one of {LAYOUTS}")
 

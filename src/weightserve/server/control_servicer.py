@@ -1,0 +1,81 @@
+"""ControlService servicer: proto -> domain, call the control plane, domain -> proto."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from weightserve.eplb import ExpertMapping, Topology
+from weightserve.server.control import ControlPlane, RebalanceJob
+from weightserve.server.status import stream_errors, unary_errors
+from weightserve.v1 import weightserve_pb2 as pb
+
+_JOB_STATES = {"running": pb.JOB_STATE_RUNNING, "succeeded": pb.JOB_STATE_SUCCEEDED, "failed": pb.JOB_STATE_FAILED}
+
+
+def topology_from(message: pb.ExpertTopology) -> Topology:
+    return Topology(message.num_nodes, message.gpus_per_node, message.num_groups or 1)
+
+
+def mapping_to(mapping: ExpertMapping, balancedness: float = 0.0) -> pb.ExpertMapping:
+    top = mapping.topology
+    return pb.ExpertMapping(
+        version=mapping.version,
+        topology=pb.ExpertTopology(
+            num_nodes=top.num_nodes, gpus_per_node=top.gpus_per_node, num_groups=top.num_groups
+        ),
+        num_layers=mapping.num_layers,
+        num_logical=mapping.num_logical,
+        num_physical=mapping.num_physical,
+        phy2log=mapping.phy2log.flatten().tolist(),
+        balancedness=balancedness,
+    )
+
+
+def job_to(job: RebalanceJob) -> pb.GetRebalanceResponse:
+    return pb.GetRebalanceResponse(
+        job_id=job.job_id,
+        model=job.model,
+        state=_JOB_STATES[job.state],
+        error=job.error,
+        mapping=mapping_to(job.mapping, job.after) if job.mapping is not None else None,
+        balancedness_before=job.before,
+        balancedness_after=job.after,
+        deltas=[pb.RankDelta(ep_rank=r, experts=n, bytes=b) for r, n, b in job.deltas],
+        seconds=job.seconds,
+    )
+
+
+class ControlServicer:
+    """Implements weightserve.v1.ControlService over a ControlPlane."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    @unary_errors
+    async def ReportExpertLoad(
+        self, request: pb.ReportExpertLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportExpertLoadResponse:
+        load = request.load
+        count = await self.control.report(request.model, list(load.counts), load.moe_layers, load.experts)
+        return pb.ReportExpertLoadResponse(reports_in_window=count)
+
+    @unary_errors
+    async def Rebalance(self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext) -> pb.RebalanceResponse:
+        topology = topology_from(request.topology) if request.HasField("topology") else None
+        job_id, running = await self.control.rebalance(request.model, request.policy, request.num_replicas, topology)
+        return pb.RebalanceResponse(job_id=job_id, already_running=running)
+
+    @unary_errors
+    async def GetRebalance(
+        self, request: pb.GetRebalanceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRebalanceResponse:
+        return job_to(self.control.job(request.job_id))
+
+    @stream_errors
+    async def WatchExpertMapping(
+        self, request: pb.WatchExpertMappingRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchExpertMappingResponse]:
+        async for mapping in self.control.watch(request.model, request.after_version):
+            yield pb.WatchExpertMappingResponse(mapping=mapping_to(mapping))

@@ -1,0 +1,181 @@
+"""Expert parallelism end to end: load reports, background rebalances, per-rank deltas."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from weightserve.checkpoints import write_sharded_safetensors
+from weightserve.client import WeightClient
+from weightserve.eplb import Policy, policy_for, register_policy
+from weightserve.errors import FetchError
+from weightserve.v1 import weightserve_pb2 as pb
+from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
+
+MODEL = "org/tiny-mixtral"
+EXPERTS, LAYERS, HIDDEN, INTER = 8, 2, 16, 24
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("moe")
+    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.arange(64 * HIDDEN).reshape(64, HIDDEN)}
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}."
+        tensors[p + "input_layernorm.weight"] = torch.ones(HIDDEN)
+        for name, rows in (("q_proj", HIDDEN), ("k_proj", HIDDEN // 2), ("v_proj", HIDDEN // 2), ("o_proj", HIDDEN)):
+            tensors[f"{p}self_attn.{name}.weight"] = torch.randn(rows, HIDDEN)
+        tensors[p + "post_attention_layernorm.weight"] = torch.ones(HIDDEN)
+        tensors[p + "block_sparse_moe.gate.weight"] = torch.randn(EXPERTS, HIDDEN)
+        for e in range(EXPERTS):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            # every value names its layer and expert, so a test sees which expert arrived
+            tensors[q + "w1.weight"] = torch.full((INTER, HIDDEN), layer * 100.0 + e)
+            tensors[q + "w2.weight"] = torch.full((HIDDEN, INTER), layer * 100.0 + e)
+            tensors[q + "w3.weight"] = torch.full((INTER, HIDDEN), layer * 100.0 + e)
+    tensors |= {"model.norm.weight": torch.ones(HIDDEN), "lm_head.weight": torch.randn(64, HIDDEN)}
+    model_dir = root / MODEL
+    write_sharded_safetensors(tensors, model_dir, 2)
+    config = {
+        "model_type": "mixtral", "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": EXPERTS, "vocab_size": 64,
+    }
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def expert_of(tensor: torch.Tensor, layer: int) -> int:
+    return int(tensor.flatten()[0].item()) - layer * 100
+
+
+def control(address: str) -> pb_grpc.ControlServiceStub:
+    return pb_grpc.ControlServiceStub(grpc.insecure_channel(address))
+
+
+def report(stub: pb_grpc.ControlServiceStub, counts: list[list[int]]) -> int:
+    flat = [c for row in counts for c in row]
+    load = pb.ExpertCounts(moe_layers=len(counts), experts=len(counts[0]), counts=flat)
+    return stub.ReportExpertLoad(pb.ReportExpertLoadRequest(model=MODEL, load=load)).reports_in_window
+
+
+def wait_job(stub: pb_grpc.ControlServiceStub, job_id: str) -> pb.GetRebalanceResponse:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = stub.GetRebalance(pb.GetRebalanceRequest(job_id=job_id))
+        if job.state != pb.JOB_STATE_RUNNING:
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(job_id)
+
+
+def test_version_zero_gives_contiguous_experts_whole_and_named_by_slot(root, serve):  # type: ignore[no-untyped-def]
+    server = serve(root)
+    with WeightClient(server.address) as client:
+        manifest = client.get_manifest(MODEL, ep_rank=1, ep_size=4)
+        assert manifest.experts.mapping_version == 0
+        assert [list(layer.logical_experts) for layer in manifest.experts.layers] == [[2, 3], [2, 3]]
+        state = client.fetch_state_dict(MODEL, ep_rank=1, ep_size=4, rank=0, world_size=2)
+    for layer in range(LAYERS):
+        for slot, expert in enumerate((2, 3)):
+            w1 = state[f"model.layers.{layer}.block_sparse_moe.experts.{slot}.w1.weight"]
+            assert w1.shape == (INTER, HIDDEN)  # whole, not TP-sliced
+            assert expert_of(w1, layer) == expert
+        assert f"model.layers.{layer}.block_sparse_moe.experts.2.w1.weight" not in state
+    assert state["model.layers.0.self_attn.q_proj.weight"].shape == (HIDDEN // 2, HIDDEN)  # TP-sliced
+
+
+def test_rebalance_then_fetch_only_the_moved_experts(root, serve):  # type: ignore[no-untyped-def]
+    server = serve(root)
+    stub = control(server.address)
+    hot = [[1000, 900, 5, 5, 5, 5, 5, 5], [5, 5, 5, 5, 5, 5, 800, 700]]
+    assert report(stub, hot) == 1
+    topology = pb.ExpertTopology(num_nodes=1, gpus_per_node=4, num_groups=1)
+    started = stub.Rebalance(pb.RebalanceRequest(model=MODEL, num_replicas=12, topology=topology))
+    job = wait_job(stub, started.job_id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    assert job.mapping.version == 1 and job.balancedness_after > job.balancedness_before
+    new = torch.tensor(list(job.mapping.phy2log)).view(LAYERS, 12)
+    with WeightClient(server.address) as client:
+        for rank in range(4):
+            full = client.get_manifest(MODEL, ep_rank=rank, ep_size=4)
+            held = [list(layer.logical_experts) for layer in full.experts.layers]
+            assert held == new[:, rank * 3 : (rank + 1) * 3].tolist()
+            delta = client.fetch_state_dict(MODEL, ep_rank=rank, ep_size=4, since_mapping=0)
+            before = client.get_manifest(MODEL, ep_rank=rank, ep_size=4, since_mapping=0).experts
+            sent = [list(layer.sent_slots) for layer in before.layers]
+            assert all(k.startswith("model.layers.") and ".experts." in k for k in delta)  # experts only
+            for layer in range(LAYERS):
+                for slot in sent[layer]:
+                    w2 = delta[f"model.layers.{layer}.block_sparse_moe.experts.{slot}.w2.weight"]
+                    assert expert_of(w2, layer) == held[layer][slot]
+        assert job.deltas and sum(d.experts for d in job.deltas) == sum(
+            len(layer.sent_slots)
+            for rank in range(4)
+            for layer in client.get_manifest(MODEL, ep_rank=rank, ep_size=4, since_mapping=0).experts.layers
+        )
+
+
+def test_invalid_reports_change_nothing(root, serve):  # type: ignore[no-untyped-def]
+    server = serve(root)
+    stub = control(server.address)
+    for bad in ([[1] * 7, [1] * 7], [[1] * 8], [[-1] + [1] * 7, [1] * 8]):
+        with pytest.raises(grpc.RpcError) as err:
+            report(stub, bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ReportExpertLoad(pb.ReportExpertLoadRequest(model="org/nope", load=pb.ExpertCounts()))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:  # nothing was recorded, so there is nothing to rebalance
+        stub.Rebalance(pb.RebalanceRequest(model=MODEL, topology=pb.ExpertTopology(num_nodes=1, gpus_per_node=4)))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_unknown_mapping_version_is_failed_precondition(root, serve):  # type: ignore[no-untyped-def]
+    server = serve(root)
+    with WeightClient(server.address) as client, pytest.raises(FetchError) as err:
+        client.fetch_state_dict(MODEL, ep_rank=0, ep_size=4, since_mapping=7)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_watch_streams_each_new_version(root, serve):  # type: ignore[no-untyped-def]
+    server = serve(root)
+    stub = control(server.address)
+    report(stub, [[10, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 10]])
+    topology = pb.ExpertTopology(num_nodes=1, gpus_per_node=4)
+    first = wait_job(stub, stub.Rebalance(pb.RebalanceRequest(model=MODEL, topology=topology)).job_id)
+    watch = stub.WatchExpertMapping(pb.WatchExpertMappingRequest(model=MODEL, after_version=0), timeout=30)
+    seen = [next(watch).mapping.version]
+    report(stub, [[1, 1, 1, 10, 1, 1, 1, 1], [10, 1, 1, 1, 1, 1, 1, 1]])
+    second = wait_job(stub, stub.Rebalance(pb.RebalanceRequest(model=MODEL)).job_id)
+    seen.append(next(watch).mapping.version)
+    watch.cancel()
+    assert seen == [first.mapping.version, second.mapping.version] == [1, 2]
+
+
+class SlowPolicy(Policy):
+    """The greedy placement, after a pause long enough to overlap a fetch."""
+
+    def place(self, problem, previous):  # type: ignore[no-untyped-def]
+        time.sleep(1.0)
+        return policy_for("greedy")().place(problem, previous)
+
+
+def test_fetch_completes_while_a_slow_rebalance_runs_and_rebalances_serialize(root, serve):  # type: ignore[no-untyped-def]
+    register_policy("slow-test")(SlowPolicy)
+    server = serve(root)
+    stub = control(server.address)
+    report(stub, [[5, 1, 1, 1, 1, 1, 1, 9], [1, 9, 1, 1, 1, 1, 1, 5]])
+    topology = pb.ExpertTopology(num_nodes=1, gpus_per_node=4)
+    first = stub.Rebalance(pb.RebalanceRequest(model=MODEL, policy="slow-test", topology=topology))
+    second = stub.Rebalance(pb.RebalanceRequest(model=MODEL, policy="slow-test", topology=topology))
+    assert second.already_running and second.job_id == first.job_id
+    with WeightClient(server.address) as client:
+        state = client.fetch_state_dict(MODEL)  # served while the job computes
+        assert stub.GetRebalance(pb.GetRebalanceRequest(job_id=first.job_id)).state == pb.JOB_STATE_RUNNING
+    assert len(state) == 3 + LAYERS * (2 + 4 + 1 + 3 * EXPERTS)  # norms, attention, router, experts
+    assert wait_job(stub, first.job_id).state == pb.JOB_STATE_SUCCEEDED
