@@ -179,3 +179,14 @@ def test_fetch_completes_while_a_slow_rebalance_runs_and_rebalances_serialize(ro
         assert stub.GetRebalance(pb.GetRebalanceRequest(job_id=first.job_id)).state == pb.JOB_STATE_RUNNING
     assert len(state) == 3 + LAYERS * (2 + 4 + 1 + 3 * EXPERTS)  # norms, attention, router, experts
     assert wait_job(stub, first.job_id).state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_vllm_layout_stacks_the_rank_slots(root, serve):  # type: ignore[no-untyped-def]
+    server = serve(root)
+    with WeightClient(server.address) as client:
+        state = client.fetch_state_dict(MODEL, ep_rank=3, ep_size=4, layout="vllm")
+    w13 = state["model.layers.1.block_sparse_moe.experts.w13_weight"]
+    w2 = state["model.layers.1.block_sparse_moe.experts.w2_weight"]
+    assert w13.shape == (2, 2 * INTER, HIDDEN) and w2.shape == (2, HIDDEN, INTER)
+    assert [expert_of(w13[slot], 1) for slot in range(2)] == [6, 7]
+    assert "model.layers.1.self_attn.qkv_proj.weight" in state
