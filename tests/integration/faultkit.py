@@ -35,6 +35,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
+from weightserve.checkpoints import LlamaShape
+
 HOST = "127.0.0.1"
 MAX_PROXY_SECONDS = 120.0
 """No proxy connection outlives this, whatever a test forgets to do."""
@@ -42,6 +44,18 @@ POLL_SECONDS = 0.05
 """Socket and event timeouts inside the proxy: how fast it notices close()."""
 
 # ----------------------------------------------------------------- checkpoints
+
+MID_LLAMA = LlamaShape(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=2048,
+)
+"""About 5 MB of bf16 (two files of ~2.5 MB): dozens of 64 KiB chunks, fetched in well under a second."""
+
+MID_MODEL = "org/mid-llama"
 
 
 def load_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -77,7 +91,9 @@ def health_status(address: str, timeout: float = 2.0) -> int | grpc.StatusCode:
     """The overall health status on a fresh connection, or the call's error code."""
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
         except grpc.RpcError as e:
             return e.code()  # type: ignore[no-any-return]
         return int(reply.status)
@@ -98,7 +114,9 @@ def wait_serving(address: str, timeout: float = 30.0, alive: Callable[[], str | 
             if left <= 0:
                 break
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=min(0.5, left), wait_for_ready=True)
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(), timeout=min(0.5, left), wait_for_ready=True
+                )
             except grpc.RpcError:
                 continue  # not listening yet: wait_for_ready waited out the timeout
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -122,6 +140,24 @@ class Corruptor:
         self.messages = 0
         self.flips = 0
         self._lock = threading.Lock()
+
+    @classmethod
+    def once(cls, after: int, min_length: int) -> Corruptor:
+        """Flip a byte in the first message numbered `after` or later of at least `min_length` bytes."""
+        flipped = threading.Event()
+
+        def pick(number: int, length: int) -> bool:
+            if flipped.is_set() or number < after or length < min_length:
+                return False
+            flipped.set()
+            return True
+
+        return cls(pick)
+
+    @classmethod
+    def every(cls, min_length: int) -> Corruptor:
+        """Flip a byte in every message of at least `min_length` bytes."""
+        return cls(lambda number, length: length >= min_length)
 
     def parser(self) -> _Http2Parser:
         """A parser for one connection's server->client bytes."""
@@ -321,7 +357,12 @@ class FaultProxy:
             self._spawn(self._pump, link, upstream, client, parser, deadline)
 
     def _pump(
-        self, link: _Link, src: socket.socket, dst: socket.socket, parser: _Http2Parser | None, deadline: float
+        self,
+        link: _Link,
+        src: socket.socket,
+        dst: socket.socket,
+        parser: _Http2Parser | None,
+        deadline: float,
     ) -> None:
         to_client = dst is link.client
         try:
@@ -434,3 +475,48 @@ class ServerProcess:
 def server_env() -> dict[str, str]:
     """The environment for a child server: ours, without WEIGHTSERVE_* settings that would change it."""
     return {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSERVE_")}
+
+
+# ------------------------------------------------------------------- threads
+
+
+class Background:
+    """A call running on a daemon thread; `result(timeout)` re-raises what it raised."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self._fn = fn
+        self._done = threading.Event()
+        self._value: object = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="background-call")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as e:
+            self._error = e
+        finally:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float) -> object:
+        if not self._done.wait(timeout):
+            raise AssertionError(f"call still running after {timeout}s")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> None:
+    """Poll `predicate` until it holds, at most `timeout` seconds; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 1):
+        if predicate():
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -30,13 +30,13 @@ def read_metadata(model_dir: Path, ranks_found: int) -> tuple[int, str]:
     path = model_dir / METADATA_NAME
     if not path.is_file():
         if (model_dir / INCOMPLETE_NAME).exists():
-            raise CorruptCheckpointError(f"{model_dir}: `weightserve shard` did not finish writing it")
+            raise CorruptCheckpointError(f"{model_dir.name}: `weightserve shard` did not finish writing it")
         return ranks_found, "vllm"
     try:
         meta = json.loads(path.read_text())
         world_size, layout = int(meta["world_size"]), str(meta["layout"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(f"{path}: not valid sharded-state metadata ({e})") from None
+        raise CorruptCheckpointError(f"{path.name}: not valid sharded-state metadata ({e})") from None
     return world_size, layout
 
 

@@ -37,6 +37,14 @@ class Source(ABC):
             CorruptCheckpointError: the bytes are not all there, or changed.
         """
 
+    def read_rows(self, offset: int, row_bytes: int, stride: int, dest: memoryview) -> None:
+        """Fill `dest` with len(dest) // row_bytes runs of `row_bytes`, `stride` apart."""
+        for i, at in enumerate(range(0, len(dest), row_bytes)):
+            self.read_into(offset + i * stride, dest[at : at + row_bytes], check=False)
+
+    def check_unchanged(self) -> None:  # noqa: B027 - only files can change underneath
+        """Raise if the bytes behind the source changed since it was opened."""
+
     def close(self) -> None:  # noqa: B027 - sources with nothing to release keep this
         """Release what the source holds."""
 
@@ -75,6 +83,19 @@ class FileSource(Source):
         self.bytes_read += want
         if check:
             self.check_unchanged()
+
+    def read_rows(self, offset: int, row_bytes: int, stride: int, dest: memoryview) -> None:
+        """Strided gather with one preadv per row and nothing else in the loop."""
+        rows = len(dest) // row_bytes
+        last = offset + (rows - 1) * stride + row_bytes
+        if offset < 0 or last > self.size:
+            raise CorruptCheckpointError(f"{self.label}: rows up to {last} are past the end ({self.size} bytes)")
+        fd, preadv = self._fd, os.preadv
+        for i in range(rows):
+            part = dest[i * row_bytes : (i + 1) * row_bytes]
+            if preadv(fd, [part], offset + i * stride) != row_bytes:
+                self.read_into(offset + i * stride, part, check=False)  # short read: retry or raise
+        self.bytes_read += rows * row_bytes
 
     def check_unchanged(self) -> None:
         """Raise if the file was truncated or rewritten in place since it was opened."""

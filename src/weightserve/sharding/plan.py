@@ -146,9 +146,19 @@ def _read_piece(piece: Piece, sources: list[Source], at: int, dest: memoryview) 
     if piece.rows == 1:
         source.read_into(piece.offset + at, dest)
         return
+    # Gather row by row, so only the rank's bytes are read: a partial first row, whole
+    # rows in one tight loop, a partial last row.
+    row, col = divmod(at, piece.row_bytes)
     done = 0
-    while done < len(dest):  # gather row by row: only the rank's bytes are read
-        row, col = divmod(at + done, piece.row_bytes)
-        n = min(piece.row_bytes - col, len(dest) - done)
-        done += n
-        source.read_into(piece.offset + row * piece.stride + col, dest[done - n : done], check=done == len(dest))
+    if col:
+        done = min(piece.row_bytes - col, len(dest))
+        source.read_into(piece.offset + row * piece.stride + col, dest[:done], check=False)
+        row += 1
+    whole = (len(dest) - done) // piece.row_bytes
+    if whole:
+        end = done + whole * piece.row_bytes
+        source.read_rows(piece.offset + row * piece.stride, piece.row_bytes, piece.stride, dest[done:end])
+        done, row = end, row + whole
+    if done < len(dest):
+        source.read_into(piece.offset + row * piece.stride, dest[done:], check=False)
+    source.check_unchanged()

@@ -114,13 +114,17 @@ def load_rules(path: Path) -> RuleSet:
             pattern = re.compile(entry["pattern"])
         except (KeyError, re.error, TypeError) as e:
             raise ValueError(f"sharding rules {path}: rule {i} needs a valid 'pattern' ({e})") from None
-        if entry.get("replicated"):
+        kinds = [key for key in ("dim", "replicated", "vocab") if key in entry]
+        dim = entry.get("dim")
+        if kinds == ["replicated"] and entry["replicated"] is True:
             rule = Rule("replicated")
-        elif entry.get("vocab"):
+        elif kinds == ["vocab"] and entry["vocab"] is True:
             rule = Rule("vocab")
-        elif isinstance(entry.get("dim"), int) and entry["dim"] >= 0:
-            rule = Rule("dim", entry["dim"])
+        elif kinds == ["dim"] and type(dim) is int and dim >= 0:  # bool is an int: refuse dim = true
+            rule = Rule("dim", dim)
         else:
-            raise ValueError(f"sharding rules {path}: rule {i} needs dim = N, replicated = true or vocab = true")
+            raise ValueError(
+                f"sharding rules {path}: rule {i} needs exactly one of dim = N, replicated = true or vocab = true"
+            )
         rules.append((pattern, rule))
     return RuleSet(tuple(rules))

@@ -29,6 +29,13 @@ def slice_ranges(record: TensorRecord, dim: int, ranges: Ranges) -> TensorPlan:
     if dim >= len(shape):
         raise InvalidRequestError(f"tensor {record.name!r} of shape {shape} has no dim {dim} to split")
     inner = math.prod(shape[dim + 1 :]) * DTYPE_SIZES[record.dtype]
+    if record.block_bytes and dim == len(shape) - 1:
+        for start, length in ranges:
+            if start % record.block_bytes or length % record.block_bytes:
+                raise InvalidRequestError(
+                    f"{record.quant} tensor {record.name!r}: bytes [{start}, {start + length}) of a row cut a "
+                    f"{record.block_bytes}-byte quantization block; choose a world_size that divides its blocks"
+                )
     outer = math.prod(shape[:dim])
     stride = shape[dim] * inner
     pieces: list[Piece] = []

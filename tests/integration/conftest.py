@@ -1,0 +1,83 @@
+"""Fixtures for fault-injection tests: mid-sized checkpoints, proxies and server processes."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from faultkit import MID_LLAMA, MID_MODEL, FaultProxy, ServerProcess, free_port
+
+from weightserve.checkpoints import write_llama_checkpoint
+from weightserve.client import WeightClient
+from weightserve.client import sync as client_sync
+
+
+@pytest.fixture
+def mid_root(tmp_path: Path) -> Path:
+    """A fresh model root with org/mid-llama (two safetensors files); tests may damage it."""
+    root = tmp_path / "models"
+    write_llama_checkpoint(root / MID_MODEL, MID_LLAMA, num_files=2)
+    return root
+
+
+@pytest.fixture
+def proxy() -> Iterator[Callable[..., FaultProxy]]:
+    """`proxy(upstream_port, corruptor=None)` starts a FaultProxy; all are closed after the test."""
+    started: list[FaultProxy] = []
+
+    def start(upstream_port: int, **kwargs: object) -> FaultProxy:
+        p = FaultProxy(upstream_port, **kwargs)  # type: ignore[arg-type]
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.close()
+    errors = [e for p in started for e in p.errors]
+    assert not errors, f"proxy threads failed: {errors!r}"
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """`server_process(root, *cli_args)`: an unstarted `weightserve serve` on a free loopback port.
+
+    Whatever is still running after the test is killed.
+    """
+    made: list[ServerProcess] = []
+
+    def make(root: Path, *args: str) -> ServerProcess:
+        server = ServerProcess(root, free_port(), tmp_path, *args)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture
+def slow_client(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], WeightClient]:
+    """WeightClients whose HTTP/2 receive window stays at its 64 KiB default (no BDP probing).
+
+    Such a client, held by a paused proxy, lets the server run at most a window ahead:
+    without it, grpc grows the window to megabytes and the server's kernel send buffer
+    (up to tcp_wmem's max) swallows a whole small model while the client is held.
+    """
+    stock = client_sync.channel_options
+    monkeypatch.setattr(client_sync, "channel_options", lambda: [*stock(), ("grpc.http2.bdp_probe", 0)])
+    return WeightClient
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage() -> Iterator[None]:
+    """Run finalizers of what a test dropped (calls, streams, futures) before the next test starts.
+
+    What they log is then attributed to the test that made them, and no finalizer runs in
+    the middle of a later ast.parse: on CPython 3.11.7 and older, a traceback formatted
+    there (it ast.parses source lines for its carets) raises "SystemError: AST
+    constructor recursion depth mismatch" in pytest's assertion rewriter (gh-106905).
+    """
+    yield
+    gc.collect()

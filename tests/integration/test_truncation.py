@@ -1,0 +1,123 @@
+"""A checkpoint file truncated or rewritten while it is streamed costs that stream DATA_LOSS, nothing else.
+
+The stream is held early by a FaultProxy while the file is damaged, so most of the
+file is still to be read; the client's small receive window (`slow_client`) keeps the
+server from reading far ahead into kernel buffers before the damage.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from faultkit import MID_MODEL, Background, FaultProxy, assert_bit_identical, load_checkpoint
+
+from weightserve.checkpoints import LlamaShape, write_llama_checkpoint
+from weightserve.client import WeightClient
+from weightserve.errors import FetchError
+from weightserve.server.background import BackgroundServer
+
+ServeFn = Callable[..., BackgroundServer]
+CHUNK = 4096
+HELD_AT = 64 * 1024
+"""Server bytes let through before the damage: a small part of the first file."""
+BYSTANDER = "org/bystander"
+SMALL = LlamaShape(hidden_size=64, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=128)  # fmt: skip
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _damage_mid_stream(
+    root: Path,
+    serve: ServeFn,
+    proxy: Callable[..., FaultProxy],
+    slow_client: Callable[[str], WeightClient],
+    damage: Callable[[Path], None],
+) -> BackgroundServer:
+    """Hold a fetch of MID_MODEL early, `damage` its last file, and check what follows."""
+    write_llama_checkpoint(root / BYSTANDER, SMALL, num_files=1)
+    server = serve(root, chunk_bytes=CHUNK)
+    victim = sorted((root / MID_MODEL).glob("*.safetensors"))[-1]  # streamed last
+    link = proxy(server.server.port)
+    with slow_client(link.address) as client:
+        link.pause_after(HELD_AT)
+        fetch = Background(lambda: client.fetch_state_dict(MID_MODEL))
+        assert link.paused.wait(30), "the stream never started"
+        damage(victim)
+        link.resume()
+        with pytest.raises(FetchError) as caught:
+            fetch.result(timeout=30)
+    assert caught.value.code() == grpc.StatusCode.DATA_LOSS, caught.value
+    assert victim.name in str(caught.value), caught.value
+
+    with WeightClient(server.address) as other:  # the server still serves everyone else
+        assert {m.name for m in other.list_models()} == {MID_MODEL, BYSTANDER}
+        state = other.fetch_state_dict(BYSTANDER)
+    assert_bit_identical(state, load_checkpoint(root / BYSTANDER))
+    return server
+
+
+def test_truncated_mid_stream_is_data_loss(
+    mid_root: Path,
+    serve: ServeFn,
+    proxy: Callable[..., FaultProxy],
+    slow_client: Callable[[str], WeightClient],
+) -> None:
+    def truncate(path: Path) -> None:
+        os.truncate(path, path.stat().st_size // 2)
+
+    server = _damage_mid_stream(mid_root, serve, proxy, slow_client, truncate)
+    # a new fetch is refused cleanly, not served short
+    with WeightClient(server.address) as client, pytest.raises(FetchError) as caught:
+        client.fetch_state_dict(MID_MODEL)
+    assert caught.value.code() == grpc.StatusCode.DATA_LOSS, caught.value
+
+
+def test_rewritten_in_place_mid_stream_is_data_loss(
+    mid_root: Path,
+    serve: ServeFn,
+    proxy: Callable[..., FaultProxy],
+    slow_client: Callable[[str], WeightClient],
+) -> None:
+    def rewrite(path: Path) -> None:
+        size = path.stat().st_size
+        with path.open("r+b") as f:  # same size, same inode, other bytes near the end
+            f.seek(size - 65536)
+            old = f.read(65536)
+            f.seek(size - 65536)
+            f.write(bytes(b ^ 0x5A for b in old))
+            f.flush()
+            os.fsync(f.fileno())
+        assert path.stat().st_size == size
+
+    _damage_mid_stream(mid_root, serve, proxy, slow_client, rewrite)
+
+
+def test_damaged_stream_leaves_no_unretrieved_read_errors(
+    mid_root: Path,
+    serve: ServeFn,
+    proxy: Callable[..., FaultProxy],
+    slow_client: Callable[[str], WeightClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The DATA_LOSS is the whole story: no read-ahead future is left holding the same error.
+
+    A read that fails after the one the stream awaited is still the stream's to retrieve
+    (or cancel); left alone, asyncio logs "... exception was never retrieved" with a
+    traceback at some later garbage collection, an ERROR line for a handled condition.
+    """
+
+    def truncate(path: Path) -> None:
+        os.truncate(path, path.stat().st_size // 2)
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    _damage_mid_stream(mid_root, serve, proxy, slow_client, truncate)
+    gc.collect()
+    leaked = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert not leaked, f"the server left failed reads unretrieved: {leaked}"
