@@ -18,15 +18,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RssSampler, bench_root, ensure_checkpoint, free_port, subprocess_server  # noqa: E402
+from _common import RssSampler, bench_root, ensure_checkpoint, free_port, subprocess_server
 
-from weightserve.checkpoints import LlamaShape  # noqa: E402
-from weightserve.client import WeightClient  # noqa: E402
+from weightserve.checkpoints import LlamaShape
+from weightserve.client import WeightClient
 
 MODEL = "bench/llama-cache"
 SHAPE = LlamaShape(
-    hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-    num_key_value_heads=4, vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    vocab_size=32000,
 )  # about 311 MB of bf16
 TARGET_RSS = 1.10
 
@@ -54,8 +58,20 @@ def timed_fetch(address: str) -> tuple[float, int]:
 
 
 def serve_cmd(root: Path, address: str, budget: int) -> list[str]:
-    return [sys.executable, "-m", "weightserve.cli", "serve", "--model-root", str(root), "--listen", address,
-            "--cache-memory", str(budget), "--log-level", "WARNING"]
+    return [
+        sys.executable,
+        "-m",
+        "weightserve.cli",
+        "serve",
+        "--model-root",
+        str(root),
+        "--listen",
+        address,
+        "--cache-memory",
+        str(budget),
+        "--log-level",
+        "WARNING",
+    ]
 
 
 def main() -> int:
@@ -84,7 +100,10 @@ def main() -> int:
         ("cold fetch", f"{cold:.2f} GB/s (page cache {'dropped' if dropped else 'kept'})"),
         ("warm fetch (from cache)", f"{warm:.2f} GB/s"),
         ("warm / cold", f"{warm / cold:.2f}"),
-        ("RSS growth, model = 2x budget", f"{sampler.growth / 2**20:.0f} MiB for {budget / 2**20:.0f} MiB budget"),
+        (
+            "RSS growth, model = 2x budget",
+            f"{sampler.growth / 2**20:.0f} MiB for {budget / 2**20:.0f} MiB budget",
+        ),
         ("RSS growth / budget", f"{rss_ratio:.3f}  (target <= {TARGET_RSS})"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     RssSampler,
     bench_root,
     current_rss,
@@ -139,7 +139,9 @@ def gbps(result: dict[str, float]) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--worker", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -153,8 +155,18 @@ def main() -> int:
     script = Path(__file__).resolve()
     ours_port, raw_port = free_port(), free_port()
     ours_addr, raw_addr = f"127.0.0.1:{ours_port}", f"127.0.0.1:{raw_port}"
-    serve_cmd = [sys.executable, "-m", "weightserve.cli", "serve", "--model-root", str(root), "--listen", ours_addr,
-                 "--log-level", "WARNING"]
+    serve_cmd = [
+        sys.executable,
+        "-m",
+        "weightserve.cli",
+        "serve",
+        "--model-root",
+        str(root),
+        "--listen",
+        ours_addr,
+        "--log-level",
+        "WARNING",
+    ]
     raw_cmd = [sys.executable, str(script), "--worker", "raw-server", str(raw_port), str(total)]
 
     with subprocess_server(serve_cmd, ours_addr) as server, subprocess_server(raw_cmd, raw_addr):
@@ -170,7 +182,6 @@ def main() -> int:
     raw = max(raws, key=gbps)
     best = max(ours, key=gbps)
     local = max(locals_, key=gbps)
-    state_bytes = best["bytes"]
     ratio = gbps(best) / gbps(raw)
     client_rss = min((r["rss_peak"] - r["rss_before"]) / r["bytes"] for r in ours)
     server_rss = sampler.growth / total

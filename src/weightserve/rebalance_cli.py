@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     request = pb.RebalanceRequest(model=args.model, policy=args.policy, num_replicas=args.num_replicas)
     if args.nodes or args.gpus_per_node:
         request.topology.CopyFrom(
-            pb.ExpertTopology(num_nodes=args.nodes or 1, gpus_per_node=args.gpus_per_node or 1, num_groups=args.groups)
+            pb.ExpertTopology(
+                num_nodes=args.nodes or 1, gpus_per_node=args.gpus_per_node or 1, num_groups=args.groups
+            )
         )
     with grpc.insecure_channel(target(args.server), options=channel_options()) as channel:
         stub = pb_grpc.ControlServiceStub(channel)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -122,7 +123,7 @@ def _gf2_square(matrix: tuple[int, ...]) -> tuple[int, ...]:
 @lru_cache(maxsize=1)
 def _zero_byte_operators() -> tuple[tuple[int, ...], ...]:
     """Operators that advance a crc over 2**k zero bytes, k = 0..47."""
-    one_bit = (_POLY,) + tuple(1 << n for n in range(31))
+    one_bit = (_POLY, *(1 << n for n in range(31)))
     op = _gf2_square(_gf2_square(_gf2_square(one_bit)))  # 8 zero bits = one byte
     ops = [op]
     for _ in range(47):
@@ -246,6 +247,39 @@ class ChunkView:
     data: memoryview
 
 
+def _fields(buf: memoryview) -> Iterator[tuple[int, int | memoryview]]:
+    """(field number, value) for every field of a protobuf message, in wire order.
+
+    Varint and fixed32 values are ints, length-delimited ones views into `buf`;
+    fixed64 fields are skipped (TensorChunk has none).
+    """
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _read_varint(buf, pos)
+            yield field, value
+        elif wire_type in (1, 5):
+            width = 8 if wire_type == 1 else 4
+            if pos + width > end:
+                raise IntegrityError(f"truncated fixed{width * 8} in chunk")
+            if wire_type == 5:
+                yield field, int.from_bytes(buf[pos : pos + 4], "little")
+            pos += width
+        elif wire_type == 2:
+            length, pos = _read_varint(buf, pos)
+            if pos + length > end:
+                raise IntegrityError("truncated length-delimited field in chunk")
+            yield field, buf[pos : pos + length]
+            pos += length
+        else:
+            raise IntegrityError(f"unsupported wire type {wire_type} in chunk")
+
+
+_INT_FIELDS = {2: "tensor_index", 3: "offset", 4: "crc", 5: "last", 6: "tensor_crc"}
+
+
 def decode_chunk(message: bytes) -> ChunkView:
     """Parse a serialized TensorChunk without copying its payload.
 
@@ -256,47 +290,26 @@ def decode_chunk(message: bytes) -> ChunkView:
         IntegrityError: the message is not a parseable TensorChunk.
     """
     buf = memoryview(message)
-    pos, end = 0, len(buf)
+    ints = dict.fromkeys(_INT_FIELDS.values(), 0)
     header: bytes | None = None
-    index = offset = crc = tensor_crc = 0
-    last = False
     data = buf[0:0]
-    while pos < end:
-        key, pos = _read_varint(buf, pos)
-        field, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, pos = _read_varint(buf, pos)
-            if field == 2:
-                index = value
-            elif field == 3:
-                offset = value
-            elif field == 5:
-                last = bool(value)
-        elif wire_type == 5:
-            if pos + 4 > end:
-                raise IntegrityError("truncated fixed32 in chunk")
-            value = int.from_bytes(buf[pos : pos + 4], "little")
-            pos += 4
-            if field == 4:
-                crc = value
-            elif field == 6:
-                tensor_crc = value
-        elif wire_type == 2:
-            length, pos = _read_varint(buf, pos)
-            if pos + length > end:
-                raise IntegrityError("truncated length-delimited field in chunk")
-            if field == 1:
-                header = bytes(buf[pos : pos + length])
-            elif field == 15:
-                data = buf[pos : pos + length]
-            pos += length
-        elif wire_type == 1:
-            if pos + 8 > end:
-                raise IntegrityError("truncated fixed64 in chunk")
-            pos += 8
-        else:
-            raise IntegrityError(f"unsupported wire type {wire_type} in chunk")
-    return ChunkView(header, index, offset, crc, last, tensor_crc, data)
+    for field, value in _fields(buf):
+        if isinstance(value, int):
+            if field in _INT_FIELDS:
+                ints[_INT_FIELDS[field]] = value
+        elif field == 1:
+            header = bytes(value)
+        elif field == 15:
+            data = value
+    return ChunkView(
+        header,
+        ints["tensor_index"],
+        ints["offset"],
+        ints["crc"],
+        bool(ints["last"]),
+        ints["tensor_crc"],
+        data,
+    )
 
 
 # ----------------------------------------------------------------------- manifest id

@@ -14,8 +14,12 @@ from weightserve.client import WeightClient
 
 BUDGET = 32 * 1024 * 1024
 SHAPE = LlamaShape(
-    hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-    num_key_value_heads=4, vocab_size=8000,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=8000,
 )  # about 62 MB of bf16: twice the budget
 
 
@@ -33,8 +37,22 @@ def test_rss_growth_stays_under_the_budget(tmp_path: Path) -> None:
     assert model_bytes > 1.8 * BUDGET
     address = f"127.0.0.1:{_free_port()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "weightserve.cli", "serve", "--model-root", str(tmp_path), "--listen", address,
-         "--cache-memory", str(BUDGET), "--chunk-bytes", str(1 << 20), "--log-level", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "weightserve.cli",
+            "serve",
+            "--model-root",
+            str(tmp_path),
+            "--listen",
+            address,
+            "--cache-memory",
+            str(BUDGET),
+            "--chunk-bytes",
+            str(1 << 20),
+            "--log-level",
+            "WARNING",
+        ],
     )
     try:
         server = psutil.Process(proc.pid)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from weightserve.cache.budget import reserved_bytes
 from weightserve.cache import model_cache
+from weightserve.cache.budget import reserved_bytes
 from weightserve.cache.model_cache import ModelCache
 from weightserve.checkpoints import LlamaShape, write_llama_checkpoint
 from weightserve.client import WeightClient
@@ -22,8 +22,12 @@ from weightserve.storage.local import LocalRoots
 from weightserve.storage.router import StorageRouter
 
 SHAPE = LlamaShape(
-    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
 )
 MODEL = "org/mid-llama"
 CHUNK = 16 * 1024
@@ -142,7 +146,7 @@ def test_eviction_never_touches_an_entry_being_streamed(root, serve):  # type: i
     cache = server.server.cache
     ref = reference(root)
     with WeightClient(server.address) as client:
-        stream = client._fetch(_request(client, MODEL))  # noqa: SLF001 - drive the stream by hand
+        stream = client._fetch(_request(client, MODEL))
         first = next(iter(stream))
         assert first
         streamed = next(e for e in cache.entries.values() if e.name == MODEL)
@@ -150,7 +154,7 @@ def test_eviction_never_touches_an_entry_being_streamed(root, serve):  # type: i
         # Another model's fetch needs room: only unpinned entries may be evicted.
         client.fetch_state_dict("org/other")
         assert not streamed.retired
-        assert streamed.loader.sources[0]._fd >= 0  # noqa: SLF001 - still open
+        assert streamed.loader.sources[0]._fd >= 0
         assert client.evict("org/other")
         rest = list(stream)
         assert rest
@@ -170,7 +174,7 @@ def test_resource_exhausted_when_pinned_streams_leave_no_window(root, serve):  #
     budget = reserved_bytes(read_threads=8, chunk_bytes=CHUNK) + 2 * CHUNK
     server = serve(root, cache_memory=budget, chunk_bytes=CHUNK, prefetch_depth=2, read_threads=8)
     with WeightClient(server.address) as client:
-        stream = client._fetch(_request(client, MODEL))  # noqa: SLF001
+        stream = client._fetch(_request(client, MODEL))
         assert next(iter(stream))
         with pytest.raises(FetchError) as err:
             WeightClient(server.address, retry=_no_retry()).fetch_state_dict("org/other")

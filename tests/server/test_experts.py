@@ -24,11 +24,18 @@ EXPERTS, LAYERS, HIDDEN, INTER = 8, 2, 16, 24
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("moe")
-    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.arange(64 * HIDDEN).reshape(64, HIDDEN)}
+    tensors: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": torch.arange(64 * HIDDEN).reshape(64, HIDDEN)
+    }
     for layer in range(LAYERS):
         p = f"model.layers.{layer}."
         tensors[p + "input_layernorm.weight"] = torch.ones(HIDDEN)
-        for name, rows in (("q_proj", HIDDEN), ("k_proj", HIDDEN // 2), ("v_proj", HIDDEN // 2), ("o_proj", HIDDEN)):
+        for name, rows in (
+            ("q_proj", HIDDEN),
+            ("k_proj", HIDDEN // 2),
+            ("v_proj", HIDDEN // 2),
+            ("o_proj", HIDDEN),
+        ):
             tensors[f"{p}self_attn.{name}.weight"] = torch.randn(rows, HIDDEN)
         tensors[p + "post_attention_layernorm.weight"] = torch.ones(HIDDEN)
         tensors[p + "block_sparse_moe.gate.weight"] = torch.randn(EXPERTS, HIDDEN)
@@ -42,8 +49,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_dir = root / MODEL
     write_sharded_safetensors(tensors, model_dir, 2)
     config = {
-        "model_type": "mixtral", "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": EXPERTS, "vocab_size": 64,
+        "model_type": "mixtral",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_local_experts": EXPERTS,
+        "vocab_size": 64,
     }
     (model_dir / "config.json").write_text(json.dumps(config))
     return root
@@ -131,7 +144,9 @@ def test_invalid_reports_change_nothing(root, serve):  # type: ignore[no-untyped
         stub.ReportExpertLoad(pb.ReportExpertLoadRequest(model="org/nope", load=pb.ExpertCounts()))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as err:  # nothing was recorded, so there is nothing to rebalance
-        stub.Rebalance(pb.RebalanceRequest(model=MODEL, topology=pb.ExpertTopology(num_nodes=1, gpus_per_node=4)))
+        stub.Rebalance(
+            pb.RebalanceRequest(model=MODEL, topology=pb.ExpertTopology(num_nodes=1, gpus_per_node=4))
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 

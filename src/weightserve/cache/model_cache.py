@@ -114,7 +114,9 @@ class ModelCache:
 
     async def _open(self, key: EntryKey, location: ModelLocation, found: ModelFiles) -> ModelEntry:
         started = time.perf_counter()
-        loader = await asyncio.to_thread(loader_for(self.loaders.get(found.format, found.format)), found.files)
+        loader = await asyncio.to_thread(
+            loader_for(self.loaders.get(found.format, found.format)), found.files
+        )
         try:
             model_config = await asyncio.to_thread(model_config_for, loader, found.model_dir)
             total = await asyncio.to_thread(lambda: found.total_bytes)
@@ -132,7 +134,12 @@ class ModelCache:
         self.current[(key[0], key[1])] = key
         logger.info(
             "opened %s: %s, %d tensors, %d bytes, revision %s, source %s",
-            key[0], found.format, len(loader.records), total, found.revision, location.source,
+            key[0],
+            found.format,
+            len(loader.records),
+            total,
+            found.revision,
+            location.source,
         )
         return entry
 
@@ -154,7 +161,9 @@ class ModelCache:
             task.add_done_callback(lambda _: entry.inflight.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _fill(self, entry: ModelEntry, key: ChunkKey, fill: Callable[[], Awaitable[CachedChunk]]) -> CachedChunk:
+    async def _fill(
+        self, entry: ModelEntry, key: ChunkKey, fill: Callable[[], Awaitable[CachedChunk]]
+    ) -> CachedChunk:
         chunk = await fill()
         if not entry.retired and self.budget.admit(len(chunk.message)):
             entry.keep(key, chunk)

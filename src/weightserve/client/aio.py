@@ -86,7 +86,17 @@ class AsyncWeightClient:
     ) -> dict[str, torch.Tensor]:
         """See WeightClient.fetch_state_dict."""
         args = ShardArgs(
-            model, rank, world_size, revision, format, layout, pp_rank, pp_size, ep_rank, ep_size, since_mapping
+            model,
+            rank,
+            world_size,
+            revision,
+            format,
+            layout,
+            pp_rank,
+            pp_size,
+            ep_rank,
+            ep_size,
+            since_mapping,
         )
         manifest = await self._call(
             f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto())
@@ -122,7 +132,8 @@ class AsyncWeightClient:
             writer.abort()
         return writer.written
 
-    async def prefetch(self, model: str, world_size: int = 1, ranks: list[int] | None = None, *, wait: bool = False
+    async def prefetch(
+        self, model: str, world_size: int = 1, ranks: list[int] | None = None, *, wait: bool = False
     ) -> pb.PrefetchResponse:
         request = pb.PrefetchRequest(model=model, world_size=world_size, ranks=ranks or [], wait=wait)
         response: pb.PrefetchResponse = await self._call(f"prefetch {model}", self._stub.Prefetch, request)

@@ -12,7 +12,15 @@ import grpc
 import torch
 
 from weightserve.client.assembly import FetchStats
-from weightserve.client.common import FETCH_SHARD, MANIFEST_ARGS, ResumeLoop, ShardArgs, channel_options, fetch_error, target
+from weightserve.client.common import (
+    FETCH_SHARD,
+    MANIFEST_ARGS,
+    ResumeLoop,
+    ShardArgs,
+    channel_options,
+    fetch_error,
+    target,
+)
 from weightserve.client.files import FileWriter
 from weightserve.client.modules import check_keys, module_destinations
 from weightserve.client.retry import RetryPolicy
@@ -25,7 +33,7 @@ class WeightClient:
     """Fetches state dicts, files and model lists from a weightserve server.
 
     Example:
-        >>> with WeightClient("weights:50051") as client:          # doctest: +SKIP
+        >>> with WeightClient("weights:50051") as client:  # doctest: +SKIP
         ...     sd = client.fetch_state_dict("org/llama-7b", device="cuda")
     """
 
@@ -64,7 +72,9 @@ class WeightClient:
         """Every model the server can serve."""
         return list(self._call("list models", self._stub.ListModels, pb.ListModelsRequest()).models)
 
-    def get_manifest(self, model: str, *, rank: int = 0, world_size: int = 1, **kw: Any) -> pb.GetManifestResponse:
+    def get_manifest(
+        self, model: str, *, rank: int = 0, world_size: int = 1, **kw: Any
+    ) -> pb.GetManifestResponse:
         """One rank's plan: names, shapes, dtypes, sizes, digests and the manifest id."""
         args = ShardArgs(model, rank, world_size, **kw)
         manifest: pb.GetManifestResponse = self._call(
@@ -116,9 +126,21 @@ class WeightClient:
                 FAILED_PRECONDITION when the model changed mid-fetch, DATA_LOSS, ...).
         """
         args = ShardArgs(
-            model, rank, world_size, revision, format, layout, pp_rank, pp_size, ep_rank, ep_size, since_mapping
+            model,
+            rank,
+            world_size,
+            revision,
+            format,
+            layout,
+            pp_rank,
+            pp_size,
+            ep_rank,
+            ep_size,
+            since_mapping,
         )
-        manifest = self._call(f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto()))
+        manifest = self._call(
+            f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto())
+        )
         loop = ResumeLoop(args, manifest, names, torch.device(device), self.retry, destinations)
         self.last_stats = loop.stats
         while (request := loop.next_request()) is not None:
@@ -173,7 +195,8 @@ class WeightClient:
         except grpc.RpcError as e:
             raise fetch_error(e, f"files of {request.model}") from None
 
-    def prefetch(self, model: str, world_size: int = 1, ranks: list[int] | None = None, *, wait: bool = False
+    def prefetch(
+        self, model: str, world_size: int = 1, ranks: list[int] | None = None, *, wait: bool = False
     ) -> pb.PrefetchResponse:
         """Ask the server to warm a model (returns at once)."""
         request = pb.PrefetchRequest(model=model, world_size=world_size, ranks=ranks or [], wait=wait)

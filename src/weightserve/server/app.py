@@ -18,14 +18,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from weightserve.cache.budget import reserved_bytes
+from weightserve.cache.model_cache import ModelCache
 from weightserve.config import ServerConfig
+from weightserve.loaders.dummy import write_dummy_root
 from weightserve.server.control import ControlPlane
 from weightserve.server.control_servicer import ControlServicer
 from weightserve.server.dataplane import DataPlane
 from weightserve.server.servicer import PREENCODED_RESPONSES, WeightServicer
-from weightserve.cache.budget import reserved_bytes
-from weightserve.cache.model_cache import ModelCache
-from weightserve.loaders.dummy import write_dummy_root
 from weightserve.storage import allowed_schemes, storage_for
 from weightserve.storage.local import LocalRoots
 from weightserve.storage.router import StorageRouter
@@ -44,7 +44,11 @@ def _handlers(servicer: Any, service_name: str, preencoded: frozenset[str]) -> g
     for method in service.methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
-        factory = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
         handlers[method.name] = factory(
             getattr(servicer, method.name),
             request_deserializer=request_cls.FromString,
@@ -127,13 +131,17 @@ async def serve(config: ServerConfig) -> None:
     server = build_server(config)
     await server.start()
     host = config.listen.rsplit(":", 1)[0]
-    logger.info("weightserve listening on %s:%d, roots %s", host, server.port, [str(r) for r in config.model_roots])
+    logger.info(
+        "weightserve listening on %s:%d, roots %s", host, server.port, [str(r) for r in config.model_roots]
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("draining: refusing new calls, waiting up to %.0fs for streams in flight", config.grace_seconds)
+    logger.info(
+        "draining: refusing new calls, waiting up to %.0fs for streams in flight", config.grace_seconds
+    )
     await server.stop(config.grace_seconds)
     logger.info("stopped")
 

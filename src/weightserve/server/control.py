@@ -83,6 +83,7 @@ class ControlPlane:
         self.jobs: dict[str, RebalanceJob] = {}
         self.running: dict[str, str] = {}
         self._published: dict[str, asyncio.Condition] = {}
+        self._wakers: set[asyncio.Task[None]] = set()
 
     async def experts_of(self, model: str) -> ModelExperts:
         """The model's MoE layout (INVALID_ARGUMENT for a dense model)."""
@@ -126,14 +127,18 @@ class ControlPlane:
             async with condition:
                 condition.notify_all()
 
-        asyncio.ensure_future(wake())
+        task = asyncio.ensure_future(wake())
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
 
     def _initial(self, model: str, layout: MoeLayout, physical: int, topology: Topology) -> ExpertMapping:
         mapping = ExpertMapping.initial(len(layout.layers), layout.num_experts, physical, topology)
         self._publish(model, mapping)
         return mapping
 
-    async def rebalance(self, model: str, policy: str, replicas: int, topology: Topology | None) -> tuple[str, bool]:
+    async def rebalance(
+        self, model: str, policy: str, replicas: int, topology: Topology | None
+    ) -> tuple[str, bool]:
         """Start a job (or return the running one's id)."""
         if model in self.running:
             return self.running[model], True
@@ -146,7 +151,11 @@ class ControlPlane:
         if topology is None:
             raise InvalidRequestError(f"model {model!r} has no mapping yet: give the topology")
         replicas = replicas or (previous.num_physical if previous else info.layout.num_experts)
-        if previous is None or previous.topology.num_gpus != topology.num_gpus or previous.num_physical != replicas:
+        if (
+            previous is None
+            or previous.topology.num_gpus != topology.num_gpus
+            or previous.num_physical != replicas
+        ):
             previous = self._initial(model, info.layout, replicas, topology)
         job = RebalanceJob(uuid.uuid4().hex[:16], model)
         self.jobs[job.job_id] = job
@@ -157,8 +166,14 @@ class ControlPlane:
         return job.job_id, False
 
     async def _run(
-        self, job: RebalanceJob, weight: torch.Tensor, policy: str, replicas: int, topology: Topology,
-        previous: ExpertMapping, info: ModelExperts,
+        self,
+        job: RebalanceJob,
+        weight: torch.Tensor,
+        policy: str,
+        replicas: int,
+        topology: Topology,
+        previous: ExpertMapping,
+        info: ModelExperts,
     ) -> None:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -166,8 +181,13 @@ class ControlPlane:
             mapping = await loop.run_in_executor(
                 self.executor,
                 lambda: rebalance_experts(
-                    weight, replicas, topology.num_groups, topology.num_nodes, topology.num_gpus,
-                    policy=policy or None, previous=previous,
+                    weight,
+                    replicas,
+                    topology.num_groups,
+                    topology.num_nodes,
+                    topology.num_gpus,
+                    policy=policy or None,
+                    previous=previous,
                 ),
             )
             job.before, job.after = balancedness(weight, previous), balancedness(weight, mapping)
@@ -177,7 +197,11 @@ class ControlPlane:
             job.mapping, job.state = mapping, "succeeded"
             self._publish(job.model, mapping)
             logger.info(
-                "rebalanced %s to v%d: balancedness %.3f -> %.3f", job.model, mapping.version, job.before, job.after
+                "rebalanced %s to v%d: balancedness %.3f -> %.3f",
+                job.model,
+                mapping.version,
+                job.before,
+                job.after,
             )
         except Exception as e:  # reported through GetRebalance
             job.state, job.error = "failed", str(e)
@@ -213,7 +237,9 @@ class ControlPlane:
         current = self.current(spec.model)
         if current is None:
             topology = Topology(num_nodes=1, gpus_per_node=spec.ep_size)
-            current = self._initial(spec.model, layout, layout.num_experts + spec.num_redundant_experts, topology)
+            current = self._initial(
+                spec.model, layout, layout.num_experts + spec.num_redundant_experts, topology
+            )
         if current.topology.num_gpus != spec.ep_size:
             raise InvalidRequestError(
                 f"model {spec.model!r} expert mapping v{current.version} is for ep_size "
@@ -221,7 +247,9 @@ class ControlPlane:
             )
         slots = current.gpu_slots(spec.ep_rank)
         physical = tuple(tuple(slots) for _ in layout.layers)
-        logical = tuple(tuple(current.experts_on_gpu(layer, spec.ep_rank)) for layer in range(len(layout.layers)))
+        logical = tuple(
+            tuple(current.experts_on_gpu(layer, spec.ep_rank)) for layer in range(len(layout.layers))
+        )
         if spec.since_mapping is None:
             send = tuple(tuple(range(len(slots))) for _ in layout.layers)
         else:

@@ -11,7 +11,11 @@ from weightserve.server.control import ControlPlane, RebalanceJob
 from weightserve.server.status import stream_errors, unary_errors
 from weightserve.v1 import weightserve_pb2 as pb
 
-_JOB_STATES = {"running": pb.JOB_STATE_RUNNING, "succeeded": pb.JOB_STATE_SUCCEEDED, "failed": pb.JOB_STATE_FAILED}
+_JOB_STATES = {
+    "running": pb.JOB_STATE_RUNNING,
+    "succeeded": pb.JOB_STATE_SUCCEEDED,
+    "failed": pb.JOB_STATE_FAILED,
+}
 
 
 def topology_from(message: pb.ExpertTopology) -> Topology:
@@ -62,9 +66,13 @@ class ControlServicer:
         return pb.ReportExpertLoadResponse(reports_in_window=count)
 
     @unary_errors
-    async def Rebalance(self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext) -> pb.RebalanceResponse:
+    async def Rebalance(
+        self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RebalanceResponse:
         topology = topology_from(request.topology) if request.HasField("topology") else None
-        job_id, running = await self.control.rebalance(request.model, request.policy, request.num_replicas, topology)
+        job_id, running = await self.control.rebalance(
+            request.model, request.policy, request.num_replicas, topology
+        )
         return pb.RebalanceResponse(job_id=job_id, already_running=running)
 
     @unary_errors

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from weightserve.wire import WIRE_VERSION
 from weightserve.server.dataplane import Manifest, ModelSummary, ResumeFrom
 from weightserve.server.files import FilePiece
 from weightserve.sharding.spec import ShardSpec
 from weightserve.v1 import weightserve_pb2 as pb
+from weightserve.wire import WIRE_VERSION
 
 _LAYOUTS: dict[int, str] = {
     pb.LAYOUT_UNSPECIFIED: "checkpoint",
@@ -47,7 +47,7 @@ def resume_from(request: pb.FetchShardRequest) -> ResumeFrom | None:
 
 def manifest_response(manifest: Manifest) -> pb.GetManifestResponse:
     tensors = []
-    for plan, digest in zip(manifest.tensors, manifest.digests):
+    for plan, digest in zip(manifest.tensors, manifest.digests, strict=True):
         info = pb.TensorInfo(name=plan.name, dtype=plan.dtype, shape=plan.shape, nbytes=plan.nbytes)
         if digest is not None:
             info.crc32c = digest

@@ -19,10 +19,10 @@ from weightserve.cache.model_cache import ModelCache
 from weightserve.config import ServerConfig
 from weightserve.errors import InvalidRequestError, PreconditionError, TensorNotFoundError
 from weightserve.loaders.formats import available_formats, model_files
+from weightserve.server.control import ControlPlane
 from weightserve.server.files import FilePiece, stream_files
 from weightserve.server.streaming import ChunkFramer, chunk_jobs, stream_chunks
 from weightserve.server.warming import Warmer
-from weightserve.server.control import ControlPlane
 from weightserve.sharding.experts import ExpertSlots
 from weightserve.sharding.plan import TensorPlan, plan_shard
 from weightserve.sharding.rules import RuleSet, load_rules
@@ -88,7 +88,9 @@ class ResumeFrom:
 class DataPlane:
     """What the WeightService RPCs do, minus gRPC."""
 
-    def __init__(self, config: ServerConfig, cache: ModelCache, executor: Executor, control: ControlPlane) -> None:
+    def __init__(
+        self, config: ServerConfig, cache: ModelCache, executor: Executor, control: ControlPlane
+    ) -> None:
         self.config = config
         self.cache = cache
         self.executor = executor
@@ -104,11 +106,19 @@ class DataPlane:
             if entry.name not in names and not entry.retired:
                 names.add(entry.name)
                 listed.append(
-                    ModelSummary(entry.name, entry.revision, entry.format, entry.load.bytes, [entry.format],
-                                 CacheStatus("cold"))
+                    ModelSummary(
+                        entry.name,
+                        entry.revision,
+                        entry.format,
+                        entry.load.bytes,
+                        [entry.format],
+                        CacheStatus("cold"),
+                    )
                 )
-        return [ModelSummary(s.name, s.revision, s.format, s.total_bytes, s.formats, self.cache_status(s.name))
-                for s in sorted(listed, key=lambda s: s.name)]
+        return [
+            ModelSummary(s.name, s.revision, s.format, s.total_bytes, s.formats, self.cache_status(s.name))
+            for s in sorted(listed, key=lambda s: s.name)
+        ]
 
     def _list_local(self) -> list[ModelSummary]:
         summaries = []
@@ -117,7 +127,9 @@ class DataPlane:
             if formats:
                 found = model_files(model_dir, formats[0])
                 summaries.append(
-                    ModelSummary(name, found.revision, found.format, found.total_bytes, formats, CacheStatus("cold"))
+                    ModelSummary(
+                        name, found.revision, found.format, found.total_bytes, formats, CacheStatus("cold")
+                    )
                 )
         return summaries
 
@@ -132,8 +144,13 @@ class DataPlane:
         load = entry.load
         return CacheStatus(
             "warming" if entry.warming else "ready",
-            entry.resident_bytes, entry.pins - entry.warming, entry.last_used_wall,
-            load.source, load.files, load.bytes, load.seconds,
+            entry.resident_bytes,
+            entry.pins - entry.warming,
+            entry.last_used_wall,
+            load.source,
+            load.files,
+            load.bytes,
+            load.seconds,
         )
 
     async def manifest(self, spec: ShardSpec) -> Manifest:
@@ -148,17 +165,23 @@ class DataPlane:
         if spec.ep_size:
             layout = entry.moe_layout()
             if layout is None:
-                raise InvalidRequestError(f"model {spec.model!r} has no experts to spread over ep_size {spec.ep_size}")
+                raise InvalidRequestError(
+                    f"model {spec.model!r} has no experts to spread over ep_size {spec.ep_size}"
+                )
             slots = self.control.slots(spec, layout)
             params["mapping_version"] = slots.version
         mid = wire.manifest_id(entry.revision, params)
         plans = entry.plans.get(mid)
         if plans is None:
             loader = entry.loader
-            plans = plan_shard(loader.records, spec, entry.model_config, self.rules, loader.saved_shards, slots)
+            plans = plan_shard(
+                loader.records, spec, entry.model_config, self.rules, loader.saved_shards, slots
+            )
             for plan in plans:
                 if len(plan.name.encode()) > MAX_NAME_BYTES:
-                    raise InvalidRequestError(f"tensor name of {len(plan.name)} characters is too long to serve")
+                    raise InvalidRequestError(
+                        f"tensor name of {len(plan.name)} characters is too long to serve"
+                    )
             entry.plans[mid] = plans
         digests = [entry.digests.get((mid, p.name)) for p in plans]
         return Manifest(mid, entry.revision, entry.format, plans, digests, self.config.chunk_bytes, slots)
@@ -184,17 +207,26 @@ class DataPlane:
             if manifest_id and manifest_id != manifest.manifest_id:
                 raise PreconditionError(
                     f"manifest {manifest_id} no longer matches model {spec.model!r} "
-                    f"(now revision {entry.revision}, manifest {manifest.manifest_id}); fetch the manifest again"
+                    f"(now revision {entry.revision}, manifest {manifest.manifest_id}); "
+                    "fetch the manifest again"
                 )
             selection, start = _selection(manifest, names, manifest_id, resume)
-            framer = ChunkFramer(manifest.tensors, {i: d for i, d in enumerate(manifest.digests) if d is not None})
+            framer = ChunkFramer(
+                manifest.tensors, {i: d for i, d in enumerate(manifest.digests) if d is not None}
+            )
             window = self.config.prefetch_depth * self.config.chunk_bytes
             self.cache.budget.reserve_window(window)
             started, sent = time.perf_counter(), 0
             jobs = chunk_jobs(manifest.tensors, selection, start, self.config.chunk_bytes)
             try:
                 async for message in stream_chunks(
-                    self.cache, entry, manifest.manifest_id, manifest.tensors, jobs, framer, self.executor,
+                    self.cache,
+                    entry,
+                    manifest.manifest_id,
+                    manifest.tensors,
+                    jobs,
+                    framer,
+                    self.executor,
                     read_ahead=self.config.prefetch_depth,
                 ):
                     sent += len(message)
@@ -206,7 +238,13 @@ class DataPlane:
             seconds = time.perf_counter() - started
             logger.info(
                 "sent %s rank %d/%d: %d tensors, %d bytes in %.2fs (%.2f GB/s)",
-                spec.model, spec.rank, spec.world_size, len(selection), sent, seconds, sent / max(seconds, 1e-9) / 1e9,
+                spec.model,
+                spec.rank,
+                spec.world_size,
+                len(selection),
+                sent,
+                seconds,
+                sent / max(seconds, 1e-9) / 1e9,
             )
 
     async def files(self, model: str, revision: str, patterns: list[str] | None) -> AsyncIterator[FilePiece]:
@@ -215,7 +253,9 @@ class DataPlane:
         if revision:
             found = await asyncio.to_thread(model_files, location.model_dir, "", location.revision)
             if found.revision != revision:
-                raise PreconditionError(f"model {model!r} is at revision {found.revision}, not the pinned {revision}")
+                raise PreconditionError(
+                    f"model {model!r} is at revision {found.revision}, not the pinned {revision}"
+                )
         async for piece in stream_files(location.model_dir, patterns, self.config.chunk_bytes):
             yield piece
 
@@ -250,5 +290,7 @@ def _selection(
         raise TensorNotFoundError(f"resume tensor {resume.tensor!r} is not in this request's tensors")
     size = manifest.tensors[index].nbytes
     if resume.offset > size:
-        raise InvalidRequestError(f"resume offset {resume.offset} is past tensor {resume.tensor!r} ({size} bytes)")
+        raise InvalidRequestError(
+            f"resume offset {resume.offset} is past tensor {resume.tensor!r} ({size} bytes)"
+        )
     return selection[selection.index(index) :], resume.offset

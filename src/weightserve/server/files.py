@@ -48,7 +48,9 @@ def select_files(model_dir: Path, patterns: list[str] | None) -> list[Path]:
             rel = path.relative_to(root).as_posix()
             if filename.startswith(".") or filename.endswith(WEIGHT_SUFFIXES):
                 continue
-            if any(fnmatch.fnmatch(rel, p) for p in _NEVER) or not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
+            if any(fnmatch.fnmatch(rel, p) for p in _NEVER) or not any(
+                fnmatch.fnmatchcase(rel, p) for p in patterns
+            ):
                 continue
             real = path.resolve()
             if os.path.commonpath([real, root]) == str(root) and real.is_file():
@@ -74,7 +76,9 @@ def _file_pieces(root: Path, path: Path, chunk_bytes: int) -> Iterator[FilePiece
                 return
 
 
-async def stream_files(model_dir: Path, patterns: list[str] | None, chunk_bytes: int) -> AsyncIterator[FilePiece]:
+async def stream_files(
+    model_dir: Path, patterns: list[str] | None, chunk_bytes: int
+) -> AsyncIterator[FilePiece]:
     """Chunks of every selected file, in path order."""
     root = model_dir.resolve()
     for path in await asyncio.to_thread(select_files, root, patterns):

@@ -23,7 +23,9 @@ class WeightServicer:
         self.plane = plane
 
     @unary_errors
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         models = await self.plane.list_models()
         return pb.ListModelsResponse(models=[convert.model_info(m) for m in models])
 
@@ -35,7 +37,9 @@ class WeightServicer:
         return convert.manifest_response(manifest)
 
     @stream_errors
-    async def FetchShard(self, request: pb.FetchShardRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def FetchShard(
+        self, request: pb.FetchShardRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         spec = convert.shard_spec(request.shard)
         resume = convert.resume_from(request)
         async for message in self.plane.fetch(spec, list(request.names), request.manifest_id, resume):
@@ -49,7 +53,9 @@ class WeightServicer:
             yield convert.file_chunk(piece)
 
     @unary_errors
-    async def Prefetch(self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext) -> pb.PrefetchResponse:
+    async def Prefetch(
+        self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefetchResponse:
         spec = ShardSpec(
             model=request.model,
             revision=request.revision,

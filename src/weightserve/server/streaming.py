@@ -166,7 +166,9 @@ async def stream_chunks(
         plan = plans[job.index]
 
         async def fill() -> CachedChunk:
-            return await loop.run_in_executor(executor, read_chunk, plan, sources, job.index, job.offset, job.length)
+            return await loop.run_in_executor(
+                executor, read_chunk, plan, sources, job.index, job.offset, job.length
+            )
 
         key = (manifest_id, job.index, job.offset, job.length)
         return asyncio.ensure_future(cache.chunk(entry, key, fill))
@@ -186,7 +188,9 @@ async def stream_chunks(
                 if job.offset and job.index in framer.known:
                     prior = None
                 elif job.offset:
-                    prior = await loop.run_in_executor(executor, prefix_crc, plans[job.index], sources, job.offset)
+                    prior = await loop.run_in_executor(
+                        executor, prefix_crc, plans[job.index], sources, job.offset
+                    )
                 framer.start(prior)
             yield framer.frame(job, chunk)
     finally:

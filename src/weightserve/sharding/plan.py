@@ -92,7 +92,9 @@ def plan_shard(
     if spec.ep_size:
         layout = moe_layout(records)
         if layout is None or experts is None:
-            raise InvalidRequestError(f"model {spec.model!r} has no experts to spread over ep_size {spec.ep_size}")
+            raise InvalidRequestError(
+                f"model {spec.model!r} has no experts to spread over ep_size {spec.ep_size}"
+            )
         stage = {r.name for r in in_stage(records, spec, config)}
         expert_part = expert_plans([r for r in records if r.name in stage], layout, experts)
         if experts.delta_only:
@@ -120,7 +122,8 @@ def _saved_rank(saved: SavedShards, spec: ShardSpec) -> tuple[TensorRecord, ...]
     if spec.layout != saved.layout or spec.pp_size != 1 or spec.ep_size:
         raise PreconditionError(
             f"model {spec.model!r} is saved pre-sharded with layout {saved.layout!r} and no pipeline "
-            f"or expert parallelism; asked for layout {spec.layout!r}, pp_size {spec.pp_size}, ep_size {spec.ep_size}"
+            f"or expert parallelism; asked for layout {spec.layout!r}, pp_size {spec.pp_size}, "
+            f"ep_size {spec.ep_size}"
         )
     return saved.records_by_rank[spec.rank]
 

@@ -91,7 +91,9 @@ class RuleSet:
                 f"architecture {model_type or '(no model_type in config.json)'!r} has no built-in sharding "
                 f"rules (have {sorted(KNOWN_FAMILIES)}); give the server a rules file (--sharding-rules)"
             )
-        raise InvalidRequestError(f"no sharding rule places tensor {name!r} ({model_type or 'unknown'} family)")
+        raise InvalidRequestError(
+            f"no sharding rule places tensor {name!r} ({model_type or 'unknown'} family)"
+        )
 
 
 def load_rules(path: Path) -> RuleSet:
@@ -124,7 +126,8 @@ def load_rules(path: Path) -> RuleSet:
             rule = Rule("dim", dim)
         else:
             raise ValueError(
-                f"sharding rules {path}: rule {i} needs exactly one of dim = N, replicated = true or vocab = true"
+                f"sharding rules {path}: rule {i} needs exactly one of "
+                "dim = N, replicated = true or vocab = true"
             )
         rules.append((pattern, rule))
     return RuleSet(tuple(rules))
