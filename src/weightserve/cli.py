@@ -1,4 +1,4 @@
-"""`weightserve serve | fetch | ls | demo`."""
+"""`weightserve serve | fetch | ls | shard | rebalance | demo`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from weightserve.config import parse_size
+from weightserve import rebalance_cli
+from weightserve.config import LOADERS, parse_dummy, parse_size
 from weightserve.errors import WeightserveError
 
 if TYPE_CHECKING:
@@ -31,13 +32,16 @@ def _serve(args: argparse.Namespace) -> int:
         sharding_rules=args.sharding_rules,
         cache_memory=args.cache_memory,
         prefetch_depth=args.prefetch_depth,
+        eplb_window=args.eplb_window,
         allow_source=tuple(args.allow_source) if args.allow_source else None,
         disk_cache_dir=args.disk_cache_dir,
         disk_cache_bytes=args.disk_cache_bytes,
+        loader=args.loader,
+        dummy=tuple(args.dummy) if args.dummy else None,
     )
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not config.model_roots:
-        sys.stderr.write("weightserve serve: give at least one --model-root (or WEIGHTSERVE_MODEL_ROOTS)\n")
+    if not config.model_roots and not config.dummy:
+        sys.stderr.write("weightserve serve: give at least one --model-root or --dummy (or WEIGHTSERVE_MODEL_ROOTS)\n")
         return 2
     serve_main(config)
     return 0
@@ -175,11 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sharding-rules", type=Path, help="TOML rules for architectures without built-in ones")
     serve.add_argument("--cache-memory", type=parse_size, help="bytes of chunks kept in memory, e.g. 20GiB (default 0)")
     serve.add_argument("--prefetch-depth", type=int, help="chunks read ahead of each stream (default 2)")
+    serve.add_argument("--eplb-window", type=int, help="expert load reports summed per model (default 1000)")
     serve.add_argument(
         "--allow-source", action="append", help="remote names clients may ask for: hf://*, s3://bucket/prefix/*"
     )
     serve.add_argument("--disk-cache-dir", type=Path, help="where remote models are downloaded")
     serve.add_argument("--disk-cache-bytes", type=parse_size, help="disk cache budget, e.g. 500GiB (default: no limit)")
+    serve.add_argument(
+        "--loader", choices=LOADERS, help="reader of safetensors files; fastsafetensors holds whole models in memory"
+    )
+    serve.add_argument(
+        "--dummy", action="append", type=parse_dummy, metavar="NAME=CONFIG.json",
+        help="serve generated random weights for CONFIG.json as model NAME (repeatable)",
+    )  # fmt: skip
     serve.set_defaults(run=_serve)
 
     fetch = sub.add_parser("fetch", help="fetch a rank's state dict and the model's files")
@@ -207,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--check", type=Path, metavar="DIR", help="validate a saved directory instead")
     shard.add_argument("--source", help="with --check: the canonical model to compare every rank with")
     shard.set_defaults(run=_shard)
+
+    rebalance_cli.add_parser(sub)
 
     demo = sub.add_parser("demo", help="serve and fetch a generated tiny Llama, verifying every bit")
     demo.set_defaults(run=_demo)

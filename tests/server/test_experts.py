@@ -205,3 +205,19 @@ def test_vllm_layout_stacks_the_rank_slots(root, serve):  # type: ignore[no-unty
     assert w13.shape == (2, 2 * INTER, HIDDEN) and w2.shape == (2, HIDDEN, INTER)
     assert [expert_of(w13[slot], 1) for slot in range(2)] == [6, 7]
     assert "model.layers.1.self_attn.qkv_proj.weight" in state
+
+
+def test_a_delta_holding_only_new_slots_sends_no_other_tensors(root):  # type: ignore[no-untyped-def]
+    from weightserve.loaders import loader_for
+    from weightserve.loaders.formats import model_files
+    from weightserve.sharding.experts import ExpertSlots, moe_layout
+    from weightserve.sharding.plan import plan_shard
+    from weightserve.sharding.spec import ShardSpec
+
+    with loader_for("safetensors")(model_files(root / MODEL).files) as loader:
+        layout = moe_layout(loader.records)
+        assert layout is not None
+        every_slot_new = ExpertSlots(1, layout.layers, ((0, 1),) * LAYERS, ((5, 6),) * LAYERS, ((0, 1),) * LAYERS, True)
+        spec = ShardSpec(MODEL, ep_rank=0, ep_size=4, since_mapping=0)
+        names = [p.name for p in plan_shard(loader.records, spec, experts=every_slot_new)]
+    assert len(names) == LAYERS * 2 * 3 and all(".experts." in n for n in names)

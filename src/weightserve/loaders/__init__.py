@@ -19,12 +19,17 @@ if TYPE_CHECKING:
 _LOADERS: dict[str, type[Loader]] = {}
 
 # Built-in formats, in the order a model directory with several is served. A saved
-# per-rank directory (sharded_state) is recognised before the canonical formats.
-FORMAT_PREFERENCE: tuple[str, ...] = ("sharded_state", "safetensors", "torch")
+# per-rank directory (sharded_state) is recognised before the canonical formats;
+# generated dummy weights come last. fastsafetensors reads safetensors files, so it is
+# no format of its own: `serve --loader fastsafetensors` puts it in place of "safetensors".
+FORMAT_PREFERENCE: tuple[str, ...] = ("sharded_state", "safetensors", "torch", "gguf", "dummy")
 _MODULES = {
     "sharded_state": "weightserve.loaders.sharded_state",
     "safetensors": "weightserve.loaders.safetensors",
     "torch": "weightserve.loaders.torch_pickle",
+    "gguf": "weightserve.loaders.gguf",
+    "dummy": "weightserve.loaders.dummy",
+    "fastsafetensors": "weightserve.loaders.fastsafetensors",
 }
 
 

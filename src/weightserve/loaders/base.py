@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from weightserve.errors import CorruptCheckpointError
 from weightserve.loaders.sources import Source
@@ -24,6 +24,10 @@ class TensorRecord:
     source: int
     offset: int
     nbytes: int
+    quant: str = ""
+    """For a quantized tensor held as U8 [..., bytes per row]: its type (GGUF's "Q4_K"); else ""."""
+    block_bytes: int = 0
+    """Bytes of one quantization block; a split of the last dim must fall on a multiple of it."""
 
     def __post_init__(self) -> None:
         expected = math.prod(self.shape) * DTYPE_SIZES[self.dtype]
@@ -82,6 +86,13 @@ class Loader(ABC):
         """Close every source."""
         for source in self.sources:
             source.close()
+
+    def model_config_dict(self) -> dict[str, Any] | None:
+        """A config.json-equivalent dict from the checkpoint itself (GGUF metadata), or None.
+
+        Used only when the model directory has no config.json.
+        """
+        return None
 
     def total_bytes(self) -> int:
         """Sum of every tensor's byte size."""

@@ -256,4 +256,4 @@ class ControlPlane:
             old = self.mapping(spec.model, spec.since_mapping)
             fresh = current.delta(old, spec.ep_rank)
             send = tuple(tuple(p - slots.start for p in layer) for layer in fresh)
-        return ExpertSlots(current.version, layout.layers, physical, logical, send)
+        return ExpertSlots(current.version, layout.layers, physical, logical, send, spec.since_mapping is not None)

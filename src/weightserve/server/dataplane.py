@@ -256,7 +256,7 @@ class DataPlane:
                 raise PreconditionError(
                     f"model {model!r} is at revision {found.revision}, not the pinned {revision}"
                 )
-        async for piece in stream_files(location.model_dir, patterns, self.config.chunk_bytes):
+        async for piece in stream_files(location.model_dir, patterns, self.config.chunk_bytes, location.link_root):
             yield piece
 
     async def prefetch(self, spec: ShardSpec, ranks: list[int], wait: bool = False) -> tuple[str, int]:

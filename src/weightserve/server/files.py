@@ -32,14 +32,15 @@ class FilePiece:
     data: bytes
 
 
-def select_files(model_dir: Path, patterns: list[str] | None) -> list[Path]:
+def select_files(model_dir: Path, patterns: list[str] | None, link_root: Path | None = None) -> list[Path]:
     """Regular files under `model_dir` matching `patterns` (relative, '/'-separated paths).
 
-    Weight files, index files, hidden files and anything resolving outside the model
-    directory are never selected.
+    Weight files, index files, hidden files and anything resolving outside `link_root`
+    (default: the model directory) are never selected.
     """
     patterns = list(patterns or DEFAULT_PATTERNS)
     root = model_dir.resolve()
+    allowed = (link_root or model_dir).resolve()
     chosen = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -53,7 +54,7 @@ def select_files(model_dir: Path, patterns: list[str] | None) -> list[Path]:
             ):
                 continue
             real = path.resolve()
-            if os.path.commonpath([real, root]) == str(root) and real.is_file():
+            if os.path.commonpath([real, allowed]) == str(allowed) and real.is_file():
                 chosen.append(path)
     return chosen
 
@@ -77,11 +78,11 @@ def _file_pieces(root: Path, path: Path, chunk_bytes: int) -> Iterator[FilePiece
 
 
 async def stream_files(
-    model_dir: Path, patterns: list[str] | None, chunk_bytes: int
+    model_dir: Path, patterns: list[str] | None, chunk_bytes: int, link_root: Path | None = None
 ) -> AsyncIterator[FilePiece]:
     """Chunks of every selected file, in path order."""
     root = model_dir.resolve()
-    for path in await asyncio.to_thread(select_files, root, patterns):
+    for path in await asyncio.to_thread(select_files, root, patterns, link_root):
         pieces = _file_pieces(root, path, chunk_bytes)
         while True:
             piece = await asyncio.to_thread(next, pieces, None)

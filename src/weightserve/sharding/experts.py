@@ -23,7 +23,9 @@ from weightserve.loaders.base import TensorRecord
 from weightserve.sharding.plan import TensorPlan
 from weightserve.sharding.slicing import slice_ranges
 
-PER_EXPERT = re.compile(r"^(?P<prefix>.*?\blayers\.(?P<layer>\d+)\..*?\bexperts\.)(?P<expert>\d+)\.(?P<rest>.+)$")
+PER_EXPERT = re.compile(
+    r"^(?P<prefix>.*?\blayers\.(?P<layer>\d+)\..*?\bexperts\.)(?P<expert>\d+)\.(?P<rest>.+)$"
+)
 FUSED = re.compile(r"^(?P<prefix>.*?\blayers\.(?P<layer>\d+)\..*?\bexperts\.)(?P<rest>w13_weight|w2_weight)$")
 
 
@@ -72,10 +74,8 @@ class ExpertSlots:
     logical: tuple[tuple[int, ...], ...]
     send: tuple[tuple[int, ...], ...]
     """Local slots whose weights are sent: all of them, or the delta since a version."""
-
-    @property
-    def delta_only(self) -> bool:
-        return any(len(s) != len(p) for s, p in zip(self.send, self.physical, strict=True))
+    delta_only: bool = False
+    """True for a delta (since a mapping version): only those experts, no other tensors."""
 
 
 def expert_plans(records: Sequence[TensorRecord], layout: MoeLayout, slots: ExpertSlots) -> list[TensorPlan]:
@@ -102,5 +102,9 @@ def expert_plans(records: Sequence[TensorRecord], layout: MoeLayout, slots: Expe
                 match = FUSED.match(record.name)
                 assert match is not None
                 one = slice_ranges(record, 0, [(expert, 1)])
-                plans.append(TensorPlan(f"{match['prefix']}{slot}.{match['rest']}", one.dtype, one.shape[1:], one.pieces))
+                plans.append(
+                    TensorPlan(
+                        f"{match['prefix']}{slot}.{match['rest']}", one.dtype, one.shape[1:], one.pieces
+                    )
+                )
     return plans

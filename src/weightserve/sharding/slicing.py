@@ -45,7 +45,9 @@ def slice_ranges(record: TensorRecord, dim: int, ranges: Ranges) -> TensorPlan:
     else:
         for row in range(outer):
             for start, length in ranges:
-                pieces.append(Piece(record.source, record.offset + row * stride + start * inner, length * inner))
+                pieces.append(
+                    Piece(record.source, record.offset + row * stride + start * inner, length * inner)
+                )
     shape[dim] = sum(length for _, length in ranges)
     return TensorPlan(record.name, record.dtype, tuple(shape), tuple(_merge(p for p in pieces if p.nbytes)))
 
@@ -53,7 +55,8 @@ def slice_ranges(record: TensorRecord, dim: int, ranges: Ranges) -> TensorPlan:
 def _merge(pieces: Iterable[Piece]) -> list[Piece]:
     """Join runs that touch end to start (a full-width slice becomes one range)."""
     merged: list[Piece] = []
-    for piece in pieces:
+    for original in pieces:
+        piece = original
         if piece.rows > 1 and piece.row_bytes == piece.stride:
             piece = Piece(piece.source, piece.offset, piece.nbytes)
         last = merged[-1] if merged else None
@@ -116,7 +119,9 @@ def _vocab(record: TensorRecord, config: ModelConfig, rank: int, world_size: int
 
 def _q(record: TensorRecord, config: ModelConfig, rank: int, world_size: int) -> TensorPlan:
     _check_attention(config, world_size, record.name)
-    return slice_ranges(record, 0, [even_range(record.shape[0], rank, world_size, f"rows of {record.name!r}")])
+    return slice_ranges(
+        record, 0, [even_range(record.shape[0], rank, world_size, f"rows of {record.name!r}")]
+    )
 
 
 def _kv(record: TensorRecord, config: ModelConfig, rank: int, world_size: int) -> TensorPlan:
@@ -144,7 +149,9 @@ def _halves(record: TensorRecord, dim: int, rank: int, world_size: int) -> Tenso
     return slice_ranges(record, dim, [(start, length), (half + start, length)])
 
 
-def slice_tensor(record: TensorRecord, rule: Rule, config: ModelConfig, rank: int, world_size: int) -> TensorPlan:
+def slice_tensor(
+    record: TensorRecord, rule: Rule, config: ModelConfig, rank: int, world_size: int
+) -> TensorPlan:
     """Rank `rank`'s piece of `record` under `rule`.
 
     Raises:

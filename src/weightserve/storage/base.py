@@ -25,6 +25,9 @@ class ModelLocation:
     model_dir: Path
     revision: str | None = None
     """The remote revision (a commit, an ETag digest); None for local files."""
+    link_root: Path | None = None
+    """Where the model's symlinks may point (a Hugging Face repo folder, whose snapshot
+    files link to its blobs); None means inside model_dir only."""
 
 
 @dataclass(frozen=True)

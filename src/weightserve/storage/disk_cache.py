@@ -1,0 +1,263 @@
+"""A size-bounded disk cache of whole remote models, safe to share between processes.
+
+Layout under the cache's root:
+
+    <slug>/files/...     a published model: the directory the loaders read
+    <slug>/entry.json    its completion marker (key, bytes, files); its mtime is the last use
+    <slug>.partial/      a download in progress, never served
+    .locks/<slug>.lock   held while that model is downloaded or removed
+    .trash/              models being removed
+
+A model is downloaded into `<slug>.partial`, every file written atomically (temp file in
+the same directory, fsync, rename); the marker is written last and the directory renamed
+into place, so a published directory is always complete. Eviction is LRU over whole
+models and skips a model being downloaded (its lock is held) or in use (`in_use`, by
+default: a file of it is open in this process, which is how the model cache holds the
+models it serves). A removed model is renamed into `.trash` first, so no reader ever
+sees half of one; streams already reading it keep their open files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from weightserve.errors import ResourceExhaustedError
+
+logger = logging.getLogger(__name__)
+
+MARKER = "entry.json"
+_RESERVED = "reserved"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def default_cache_dir() -> Path:
+    """Where remote models go when no --disk-cache-dir is given: $XDG_CACHE_HOME/weightserve."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "weightserve"
+
+
+def slug(key: str) -> str:
+    """A directory name for `key`: readable, and unique through a hash suffix."""
+    readable = _UNSAFE.sub("--", key).strip("-.")[:80]
+    return f"{readable}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same directory, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_in_this_process(path: Path) -> bool:
+    """Whether this process holds a file under `path` open (Linux; False elsewhere)."""
+    fd_dir = "/proc/self/fd"
+    if not os.path.isdir(fd_dir):
+        return False
+    prefix = str(path.resolve()) + os.sep
+    for fd in os.listdir(fd_dir):
+        try:
+            if os.readlink(os.path.join(fd_dir, fd)).startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """One published model in the cache."""
+
+    key: str
+    path: Path
+    bytes: int
+    last_use: float
+
+    @property
+    def files_dir(self) -> Path:
+        return self.path / "files"
+
+
+class DiskCache:
+    """Whole models on disk under a byte budget (0: unbounded), LRU by last use.
+
+    Example:
+        >>> cache = DiskCache(tmp / "s3", budget_bytes=10 << 30)  # doctest: +SKIP
+        >>> model_dir = cache.lookup(key) or cache.populate(key, nbytes, download_into)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, root: Path, budget_bytes: int = 0, in_use: Callable[[Path], bool] | None = None
+    ) -> None:
+        self.root = Path(root)
+        self.budget_bytes = budget_bytes
+        self.in_use = in_use or open_in_this_process
+        for sub in (".locks", ".trash"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def lookup(self, key: str) -> Path | None:
+        """The files directory of a published model, marking it used; None if absent."""
+        entry = self.root / slug(key)
+        try:
+            os.utime(entry / MARKER)
+        except FileNotFoundError:
+            return None
+        return entry / "files"
+
+    def populate(self, key: str, expected_bytes: int, fill: Callable[[Path], None]) -> Path:
+        """Publish `key` by calling `fill(directory)`, unless another process already did.
+
+        Concurrent calls for one key, from threads or processes, run `fill` once; the
+        others wait and get the published directory.
+
+        Raises:
+            ResourceExhaustedError: the model does not fit the budget beside models in use.
+        """
+        name = slug(key)
+        with self._lock(name):
+            found = self.lookup(key)
+            if found is not None:
+                return found
+            partial = self.root / f"{name}.partial"
+            with self._lock("budget"):
+                self._make_room(expected_bytes, keep=name)
+                shutil.rmtree(partial, ignore_errors=True)  # a crashed download's leftovers
+                (partial / "files").mkdir(parents=True)
+                (partial / _RESERVED).write_text(str(expected_bytes))
+            try:
+                fill(partial / "files")
+                self._publish(key, partial, self.root / name)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+        logger.info("disk cache: stored %s (%d bytes) in %s", key, expected_bytes, self.root / name)
+        return self.root / name / "files"
+
+    def entries(self) -> list[CachedModel]:
+        """Published models, least recently used first."""
+        found = []
+        for path in self.root.iterdir():
+            if path.name.startswith(".") or path.name.endswith(".partial"):
+                continue
+            try:
+                marker = path / MARKER
+                meta = json.loads(marker.read_text())
+                found.append(CachedModel(meta["key"], path, int(meta["bytes"]), marker.stat().st_mtime))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # removed meanwhile, or not ours
+        return sorted(found, key=lambda e: e.last_use)
+
+    def used_bytes(self) -> int:
+        """Bytes of published models plus those reserved by downloads in progress."""
+        return sum(e.bytes for e in self.entries()) + self._reserved_bytes()
+
+    def evict(self, key: str) -> bool:
+        """Remove a model unless it is being downloaded or in use; True if removed."""
+        entry = next((e for e in self.entries() if e.key == key), None)
+        return entry is not None and self._remove(entry)
+
+    def _lock(self, name: str, timeout: float = -1) -> FileLock:
+        return FileLock(self.root / ".locks" / f"{name}.lock", timeout=timeout)
+
+    def _publish(self, key: str, partial: Path, final: Path) -> None:
+        files_dir = partial / "files"
+        files = sorted(p.relative_to(files_dir).as_posix() for p in files_dir.rglob("*") if p.is_file())
+        total = sum((files_dir / f).stat().st_size for f in files)
+        fsync_dir(files_dir)
+        (partial / _RESERVED).unlink()
+        write_atomic(partial / MARKER, json.dumps({"key": key, "bytes": total, "files": files}).encode())
+        fsync_dir(partial)
+        if final.exists():  # not ours (no marker); keep the name free for the complete model
+            os.rename(final, self.root / ".trash" / f"{final.name}.{os.getpid()}.{time.monotonic_ns()}")
+        os.rename(partial, final)
+        fsync_dir(self.root)
+
+    def _reserved_bytes(self) -> int:
+        total = 0
+        for partial in self.root.glob("*.partial"):
+            try:
+                total += int((partial / _RESERVED).read_text())
+            except (OSError, ValueError):
+                continue
+        return total
+
+    def _make_room(self, need: int, keep: str) -> None:
+        """Evict least recently used models until `need` more bytes fit (budget lock held)."""
+        self._drop_stale_partials(keep)
+        if not self.budget_bytes:
+            return
+        if need > self.budget_bytes:
+            raise ResourceExhaustedError(
+                f"model needs {need} bytes, more than the whole disk cache budget "
+                f"({self.budget_bytes} bytes); raise --disk-cache-bytes"
+            )
+        entries = self.entries()
+        used = sum(e.bytes for e in entries) + self._reserved_bytes()
+        for entry in entries:
+            if used + need <= self.budget_bytes:
+                return
+            if entry.path.name != keep and self._remove(entry):
+                used -= entry.bytes
+        if used + need > self.budget_bytes:
+            raise ResourceExhaustedError(
+                f"disk cache holds {used} of {self.budget_bytes} bytes in models in use or downloading; "
+                f"{need} more do not fit: retry later or raise --disk-cache-bytes"
+            )
+
+    def _drop_stale_partials(self, keep: str) -> None:
+        for partial in self.root.glob("*.partial"):
+            name = partial.name.removesuffix(".partial")
+            if name == keep:
+                continue
+            lock = self._lock(name, timeout=0)
+            try:
+                with lock:
+                    shutil.rmtree(partial, ignore_errors=True)  # no one holds its lock: a crashed download
+            except Timeout:
+                continue
+
+    def _remove(self, entry: CachedModel) -> bool:
+        try:
+            with self._lock(entry.path.name, timeout=0):
+                if self.in_use(entry.path):
+                    return False
+                trash = self.root / ".trash" / f"{entry.path.name}.{os.getpid()}.{time.monotonic_ns()}"
+                os.rename(entry.path, trash)
+        except Timeout:
+            return False  # being downloaded or removed elsewhere
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(trash, ignore_errors=True)
+        logger.info(
+            "disk cache: evicted %s (%d bytes, last used %.0fs ago)",
+            entry.key,
+            entry.bytes,
+            time.time() - entry.last_use,
+        )
+        return True

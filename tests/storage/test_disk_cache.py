@@ -1,0 +1,158 @@
+"""The disk cache of remote models: atomic publication, LRU under a budget, what is never evicted."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from weightserve.errors import ResourceExhaustedError
+from weightserve.storage.disk_cache import DiskCache, open_in_this_process, slug, write_atomic
+
+
+def writer(size: int, name: str = "w.safetensors") -> Callable[[Path], None]:
+    """A fill callback writing one file of `size` bytes."""
+
+    def fill(directory: Path) -> None:
+        write_atomic(directory / name, b"x" * size)
+
+    return fill
+
+
+def test_populate_publishes_complete_models_only(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path)
+    seen: list[Path | None] = []
+
+    def fill(directory: Path) -> None:
+        assert directory.parent.name.endswith(".partial")
+        write_atomic(directory / "a.safetensors", b"a" * 10)
+        seen.append(cache.lookup("k"))  # half-written: not served
+
+    files = cache.populate("k", 10, fill)
+    assert seen == [None]
+    assert cache.lookup("k") == files and (files / "a.safetensors").read_bytes() == b"a" * 10
+    assert [(e.key, e.bytes) for e in cache.entries()] == [("k", 10)]
+    assert not list(tmp_path.glob("*.partial")) and not list(files.glob(".*"))
+
+
+def test_a_failed_download_leaves_nothing(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path)
+
+    def fill(directory: Path) -> None:
+        write_atomic(directory / "a.safetensors", b"a")
+        raise ConnectionError("dropped")
+
+    with pytest.raises(ConnectionError):
+        cache.populate("k", 1, fill)
+    assert cache.lookup("k") is None and cache.entries() == [] and not list(tmp_path.glob("*.partial"))
+    assert cache.populate("k", 1, writer(1)).is_dir()  # and the next try starts clean
+
+
+def test_least_recently_used_models_are_evicted_first(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, budget_bytes=300)
+    for key in ("a", "b", "c"):
+        cache.populate(key, 100, writer(100))
+        time.sleep(0.01)
+    os.utime(tmp_path / slug("a") / "entry.json", (time.time() + 5, time.time() + 5))  # a used last
+    cache.populate("d", 150, writer(150))
+    assert sorted(e.key for e in cache.entries()) == ["a", "d"]
+    assert cache.used_bytes() <= 300 and not any((tmp_path / ".trash").iterdir())
+
+
+def test_models_in_use_are_never_evicted(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, budget_bytes=200)
+    files = cache.populate("a", 100, writer(100))
+    cache.populate("b", 100, writer(100))
+    with open(files / "w.safetensors", "rb"):  # a loader holds it open
+        cache.populate("c", 100, writer(100))
+        assert sorted(e.key for e in cache.entries()) == ["a", "c"]
+        with pytest.raises(ResourceExhaustedError, match="in use"):
+            cache.populate("d", 150, writer(150))
+    assert cache.evict("a") and cache.lookup("a") is None
+
+
+def test_a_model_being_downloaded_is_never_evicted_nor_downloaded_twice(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, budget_bytes=250)
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def slow(directory: Path) -> None:
+        calls.append("slow")
+        started.set()
+        release.wait(10)
+        write_atomic(directory / "w.safetensors", b"s" * 100)
+
+    first = threading.Thread(target=cache.populate, args=("slow", 100, slow))
+    first.start()
+    started.wait(10)
+    waiter = threading.Thread(target=cache.populate, args=("slow", 100, slow))  # a second request for it
+    waiter.start()
+    with pytest.raises(ResourceExhaustedError):  # the 100 reserved bytes stay reserved
+        cache.populate("big", 200, writer(200))
+    assert list(tmp_path.glob("*.partial"))  # and the download in progress is untouched
+    release.set()
+    first.join(10)
+    waiter.join(10)
+    assert calls == ["slow"] and [e.key for e in cache.entries()] == ["slow"]
+
+
+def test_a_model_over_the_whole_budget_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ResourceExhaustedError, match="--disk-cache-bytes"):
+        DiskCache(tmp_path, budget_bytes=10).populate("k", 11, writer(11))
+
+
+def test_a_crashed_download_is_cleaned_up(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path)
+    stale = tmp_path / f"{slug('old')}.partial" / "files"
+    stale.mkdir(parents=True)
+    (stale / "half.safetensors").write_bytes(b"half")
+    cache.populate("new", 1, writer(1))
+    assert not stale.exists() and cache.lookup("old") is None
+
+
+def _populate_in_child(root: str, log: str) -> None:
+    def fill(directory: Path) -> None:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.3)
+        write_atomic(directory / "w.safetensors", b"w" * 10)
+
+    DiskCache(Path(root)).populate("shared", 10, fill)
+
+
+def test_processes_sharing_a_volume_download_once(tmp_path: Path) -> None:
+    # forked, not spawned: a fresh interpreter would spend seconds importing torch
+    ctx = multiprocessing.get_context("fork")
+    log = tmp_path / "fills.log"
+    procs = [
+        ctx.Process(target=_populate_in_child, args=(str(tmp_path / "cache"), str(log))) for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(log.read_text().split()) == 1
+    assert [e.key for e in DiskCache(tmp_path / "cache").entries()] == ["shared"]
+
+
+def test_open_in_this_process(tmp_path: Path) -> None:
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "f").write_bytes(b"")
+    (tmp_path / "m2").mkdir()
+    with open(tmp_path / "m" / "f", "rb"):
+        assert open_in_this_process(tmp_path / "m")
+        assert not open_in_this_process(tmp_path / "m2")
+    assert not open_in_this_process(tmp_path / "m")
+
+
+def test_slugs_are_readable_and_distinct() -> None:
+    assert slug("s3://bucket/prefix/model@s3-abc").startswith("s3--bucket--prefix--model--s3-abc-")
+    assert slug("a/b") != slug("a--b")

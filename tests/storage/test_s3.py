@@ -1,0 +1,206 @@
+"""S3 models against moto's standalone server: file choice, ranged GETs, retries, end to end."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from weightserve.client import WeightClient
+from weightserve.config import ServerConfig
+from weightserve.errors import CorruptCheckpointError, FetchError, ModelNotFoundError, UnavailableError
+from weightserve.loaders.formats import model_files
+from weightserve.storage import storage_for
+from weightserve.storage.base import parse_remote
+from weightserve.storage.disk_cache import DiskCache
+from weightserve.storage.s3 import S3Storage
+
+TINY = "org/tiny-llama"
+
+
+def storage(tmp_path: Path, client: Any, **kwargs: Any) -> S3Storage:
+    return S3Storage(DiskCache(tmp_path / "cache"), client, **kwargs)
+
+
+@pytest.fixture
+def uploaded(
+    bucket: tuple[Any, str], model_root: Path, tmp_path: Path, s3: SimpleNamespace
+) -> tuple[Any, str, Path]:
+    """The tiny Llama under s3://BUCKET/prefix/model, beside files a server must never fetch."""
+    client, name = bucket
+    source = tmp_path / "source"
+    shutil.copytree(model_root / TINY, source)
+    s3.upload_dir(client, name, "prefix/model", source)
+    extras = {
+        "optimizer.pt": b"optimizer state",
+        "training_args.bin": b"args",
+        "unlisted.safetensors": b"not named by the index",
+        "README.md": b"# card",
+        "original/consolidated.00.pth": b"another format",
+    }
+    for key, data in extras.items():
+        client.put_object(Bucket=name, Key=f"prefix/model/{key}", Body=data)
+    return client, name, source
+
+
+def test_downloads_only_the_indexed_weights_and_configs(
+    uploaded: tuple[Any, str, Path], tmp_path: Path, s3: SimpleNamespace
+) -> None:
+    client, name, source = uploaded
+    counting = s3.counting(client)
+    location = storage(tmp_path, counting).resolve(parse_remote(f"s3://{name}/prefix/model"))
+
+    served = sorted(p.name for p in location.model_dir.iterdir())
+    assert served == sorted(p.name for p in source.iterdir())
+    for path in source.iterdir():
+        assert (location.model_dir / path.name).read_bytes() == path.read_bytes()
+    fetched = {key.rsplit("/", 1)[1] for key, _ in counting.gets}
+    assert fetched == set(served)
+    assert location.source == "s3" and location.revision is not None and location.revision.startswith("s3-")
+    assert model_files(location.model_dir, "", location.revision).revision == location.revision
+
+
+def test_ranges_are_fetched_in_parallel_parts(
+    uploaded: tuple[Any, str, Path], tmp_path: Path, s3: SimpleNamespace
+) -> None:
+    client, name, source = uploaded
+    counting = s3.counting(client)
+    location = storage(tmp_path, counting, part_bytes=16 * 1024, threads=4).resolve(
+        parse_remote(f"s3://{name}/prefix/model")
+    )
+    shard = "model-00001-of-00002.safetensors"
+    size = (source / shard).stat().st_size
+    ranges = sorted((int(r[6:].split("-")[0]), r) for key, r in counting.gets if key.endswith(shard))
+    assert len(ranges) == -(-size // (16 * 1024)) > 2
+    assert ranges[0][1] == "bytes=0-16383"
+    assert (location.model_dir / shard).read_bytes() == (source / shard).read_bytes()
+
+
+def test_second_resolve_reuses_the_disk_cache(
+    uploaded: tuple[Any, str, Path], tmp_path: Path, s3: SimpleNamespace
+) -> None:
+    client, name, _ = uploaded
+    first = storage(tmp_path, client).resolve(parse_remote(f"s3://{name}/prefix/model"))
+    counting = s3.counting(client)
+    again = storage(tmp_path, counting).resolve(parse_remote(f"s3://{name}/prefix/model"))  # a new server
+    assert again == first
+    assert [key for key, _ in counting.gets] == ["prefix/model/model.safetensors.index.json"]
+
+
+def test_a_replaced_object_is_a_new_revision(uploaded: tuple[Any, str, Path], tmp_path: Path) -> None:
+    client, name, _ = uploaded
+    remote = f"s3://{name}/prefix/model"
+    first = storage(tmp_path, client).resolve(parse_remote(remote))
+    client.put_object(
+        Bucket=name,
+        Key="prefix/model/config.json",
+        Body=first.model_dir.joinpath("config.json").read_bytes().replace(b"llama", b"llama "),
+    )
+    second = storage(tmp_path, client).resolve(parse_remote(remote))
+    assert second.revision != first.revision and second.model_dir != first.model_dir
+    assert (
+        storage(tmp_path, client).resolve(parse_remote(f"{remote}@{second.revision}")).model_dir
+        == second.model_dir
+    )
+    # the old revision is still on disk, so a name pinned to it is served from there ...
+    assert (
+        storage(tmp_path, client).resolve(parse_remote(f"{remote}@{first.revision}")).model_dir
+        == first.model_dir
+    )
+    # ... and a server without it cannot fetch it again
+    with pytest.raises(ModelNotFoundError, match="only the current objects"):
+        storage(tmp_path / "elsewhere", client).resolve(parse_remote(f"{remote}@{first.revision}"))
+
+
+def test_a_dropped_connection_is_retried(
+    uploaded: tuple[Any, str, Path],
+    tmp_path: Path,
+    s3: SimpleNamespace,
+    cutting_proxy: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, name, source = uploaded
+    proxy = cutting_proxy(24 * 1024)
+    client = s3.client(proxy.endpoint, attempts=1)  # botocore gives up at once: our retry must do it
+    with caplog.at_level(logging.WARNING, logger="weightserve.storage.ranged"):
+        location = storage(tmp_path, client, part_bytes=64 * 1024, threads=2).resolve(
+            parse_remote(f"s3://{name}/prefix/model")
+        )
+    assert proxy.cuts == 1 and proxy.connections > 1
+    assert any("retrying" in r.message for r in caplog.records)
+    for path in source.iterdir():
+        assert (location.model_dir / path.name).read_bytes() == path.read_bytes()
+
+
+def test_without_index_every_safetensors_file_is_served(bucket: tuple[Any, str], tmp_path: Path) -> None:
+    client, name = bucket
+    for key, data in {
+        "a.safetensors": b"A" * 10,
+        "b.safetensors": b"B",
+        "config.json": b"{}",
+        "optimizer.pt": b"no",
+        "sub/c.safetensors": b"no",
+    }.items():
+        client.put_object(Bucket=name, Key=f"m/{key}", Body=data)
+    location = storage(tmp_path, client).resolve(parse_remote(f"s3://{name}/m"))
+    assert sorted(p.name for p in location.model_dir.iterdir()) == [
+        "a.safetensors",
+        "b.safetensors",
+        "config.json",
+    ]
+
+
+def test_errors_name_the_problem(bucket: tuple[Any, str], tmp_path: Path, s3: SimpleNamespace) -> None:
+    client, name = bucket
+    backend = storage(tmp_path, client)
+    with pytest.raises(ModelNotFoundError, match="NoSuchBucket"):
+        backend.resolve(parse_remote(f"s3://{name}-missing/m"))
+    with pytest.raises(ModelNotFoundError, match="no objects"):
+        backend.resolve(parse_remote(f"s3://{name}/nothing-here"))
+    with pytest.raises(ModelNotFoundError, match="s3://BUCKET/PREFIX"):
+        backend.resolve(parse_remote(f"s3://{name}"))
+    client.put_object(
+        Bucket=name,
+        Key="broken/model.safetensors.index.json",
+        Body=b'{"weight_map": {"w": "gone.safetensors"}}',
+    )
+    with pytest.raises(CorruptCheckpointError, match=r"gone\.safetensors"):
+        backend.resolve(parse_remote(f"s3://{name}/broken"))
+    unreachable = storage(tmp_path, s3.client("http://127.0.0.1:9", attempts=1))
+    with pytest.raises(UnavailableError, match="could not be reached"):
+        unreachable.resolve(parse_remote(f"s3://{name}/m"))
+
+
+def test_server_serves_s3_models_and_denies_other_buckets(
+    uploaded: tuple[Any, str, Path], model_root: Path, tmp_path: Path, serve: Any
+) -> None:
+    _, name, _ = uploaded
+    server = serve(model_root, allow_source=(f"s3://{name}/prefix/*",), disk_cache_dir=tmp_path / "disk")
+    with WeightClient(server.address) as client:
+        local = client.fetch_state_dict(TINY)
+        remote = client.fetch_state_dict(f"s3://{name}/prefix/model")
+        assert remote.keys() == local.keys()
+        for key, tensor in local.items():
+            assert torch.equal(remote[key].view(torch.uint8), tensor.view(torch.uint8)), key
+        rank1 = client.fetch_state_dict(f"s3://{name}/prefix/model", rank=1, world_size=2)
+        assert torch.equal(
+            rank1["model.layers.0.mlp.down_proj.weight"],
+            client.fetch_state_dict(TINY, rank=1, world_size=2)["model.layers.0.mlp.down_proj.weight"],
+        )
+        for denied in (f"s3://other-{name}/prefix/model", f"s3://{name}/elsewhere/model"):
+            with pytest.raises(FetchError) as caught:
+                client.fetch_state_dict(denied)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, denied
+    assert list((tmp_path / "disk" / "s3").glob("*/entry.json"))
+
+
+def test_storage_for_builds_the_s3_backend_from_config(aws_env: str, tmp_path: Path) -> None:
+    backend = storage_for("s3", ServerConfig(disk_cache_dir=tmp_path, disk_cache_bytes=10**9))
+    assert isinstance(backend, S3Storage)
+    assert backend.cache.root == tmp_path / "s3" and backend.cache.budget_bytes == 10**9
