@@ -683,3 +683,22 @@ def test_file_truncated_while_served_is_data_loss_and_the_server_survives(
     # Unpinned, the truncated file is DATA_LOSS naming the tensor it cut.
     rpc_error(lambda: fetch(s), grpc.StatusCode.DATA_LOSS, r"tensor '.*'.*past the data section")
     assert s.ListModels(pb.ListModelsRequest()).models[0].name == MODEL
+
+
+def test_a_broken_directory_does_not_hide_the_others_from_list_models(tmp_path: Path, model_root: Path) -> None:
+    import shutil
+
+    from weightserve.client import WeightClient
+    from weightserve.config import ServerConfig
+    from weightserve.server.background import BackgroundServer
+
+    root = tmp_path / "root"
+    shutil.copytree(model_root, root)
+    broken = root / "org" / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors.index.json").write_text("{not json")
+    (broken / "model-00001-of-00001.safetensors").write_bytes(b"")
+    with BackgroundServer(ServerConfig(model_roots=(root,), listen="127.0.0.1:0")) as server:
+        with WeightClient(server.address) as client:
+            names = [m.name for m in client.list_models()]
+    assert "org/tiny-llama" in names and "org/broken" not in names

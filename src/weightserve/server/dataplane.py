@@ -17,7 +17,7 @@ from weightserve import wire
 from weightserve.cache.entry import ModelEntry
 from weightserve.cache.model_cache import ModelCache
 from weightserve.config import ServerConfig
-from weightserve.errors import InvalidRequestError, PreconditionError, TensorNotFoundError
+from weightserve.errors import InvalidRequestError, PreconditionError, TensorNotFoundError, WeightserveError
 from weightserve.loaders.formats import available_formats, model_files
 from weightserve.server.control import ControlPlane
 from weightserve.server.files import FilePiece, stream_files
@@ -123,14 +123,17 @@ class DataPlane:
     def _list_local(self) -> list[ModelSummary]:
         summaries = []
         for name, model_dir in self.cache.router.local.list_models().items():
-            formats = available_formats(model_dir)
-            if formats:
+            try:
+                formats = available_formats(model_dir)
+                if not formats:
+                    continue
                 found = model_files(model_dir, formats[0])
-                summaries.append(
-                    ModelSummary(
-                        name, found.revision, found.format, found.total_bytes, formats, CacheStatus("cold")
-                    )
-                )
+            except WeightserveError as e:  # one broken directory must not hide the others
+                logger.warning("not listing %s: %s", name, e)
+                continue
+            summaries.append(
+                ModelSummary(name, found.revision, found.format, found.total_bytes, formats, CacheStatus("cold"))
+            )
         return summaries
 
     def cache_status(self, name: str) -> CacheStatus:
