@@ -80,9 +80,7 @@ def subprocess_server(args: list[str], address: str) -> Iterator[subprocess.Pope
 
 def run_worker(script: Path, *args: str) -> dict[str, float]:
     """Run `python script --worker ...` and parse the JSON line it prints."""
-    out = subprocess.run(
-        [sys.executable, str(script), "--worker", *args], check=True, capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, str(script), "--worker", *args], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 

@@ -38,8 +38,7 @@ def ensure_file(directory: Path) -> Path:
     if not path.is_file():
         gen = torch.Generator().manual_seed(0)
         tensors = {
-            f"layer.{i}.weight": torch.randn(ROWS, COLS, generator=gen).to(torch.bfloat16)
-            for i in range(TENSORS)
+            f"layer.{i}.weight": torch.randn(ROWS, COLS, generator=gen).to(torch.bfloat16) for i in range(TENSORS)
         }
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     return path

@@ -125,9 +125,7 @@ def _run_ranks(
         `sample_rss`), and the server's CPU seconds while they fetched.
     """
     with tempfile.TemporaryDirectory(prefix="tp-fetch-") as barrier, ThreadPoolExecutor(world) as pool:
-        futures = [
-            pool.submit(run_worker, script, address, str(rank), str(world), barrier) for rank in range(world)
-        ]
+        futures = [pool.submit(run_worker, script, address, str(rank), str(world), barrier) for rank in range(world)]
         deadline = time.monotonic() + 600
         while sum(1 for _ in Path(barrier).glob("ready-*")) < world:
             if any(f.done() for f in futures):  # a worker died before it was ready
@@ -176,9 +174,7 @@ def _measure(repeat: int) -> Runs:
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
     model = expected_bytes(WORLD)["model"]
     if index["metadata"]["total_size"] != model:
-        raise SystemExit(
-            f"{model_dir}: {index['metadata']['total_size']} tensor bytes; BENCH_SHAPE implies {model}"
-        )
+        raise SystemExit(f"{model_dir}: {index['metadata']['total_size']} tensor bytes; BENCH_SHAPE implies {model}")
     script = Path(__file__).resolve()
     address = f"127.0.0.1:{free_port()}"
     serve_cmd = [sys.executable, "-m", "weightserve.cli", "serve", "--model-root", str(root)]
@@ -249,9 +245,7 @@ def _report(runs: Runs) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--worker", nargs=argparse.REMAINDER)
     args = parser.parse_args()

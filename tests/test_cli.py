@@ -49,9 +49,7 @@ def test_fetch_writes_the_model_and_its_files(
     assert set(fetched) == set(original)
     for name, tensor in original.items():
         assert fetched[name].dtype == tensor.dtype and fetched[name].shape == tensor.shape
-        assert torch.equal(
-            fetched[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)
-        ), name
+        assert torch.equal(fetched[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (model_root / MODEL / name).read_bytes()
     assert not [p for p in out.iterdir() if p.name.endswith(".part")]

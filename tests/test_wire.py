@@ -338,9 +338,7 @@ def test_manifest_id_is_sensitive_to_the_wire_version(monkeypatch: pytest.Monkey
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    rev_a=st.text(max_size=10), rev_b=st.text(max_size=10), rank_a=st.integers(0, 8), rank_b=st.integers(0, 8)
-)
+@given(rev_a=st.text(max_size=10), rev_b=st.text(max_size=10), rank_a=st.integers(0, 8), rank_b=st.integers(0, 8))
 def test_manifest_id_differs_whenever_its_inputs_do(rev_a: str, rev_b: str, rank_a: int, rank_b: int) -> None:
     a = wire.manifest_id(rev_a, {**BASE_PARAMS, "rank": rank_a})
     b = wire.manifest_id(rev_b, {**BASE_PARAMS, "rank": rank_b})

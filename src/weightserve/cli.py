@@ -83,12 +83,21 @@ def _ls(args: argparse.Namespace) -> int:
             else "-"
         )
         rows.append(
-            (m.name, m.format, f"{m.total_bytes:,}", m.revision, state, f"{cache.resident_bytes:,}",
-             str(cache.pinned_streams), last, load)
+            (
+                m.name,
+                m.format,
+                f"{m.total_bytes:,}",
+                m.revision,
+                state,
+                f"{cache.resident_bytes:,}",
+                str(cache.pinned_streams),
+                last,
+                load,
+            )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
+        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
     return 0
 
 

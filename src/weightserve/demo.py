@@ -76,9 +76,7 @@ def run_demo(root: Path | None = None) -> DemoResult:
     reference: dict[str, torch.Tensor] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         reference |= load_file(path)
-    verified = state.keys() == reference.keys() and all(
-        bitwise_equal(state[k], reference[k]) for k in reference
-    )
+    verified = state.keys() == reference.keys() and all(bitwise_equal(state[k], reference[k]) for k in reference)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     return DemoResult(DEMO_MODEL, len(state), nbytes, seconds, verified)
 

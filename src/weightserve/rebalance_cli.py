@@ -15,7 +15,7 @@ from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
 POLL_SECONDS = 0.2
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("rebalance", help="rebalance a MoE model's experts from the reported load")
     parser.add_argument("model")
     parser.add_argument("--server", required=True)
@@ -32,9 +32,7 @@ def run(args: argparse.Namespace) -> int:
     request = pb.RebalanceRequest(model=args.model, policy=args.policy, num_replicas=args.num_replicas)
     if args.nodes or args.gpus_per_node:
         request.topology.CopyFrom(
-            pb.ExpertTopology(
-                num_nodes=args.nodes or 1, gpus_per_node=args.gpus_per_node or 1, num_groups=args.groups
-            )
+            pb.ExpertTopology(num_nodes=args.nodes or 1, gpus_per_node=args.gpus_per_node or 1, num_groups=args.groups)
         )
     with grpc.insecure_channel(target(args.server), options=channel_options()) as channel:
         stub = pb_grpc.ControlServiceStub(channel)

@@ -120,10 +120,7 @@ def test_every_dtype_and_empty_tensors_round_trip(tmp_path: Path, serve) -> None
             tensors[name] = (torch.arange(15) % 3 == 0).reshape(3, 5)
         else:
             tensors[name] = (
-                (torch.arange(15 * wire.DTYPE_SIZES[name]) * 7 % 251)
-                .to(torch.uint8)
-                .view(dtype)
-                .reshape(3, 5)
+                (torch.arange(15 * wire.DTYPE_SIZES[name]) * 7 % 251).to(torch.uint8).view(dtype).reshape(3, 5)
             )
     tensors["empty"] = torch.arange(0, dtype=torch.float32).reshape(0, 7)
     tensors["scalar"] = torch.tensor(2.5, dtype=torch.float64)
@@ -178,9 +175,7 @@ def test_wrong_revision_is_a_failed_precondition_fetch_error(client: WeightClien
 # ------------------------------------------------------------------------- files
 
 
-def test_fetch_files_writes_configs_atomically(
-    client: WeightClient, model_root: Path, tmp_path: Path
-) -> None:
+def test_fetch_files_writes_configs_atomically(client: WeightClient, model_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     written = client.fetch_files(MODEL, out)
     assert {p.name for p in written} == CONFIG_FILES
@@ -200,9 +195,7 @@ def test_async_fetch_files(address: str, model_root: Path, tmp_path: Path) -> No
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
-def file_chunk(
-    path: str, data: bytes, *, offset: int = 0, size: int | None = None, last: bool = True
-) -> pb.FileChunk:
+def file_chunk(path: str, data: bytes, *, offset: int = 0, size: int | None = None, last: bool = True) -> pb.FileChunk:
     size = len(data) if size is None else size
     return pb.FileChunk(
         path=path,

@@ -91,9 +91,7 @@ def health_status(address: str, timeout: float = 2.0) -> int | grpc.StatusCode:
     """The overall health status on a fresh connection, or the call's error code."""
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout
-            )
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError as e:
             return e.code()  # type: ignore[no-any-return]
         return int(reply.status)
@@ -114,9 +112,7 @@ def wait_serving(address: str, timeout: float = 30.0, alive: Callable[[], str | 
             if left <= 0:
                 break
             try:
-                reply = stub.Check(
-                    health_pb2.HealthCheckRequest(), timeout=min(0.5, left), wait_for_ready=True
-                )
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=min(0.5, left), wait_for_ready=True)
             except grpc.RpcError:
                 continue  # not listening yet: wait_for_ready waited out the timeout
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -433,9 +429,7 @@ class ServerProcess:
         self.starts += 1
         log = (self.log_dir / f"server-{self.port}-{self.starts}.log").open("wb")
         cmd = [str(self.executable()), "serve", "--model-root", str(self.root), "--listen", self.address]
-        self.proc = subprocess.Popen(
-            [*cmd, *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=server_env()
-        )
+        self.proc = subprocess.Popen([*cmd, *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=server_env())
         log.close()
         wait_serving(self.address, timeout, alive=self._why_dead)
         return self

@@ -28,9 +28,7 @@ LARGE = CHUNK // 2
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_one_flipped_byte_is_refetched(
-    mid_root: Path, serve: ServeFn, proxy: Callable[..., FaultProxy]
-) -> None:
+def test_one_flipped_byte_is_refetched(mid_root: Path, serve: ServeFn, proxy: Callable[..., FaultProxy]) -> None:
     server = serve(mid_root, chunk_bytes=CHUNK)
     corruptor = Corruptor.once(after=30, min_length=LARGE)
     link = proxy(server.server.port, corruptor=corruptor)

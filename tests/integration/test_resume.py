@@ -101,9 +101,7 @@ def test_resume_after_model_changed_is_failed_precondition(
     link = proxy(server.port)
     with WeightClient(link.address, retry=PATIENT) as client:
         fetch, _, _ = _stream_halted_by_kill(server, link, client)
-        write_llama_checkpoint(
-            mid_root / MID_MODEL, MID_LLAMA, num_files=2, seed=1
-        )  # new weights, same shapes
+        write_llama_checkpoint(mid_root / MID_MODEL, MID_LLAMA, num_files=2, seed=1)  # new weights, same shapes
         server.start()
         with pytest.raises(FetchError) as caught:
             fetch.result(timeout=60)

@@ -63,9 +63,7 @@ def encode(w: np.ndarray, qtype: T) -> np.ndarray:
     if qtype == T.F16:
         return w.astype(np.float16)
     if qtype == T.Q4_K:  # the package cannot quantize K-quants: finite scales, seeded quants
-        blocks = np.random.default_rng(w.size).integers(
-            0, 256, (w.shape[0], w.shape[1] // 256, 144), np.uint8
-        )
+        blocks = np.random.default_rng(w.size).integers(0, 256, (w.shape[0], w.shape[1] // 256, 144), np.uint8)
         blocks[..., 0:4] = np.array([0.01, 0.001], dtype=np.float16).view(np.uint8)
         return blocks.reshape(w.shape[0], -1)
     return quantize(w, qtype)
@@ -82,19 +80,13 @@ class Written:
 
 
 def _type_of(hf: str) -> T:
-    base = (
-        GGUF_NAMES.get(hf.split(".")[-2], "")
-        if hf.startswith("model.layers.")
-        else gguf_name(hf).split(".")[0]
-    )
+    base = GGUF_NAMES.get(hf.split(".")[-2], "") if hf.startswith("model.layers.") else gguf_name(hf).split(".")[0]
     if base in ("attn_q", "attn_k"):
         return LAYER_TYPES[int(hf.split(".")[2])][base]
     return TYPES[base]
 
 
-def write_llama_gguf(
-    model_dir: Path, split_max_tensors: int = 0, tie: bool = False, seed: int = 0
-) -> Written:
+def write_llama_gguf(model_dir: Path, split_max_tensors: int = 0, tie: bool = False, seed: int = 0) -> Written:
     """Write SHAPE as GGUF (split into parts of `split_max_tensors` when given), atomically."""
     shape = LlamaShape(**{**SHAPE.__dict__, "tie_word_embeddings": tie})
     rng = np.random.default_rng(seed)

@@ -70,8 +70,7 @@ def test_values_are_pinned_across_processes_and_versions() -> None:
     # A change here would make servers of two versions serve different dummy weights.
     seed = name_seed("model.embed_tokens.weight")
     digests = [
-        hashlib.sha256(dummy_values(seed, 0, 1000, t).tobytes()).hexdigest()[:16]
-        for t in ("BF16", "F16", "F32")
+        hashlib.sha256(dummy_values(seed, 0, 1000, t).tobytes()).hexdigest()[:16] for t in ("BF16", "F16", "F32")
     ]
     assert digests == ["07410a86df0897a3", "52f747ba5cc12f52", "1b69ad44573d93fb"]
 
@@ -111,9 +110,7 @@ def test_values_stay_within_bounds(tmp_path: Path, dtype: str) -> None:
     root = write_dummy_root([("m", write_config(tmp_path / "c.json", torch_dtype=dtype))])
     with DummyLoader(DummyLoader.find_files(root / "m")) as loader:
         record = loader.records[0]
-        values = torch.frombuffer(
-            bytearray(read(loader, record.name)), dtype=torch_dtype(record.dtype)
-        ).double()
+        values = torch.frombuffer(bytearray(read(loader, record.name)), dtype=torch_dtype(record.dtype)).double()
     assert record.dtype == {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype]
     assert values.abs().max() <= 1e-3 and values.abs().max() > 0.9e-3
     assert values.unique().numel() > 100
@@ -143,9 +140,7 @@ def test_flags_and_environment(tmp_path: Path) -> None:
     config = ServerConfig.from_env(env)
     assert config.dummy == (("a", Path("x.json")), ("org/b", Path("y.json")))
     assert config.loader == "fastsafetensors"
-    args = build_parser().parse_args(
-        ["serve", "--dummy", "a=x.json", "--dummy", "b=y.json", "--loader", "safetensors"]
-    )
+    args = build_parser().parse_args(["serve", "--dummy", "a=x.json", "--dummy", "b=y.json", "--loader", "safetensors"])
     assert args.dummy == [("a", Path("x.json")), ("b", Path("y.json"))] and args.loader == "safetensors"
     with pytest.raises(ValueError, match="loader"):
         ServerConfig(loader="nope")

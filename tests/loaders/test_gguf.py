@@ -51,11 +51,7 @@ def served(loader: Loader) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
 
 def test_registered_after_safetensors_and_torch() -> None:
     assert loader_for("gguf") is GGUFLoader
-    assert (
-        FORMAT_PREFERENCE.index("gguf")
-        > FORMAT_PREFERENCE.index("torch")
-        > FORMAT_PREFERENCE.index("safetensors")
-    )
+    assert FORMAT_PREFERENCE.index("gguf") > FORMAT_PREFERENCE.index("torch") > FORMAT_PREFERENCE.index("safetensors")
 
 
 def test_every_tensor_round_trips(single: tuple[Path, Written]) -> None:
@@ -112,9 +108,7 @@ def test_permuted_source_serves_any_range_in_hugging_face_order() -> None:
     rows, heads, row_bytes = 48, 3, 10
     hf = np.random.default_rng(1).integers(0, 256, (rows, row_bytes), dtype=np.uint8)
     stored = np.concatenate([np.zeros(7, np.uint8), reference_permute(hf, heads).reshape(-1)])
-    source = PermutedRows(
-        MemorySource("stored", stored), 7, n_rows=rows, row_bytes=row_bytes, n_head=heads, label="q"
-    )
+    source = PermutedRows(MemorySource("stored", stored), 7, n_rows=rows, row_bytes=row_bytes, n_head=heads, label="q")
     flat = hf.reshape(-1).tobytes()
     rng = np.random.default_rng(2)
     for _ in range(200):
@@ -170,9 +164,7 @@ def test_config_comes_from_metadata_unless_there_is_a_config_json(tmp_path: Path
         )  # fmt: skip
         assert raw["intermediate_size"] == 512 and raw["rms_norm_eps"] == pytest.approx(1e-5)
         assert model_config_for(loader, tmp_path / "tied").num_attention_heads == 4
-        (tmp_path / "tied" / "config.json").write_text(
-            json.dumps({"model_type": "llama", "num_attention_heads": 8})
-        )
+        (tmp_path / "tied" / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 8}))
         assert model_config_for(loader, tmp_path / "tied").num_attention_heads == 8
 
 
@@ -187,9 +179,7 @@ def test_truncated_file_is_corrupt(tmp_path: Path, single: tuple[Path, Written])
         GGUFLoader([tmp_path / "cut" / "model.gguf"])
 
 
-def test_missing_package_names_the_extra(
-    monkeypatch: pytest.MonkeyPatch, single: tuple[Path, Written]
-) -> None:
+def test_missing_package_names_the_extra(monkeypatch: pytest.MonkeyPatch, single: tuple[Path, Written]) -> None:
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(PreconditionError, match=r"weightserve\[gguf\]"):
         GGUFLoader(single[1].files)

@@ -77,9 +77,7 @@ def test_a_cut_through_a_block_is_invalid(gguf_root: tuple[Path, Written]) -> No
     root, _ = gguf_root
     with (
         GGUFLoader(GGUFLoader.find_files(root / "org" / "tiny-gguf")) as loader,
-        pytest.raises(
-            InvalidRequestError, match=r"Q8_0 tensor '.*o_proj.weight'.*34-byte quantization block"
-        ),
+        pytest.raises(InvalidRequestError, match=r"Q8_0 tensor '.*o_proj.weight'.*34-byte quantization block"),
     ):
         rank_tensors(loader, 0, 4)  # 68 bytes per row / 4 = 17: half a Q8_0 block
 

@@ -65,19 +65,13 @@ def read_all(loader: Loader) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
     return out
 
 
-def assert_same(
-    ours: dict[str, tuple[str, tuple[int, ...], bytes]], reference: dict[str, torch.Tensor]
-) -> None:
+def assert_same(ours: dict[str, tuple[str, tuple[int, ...], bytes]], reference: dict[str, torch.Tensor]) -> None:
     assert set(ours) == set(reference)
     for name, tensor in reference.items():
         dtype, shape, data = ours[name]
         assert dtype == dtype_name(tensor.dtype), name
         assert shape == tuple(tensor.shape), name
-        got = (
-            torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            if data
-            else torch.empty(0, dtype=torch.uint8)
-        )
+        got = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         assert torch.equal(got, raw(tensor)), name
 
 
@@ -154,9 +148,7 @@ def write_sharded(model_dir: Path, tensors: dict[str, torch.Tensor], num_files: 
         save_file({n: tensors[n] for n in chunk}, str(model_dir / filename))
         weight_map.update(dict.fromkeys(chunk, filename))
         files.append(model_dir / filename)
-    (model_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return files
 
 
@@ -174,9 +166,7 @@ def test_safetensors_sharded_with_index_ignores_a_stray_consolidated_file(tmp_pa
 
 
 def test_index_naming_a_missing_file_is_corrupt(tmp_path: Path) -> None:
-    (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"a": "gone.safetensors"}})
-    )
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
     with pytest.raises(CorruptCheckpointError, match=r"names 'gone.safetensors', which does not exist"):
         SafetensorsLoader.find_files(tmp_path)
 
@@ -205,9 +195,7 @@ def test_natural_key_orders_numbers_numerically() -> None:
 
 def test_find_files_orders_shards_naturally_without_an_index(tmp_path: Path) -> None:
     for i in range(1, 11):
-        save_file(
-            {f"w{i}": torch.arange(i, dtype=torch.float32)}, str(tmp_path / f"model-{i}-of-10.safetensors")
-        )
+        save_file({f"w{i}": torch.arange(i, dtype=torch.float32)}, str(tmp_path / f"model-{i}-of-10.safetensors"))
     found = [p.name for p in SafetensorsLoader.find_files(tmp_path)]
     assert found == [f"model-{i}-of-10.safetensors" for i in range(1, 11)]
     with SafetensorsLoader(SafetensorsLoader.find_files(tmp_path)) as loader:
@@ -391,11 +379,7 @@ LEGACY_UNSUPPORTED = ("f8_", "u16", "u32", "u64")
 
 
 def test_legacy_non_zip_checkpoint(tmp_path: Path) -> None:
-    tensors = {
-        k: v
-        for k, v in all_dtype_tensors().items()
-        if not k.removeprefix("t.").startswith(LEGACY_UNSUPPORTED)
-    }
+    tensors = {k: v for k, v in all_dtype_tensors().items() if not k.removeprefix("t.").startswith(LEGACY_UNSUPPORTED)}
     tensors["t.noncontig"] = torch.arange(12, dtype=torch.float64).reshape(3, 4).t()
     path = tmp_path / "pytorch_model.bin"
     torch.save(tensors, path, _use_new_zipfile_serialization=False)
@@ -434,9 +418,7 @@ class Evil:
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, zip_format: bool) -> None:
     marker = tmp_path / "PWNED"
     path = tmp_path / "pytorch_model.bin"
-    torch.save(
-        {"w": torch.zeros(2), "payload": Evil(marker)}, path, _use_new_zipfile_serialization=zip_format
-    )
+    torch.save({"w": torch.zeros(2), "payload": Evil(marker)}, path, _use_new_zipfile_serialization=zip_format)
 
     with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model.bin: refusing to unpickle"):
         TorchLoader(TorchLoader.find_files(tmp_path))

@@ -177,9 +177,7 @@ def test_begin_after_end() -> None:
 
 
 def test_negative_begin() -> None:
-    corrupt(
-        *frame_json({"w": entry(offsets=(-8, 0), shape=(2,))}, 8), match=r"tensor 'w': data_offsets \[-8, 0\]"
-    )
+    corrupt(*frame_json({"w": entry(offsets=(-8, 0), shape=(2,))}, 8), match=r"tensor 'w': data_offsets \[-8, 0\]")
 
 
 def test_end_past_the_data_section() -> None:

@@ -37,9 +37,7 @@ def node_executable() -> str:
         pytest.fail("node is not on PATH: install Node.js >= 18 (CI gets it before `make test`)")
     missing = [p for p in NODE_PACKAGES if not (REPO / "node_modules" / p / "package.json").is_file()]
     if missing:
-        pytest.fail(
-            f"{', '.join(missing)} missing from {REPO / 'node_modules'}: run `make node` (npm install)"
-        )
+        pytest.fail(f"{', '.join(missing)} missing from {REPO / 'node_modules'}: run `make node` (npm install)")
     return node
 
 

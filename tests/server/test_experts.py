@@ -24,9 +24,7 @@ EXPERTS, LAYERS, HIDDEN, INTER = 8, 2, 16, 24
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("moe")
-    tensors: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": torch.arange(64 * HIDDEN).reshape(64, HIDDEN)
-    }
+    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.arange(64 * HIDDEN).reshape(64, HIDDEN)}
     for layer in range(LAYERS):
         p = f"model.layers.{layer}."
         tensors[p + "input_layernorm.weight"] = torch.ones(HIDDEN)
@@ -144,9 +142,7 @@ def test_invalid_reports_change_nothing(root, serve):  # type: ignore[no-untyped
         stub.ReportExpertLoad(pb.ReportExpertLoadRequest(model="org/nope", load=pb.ExpertCounts()))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as err:  # nothing was recorded, so there is nothing to rebalance
-        stub.Rebalance(
-            pb.RebalanceRequest(model=MODEL, topology=pb.ExpertTopology(num_nodes=1, gpus_per_node=4))
-        )
+        stub.Rebalance(pb.RebalanceRequest(model=MODEL, topology=pb.ExpertTopology(num_nodes=1, gpus_per_node=4)))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 

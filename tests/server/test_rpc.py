@@ -276,9 +276,7 @@ def test_default_chunks_fit_a_default_grpc_client(tmp_path: Path, serve, channel
     s = pb_grpc.WeightServiceStub(channel)
     manifest = manifest_of(s, "org/big")
 
-    messages = fetch_raw(
-        channel, pb.FetchShardRequest(shard=spec("org/big"), manifest_id=manifest.manifest_id)
-    )
+    messages = fetch_raw(channel, pb.FetchShardRequest(shard=spec("org/big"), manifest_id=manifest.manifest_id))
 
     assert all(len(m) < STOCK_MAX_MESSAGE for m in messages)
     chunks = [pb.TensorChunk.FromString(m) for m in messages]
@@ -346,9 +344,7 @@ def test_bad_ranks_are_invalid_argument(
     model_root: Path, serve, stub, *, rank: int, world_size: int, pattern: str
 ) -> None:
     s = stub(serve(model_root).address)
-    rpc_error(
-        lambda: manifest_of(s, rank=rank, world_size=world_size), grpc.StatusCode.INVALID_ARGUMENT, pattern
-    )
+    rpc_error(lambda: manifest_of(s, rank=rank, world_size=world_size), grpc.StatusCode.INVALID_ARGUMENT, pattern)
     rpc_error(lambda: fetch(s, rank=rank, world_size=world_size), grpc.StatusCode.INVALID_ARGUMENT, pattern)
 
 
@@ -360,9 +356,7 @@ def test_torch_format_on_a_safetensors_only_model_is_not_found(model_root: Path,
 
 def test_unknown_format_is_invalid_argument(model_root: Path, serve, stub) -> None:
     s = stub(serve(model_root).address)
-    rpc_error(
-        lambda: manifest_of(s, format="onnx"), grpc.StatusCode.INVALID_ARGUMENT, r"no loader for 'onnx'"
-    )
+    rpc_error(lambda: manifest_of(s, format="onnx"), grpc.StatusCode.INVALID_ARGUMENT, r"no loader for 'onnx'")
 
 
 def test_safetensors_is_served_by_default_and_bin_on_request(tmp_path: Path, serve, stub) -> None:
@@ -397,9 +391,7 @@ def test_safetensors_is_served_by_default_and_bin_on_request(tmp_path: Path, ser
 def test_pinned_wrong_revision_is_failed_precondition(model_root: Path, serve, stub) -> None:
     s = stub(serve(model_root).address)
     current = manifest_of(s).revision
-    rpc_error(
-        lambda: manifest_of(s, revision="local-0000"), grpc.StatusCode.FAILED_PRECONDITION, re.escape(current)
-    )
+    rpc_error(lambda: manifest_of(s, revision="local-0000"), grpc.StatusCode.FAILED_PRECONDITION, re.escape(current))
     rpc_error(lambda: fetch(s, revision="local-0000"), grpc.StatusCode.FAILED_PRECONDITION, "local-0000")
     assert manifest_of(s, revision=current).revision == current  # the right pin works
 
@@ -418,9 +410,7 @@ def test_stale_manifest_id_is_failed_precondition(model_root: Path, tmp_path: Pa
     st = config.stat()
     os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
 
-    rpc_error(
-        lambda: fetch(s, manifest_id=old.manifest_id), grpc.StatusCode.FAILED_PRECONDITION, old.manifest_id
-    )
+    rpc_error(lambda: fetch(s, manifest_id=old.manifest_id), grpc.StatusCode.FAILED_PRECONDITION, old.manifest_id)
     new = manifest_of(s)
     assert new.revision != old.revision and new.manifest_id != old.manifest_id
     assemble(fetch(s, manifest_id=new.manifest_id), new)
@@ -449,9 +439,7 @@ def test_resume_sends_only_the_rest(model_root: Path, serve, stub, digest_known:
     first = [c for c in chunks if c.tensor_index == index]
     assert first[0].offset == offset and first[0].HasField("header")
     assert all(0 < len(c.data) <= 4096 for c in first)
-    assert [c.offset for c in first] == [
-        offset + sum(len(c.data) for c in first[:i]) for i in range(len(first))
-    ]
+    assert [c.offset for c in first] == [offset + sum(len(c.data) for c in first[:i]) for i in range(len(first))]
     assert b"".join(c.data for c in first) == whole[offset:]
     assert all(wire.crc32c(c.data) == c.crc32c for c in chunks)
     assert first[-1].last and first[-1].tensor_crc32c == wire.crc32c(whole)
@@ -489,9 +477,7 @@ def test_resume_errors(model_root: Path, serve, stub) -> None:
     ) -> list[pb.TensorChunk]:
         point = pb.ResumePoint(tensor=tensor, offset=offset)
         return list(
-            s.FetchShard(
-                pb.FetchShardRequest(shard=spec(), names=names, manifest_id=manifest_id, resume_from=point)
-            )
+            s.FetchShard(pb.FetchShardRequest(shard=spec(), names=names, manifest_id=manifest_id, resume_from=point))
         )
 
     rpc_error(lambda: resume(info.name, 0, manifest_id=""), grpc.StatusCode.INVALID_ARGUMENT, "manifest_id")
@@ -587,9 +573,7 @@ def test_health_check_is_serving(model_root: Path, serve, channels) -> None:
 
 def test_reflection_lists_the_service(model_root: Path, serve, channels) -> None:
     reflection = reflection_pb2_grpc.ServerReflectionStub(channels(serve(model_root).address))
-    responses = list(
-        reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-    )
+    responses = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in responses[0].list_services_response.service}
     assert "weightserve.v1.WeightService" in names
     assert "grpc.health.v1.Health" in names
@@ -601,9 +585,7 @@ def test_reflection_lists_the_service(model_root: Path, serve, channels) -> None
 # ------------------------------------------------------- bad models, others serve
 
 
-def test_malicious_pickle_is_refused_and_others_keep_serving(
-    model_root: Path, tmp_path: Path, serve, stub
-) -> None:
+def test_malicious_pickle_is_refused_and_others_keep_serving(model_root: Path, tmp_path: Path, serve, stub) -> None:
     root = tmp_path / "root"
     copy_model(model_root, root)
     marker = tmp_path / "PWNED"
@@ -632,18 +614,14 @@ def test_corrupt_safetensors_header_is_data_loss_and_others_keep_serving(
     (broken / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
     s = stub(serve(root).address)
 
-    rpc_error(
-        lambda: manifest_of(s, "org/broken"), grpc.StatusCode.DATA_LOSS, r"tensor 'w'.*past the data section"
-    )
+    rpc_error(lambda: manifest_of(s, "org/broken"), grpc.StatusCode.DATA_LOSS, r"tensor 'w'.*past the data section")
     rpc_error(lambda: fetch(s, "org/broken"), grpc.StatusCode.DATA_LOSS)
 
     manifest = manifest_of(s)
     assemble(fetch(s, manifest_id=manifest.manifest_id), manifest)
 
 
-def test_bytes_changed_under_an_unchanged_stat_are_data_loss(
-    model_root: Path, tmp_path: Path, serve, stub
-) -> None:
+def test_bytes_changed_under_an_unchanged_stat_are_data_loss(model_root: Path, tmp_path: Path, serve, stub) -> None:
     # Same size, same mtime, new bytes: the revision cannot tell, the known digests can.
     model_dir = copy_model(model_root, tmp_path)
     s = stub(serve(tmp_path, chunk_bytes=4096).address)
@@ -698,7 +676,7 @@ def test_a_broken_directory_does_not_hide_the_others_from_list_models(tmp_path: 
     broken.mkdir()
     (broken / "model.safetensors.index.json").write_text("{not json")
     (broken / "model-00001-of-00001.safetensors").write_bytes(b"")
-    with BackgroundServer(ServerConfig(model_roots=(root,), listen="127.0.0.1:0")) as server:
-        with WeightClient(server.address) as client:
-            names = [m.name for m in client.list_models()]
+    config = ServerConfig(model_roots=(root,), listen="127.0.0.1:0")
+    with BackgroundServer(config) as server, WeightClient(server.address) as client:
+        names = [m.name for m in client.list_models()]
     assert "org/tiny-llama" in names and "org/broken" not in names

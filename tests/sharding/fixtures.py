@@ -401,9 +401,7 @@ def raw(tensor: torch.Tensor) -> torch.Tensor:
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
     """The same elements as integers of the same width: cat and compare are exact on them."""
-    return tensor.view(
-        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
-    )
+    return tensor.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

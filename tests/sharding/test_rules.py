@@ -199,9 +199,7 @@ def test_operator_rules_place_an_unknown_architecture(tmp_path: Path) -> None:
         for name, shape in expected_shapes.items():
             assert tuple(state[name].shape) == shape, name
         c_attn = originals["transformer.h.1.attn.c_attn.weight"]
-        assert fx.same_bytes(
-            state["transformer.h.1.attn.c_attn.weight"], c_attn[:, rank * 48 : (rank + 1) * 48]
-        )
+        assert fx.same_bytes(state["transformer.h.1.attn.c_attn.weight"], c_attn[:, rank * 48 : (rank + 1) * 48])
         c_proj = originals["transformer.h.1.mlp.c_proj.weight"]
         assert fx.same_bytes(state["transformer.h.1.mlp.c_proj.weight"], c_proj[rank * 64 : (rank + 1) * 64])
         assert fx.same_bytes(state["transformer.ln_f.weight"], originals["transformer.ln_f.weight"])
@@ -218,9 +216,7 @@ def test_operator_rules_miss_names_the_tensor(tmp_path: Path) -> None:
     path.write_text("[[rules]]\npattern = 'wte'\nvocab = true\n")
     gpt2 = fx.gpt2_like()
     with pytest.raises(InvalidRequestError, match=r"transformer\.wpe\.weight"):
-        plan_shard(
-            fx.records_of(gpt2), ShardSpec("m", rank=0, world_size=2), gpt2.model_config, load_rules(path)
-        )
+        plan_shard(fx.records_of(gpt2), ShardSpec("m", rank=0, world_size=2), gpt2.model_config, load_rules(path))
 
 
 def test_operator_rules_come_before_the_builtin_table(tmp_path: Path) -> None:
@@ -236,9 +232,7 @@ def test_operator_dim_past_the_tensor_rank_is_invalid(tmp_path: Path) -> None:
     path.write_text("[[rules]]\npattern = '.'\ndim = 3\n")
     gpt2 = fx.gpt2_like()
     with pytest.raises(InvalidRequestError, match=r"transformer\.wte\.weight.*dim 3"):
-        plan_shard(
-            fx.records_of(gpt2), ShardSpec("m", rank=0, world_size=2), gpt2.model_config, load_rules(path)
-        )
+        plan_shard(fx.records_of(gpt2), ShardSpec("m", rank=0, world_size=2), gpt2.model_config, load_rules(path))
 
 
 @pytest.mark.parametrize(

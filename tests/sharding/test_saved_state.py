@@ -143,9 +143,7 @@ def check(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("layout", ["checkpoint", "vllm"])
-@pytest.mark.parametrize(
-    ("model", "world_size"), [("llama", 2), ("llama", 4), ("mixtral", 2), ("mixtral", 4)]
-)
+@pytest.mark.parametrize(("model", "world_size"), [("llama", 2), ("llama", 4), ("mixtral", 2), ("mixtral", 4)])
 def test_saved_ranks_are_the_planned_slices(
     models: dict[str, Path],
     tmp_path: Path,
@@ -177,9 +175,7 @@ def test_saved_ranks_are_the_planned_slices(
     assert code == 0, text
 
 
-def test_served_saved_dir_equals_live_slicing(
-    models: dict[str, Path], model_root: Path, tmp_path: Path, serve
-) -> None:
+def test_served_saved_dir_equals_live_slicing(models: dict[str, Path], model_root: Path, tmp_path: Path, serve) -> None:
     saved_root = tmp_path / "saved"
     shard(models["llama"], saved_root / "org" / "llama-tp2", 2)
     shard(models["mixtral"], saved_root / "org" / "mixtral-tp2-vllm", 2, "--layout", "vllm")
@@ -190,21 +186,15 @@ def test_served_saved_dir_equals_live_slicing(
             saved = raw(client.fetch_state_dict("org/llama-tp2", rank=rank, world_size=2))
             assert saved == raw(client.fetch_state_dict(TINY_LLAMA, rank=rank, world_size=2))
             assert saved == planned(models["llama"], rank, 2, "checkpoint")
-            saved = raw(
-                client.fetch_state_dict("org/mixtral-tp2-vllm", rank=rank, world_size=2, layout="vllm")
-            )
-            assert saved == raw(
-                client.fetch_state_dict("org/tiny-mixtral", rank=rank, world_size=2, layout="vllm")
-            )
+            saved = raw(client.fetch_state_dict("org/mixtral-tp2-vllm", rank=rank, world_size=2, layout="vllm"))
+            assert saved == raw(client.fetch_state_dict("org/tiny-mixtral", rank=rank, world_size=2, layout="vllm"))
         with pytest.raises(FetchError) as info:
             client.fetch_state_dict("org/llama-tp2", rank=0, world_size=4)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "world_size 2" in info.value.details()
 
 
-def test_check_names_a_deleted_rank_and_a_missing_tensor(
-    models: dict[str, Path], tmp_path: Path, capsys
-) -> None:
+def test_check_names_a_deleted_rank_and_a_missing_tensor(models: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = shard(models["llama"], tmp_path / "out", 2)
     (part,) = out.glob("model-rank-0-part-*.safetensors")
     tensors = load_file(str(part))
@@ -241,10 +231,7 @@ def test_check_names_wrong_shapes(models: dict[str, Path], tmp_path: Path, capsy
     assert "model.layers.0.self_attn.k_proj.weight: shape [32, 64]" in text
     code, text = check(str(out), "--source", str(models["llama"]), capsys=capsys)
     assert code == 1
-    assert (
-        "rank 1: model.layers.0.self_attn.k_proj.weight is BF16[32, 64]; the source gives BF16[16, 64]"
-        in text
-    )
+    assert "rank 1: model.layers.0.self_attn.k_proj.weight is BF16[32, 64]; the source gives BF16[16, 64]" in text
 
 
 def test_tied_bin_checkpoint_saves_one_copy(models: dict[str, Path], tmp_path: Path, capsys) -> None:

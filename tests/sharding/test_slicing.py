@@ -255,9 +255,7 @@ def test_vllm_layout_unfuses_and_gathers_back(written: Written, key: str, world_
         assert not any(re.search(r"\.(?:q|k|v|gate|up)_proj\.|\.experts\.\d+\.", n) for n in state), (
             "vllm layout must hold fused tensors only"
         )
-    check_gathers(
-        [unfuse_vllm(state, originals, cfg, world_size) for _, state in ranks], originals, cfg, False
-    )
+    check_gathers([unfuse_vllm(state, originals, cfg, world_size) for _, state in ranks], originals, cfg, False)
     totals = sent_bytes(originals, cfg, world_size)
     assert sum(p.nbytes for plans, _ in ranks for p in plans) == sum(totals.values())
 
@@ -406,9 +404,7 @@ def test_serving_a_rank_reads_only_its_bytes_each_once(written: Written, key: st
     for rank in range(world_size):
         with fx.open_loader(model_dir) as loader:
             headers = sum(s.bytes_read for s in loader.sources)
-            data_starts = [
-                min(r.offset for r in loader.records if r.source == i) for i in range(len(loader.sources))
-            ]
+            data_starts = [min(r.offset for r in loader.records if r.source == i) for i in range(len(loader.sources))]
             assert headers <= sum(start + 8 for start in data_starts), "opening reads the headers only"
             plans = plan_shard(loader.records, ShardSpec("m", rank=rank, world_size=world_size), cfg)
             log: list[tuple[int, int, int]] = []
@@ -463,9 +459,7 @@ def test_even_range_places_every_index_once(size: int, world_size: int) -> None:
     world_size=st.integers(1, 32),
     head_dim=st.integers(1, 8),
 )
-def test_kv_range_splits_or_replicates_heads(
-    heads_per_kv: int, kv: int, world_size: int, head_dim: int
-) -> None:
+def test_kv_range_splits_or_replicates_heads(heads_per_kv: int, kv: int, world_size: int, head_dim: int) -> None:
     cfg = ModelConfig(
         model_type="llama", num_attention_heads=kv * heads_per_kv, num_key_value_heads=kv, head_dim=head_dim
     )
@@ -614,10 +608,7 @@ def test_tp_by_pp_stages_hold_their_layers_and_gather_back(
         names = set(ranks[0][1])
         assert {_coarse(n) for n in names} == PP_NAMES[key, pp_size][pp_rank]
         order = [n for n in ranks[0][1]]
-        groups = [
-            0 if "embed_tokens" in n else 2 if ("lm_head" in n or n == "model.norm.weight") else 1
-            for n in order
-        ]
+        groups = [0 if "embed_tokens" in n else 2 if ("lm_head" in n or n == "model.norm.weight") else 1 for n in order]
         assert groups == sorted(groups), "stream order: embeddings, layers, head"
         layers = [int(m.group(1)) for n in order if (m := re.match(r"model\.layers\.(\d+)\.", n))]
         assert layers == sorted(layers)
@@ -631,9 +622,7 @@ def test_tp_by_pp_stages_hold_their_layers_and_gather_back(
 
 def test_pp_with_vllm_layout_splits_stages_and_fuses(written: Written) -> None:
     model_dir, _ = written["mixtral"]
-    _, state = fx.rank_state(
-        model_dir, ShardSpec("m", rank=1, world_size=2, pp_rank=1, pp_size=2, layout="vllm")
-    )
+    _, state = fx.rank_state(model_dir, ShardSpec("m", rank=1, world_size=2, pp_rank=1, pp_size=2, layout="vllm"))
     assert {n for n in state} == {
         "model.layers.1.input_layernorm.weight",
         "model.layers.1.self_attn.qkv_proj.weight",

@@ -84,9 +84,7 @@ def test_pipeline_stages_through_the_client(client: WeightClient, model_root: Pa
     ("world_size", "numbers"),
     [(8, ("num_attention_heads 4", "world_size 8")), (3, ("world_size 3",))],
 )
-def test_impossible_split_is_invalid_argument(
-    client: WeightClient, world_size: int, numbers: tuple[str, ...]
-) -> None:
+def test_impossible_split_is_invalid_argument(client: WeightClient, world_size: int, numbers: tuple[str, ...]) -> None:
     for call in (
         lambda: client.get_manifest(MODEL, rank=0, world_size=world_size),
         lambda: client.fetch_state_dict(MODEL, rank=0, world_size=world_size),
@@ -98,9 +96,7 @@ def test_impossible_split_is_invalid_argument(
             assert number in str(err.value), str(err.value)
 
 
-def test_all_ranks_fetch_the_model_once_plus_allowed_duplicates(
-    client: WeightClient, model_root: Path
-) -> None:
+def test_all_ranks_fetch_the_model_once_plus_allowed_duplicates(client: WeightClient, model_root: Path) -> None:
     # conftest's TINY_LLAMA: hidden 64, 4 heads of 16, 2 k/v heads, intermediate 160, V 200,
     # 2 layers, bf16. At W = 4 each rank holds one k/v head (2 ranks per head), V pads to 256 rows.
     world_size = 4
@@ -109,16 +105,12 @@ def test_all_ranks_fetch_the_model_once_plus_allowed_duplicates(
     head_dim = s.hidden_size // s.num_attention_heads
     kv_rows = s.num_key_value_heads * head_dim
     per_layer = (
-        2 * s.hidden_size * s.hidden_size
-        + 2 * kv_rows * s.hidden_size
-        + 3 * s.intermediate_size * s.hidden_size
+        2 * s.hidden_size * s.hidden_size + 2 * kv_rows * s.hidden_size + 3 * s.intermediate_size * s.hidden_size
     )
     norms = (2 * s.num_hidden_layers + 1) * s.hidden_size
     model = 2 * (2 * s.vocab_size * s.hidden_size + s.num_hidden_layers * per_layer + norms)
     replicated = 2 * norms * (world_size - 1)
-    kv_replicas = (
-        2 * s.num_hidden_layers * 2 * (world_size - s.num_key_value_heads) * head_dim * s.hidden_size
-    )
+    kv_replicas = 2 * s.num_hidden_layers * 2 * (world_size - s.num_key_value_heads) * head_dim * s.hidden_size
     padding = 2 * 2 * (256 - s.vocab_size) * s.hidden_size
     assert model == sum(p.stat().st_size for p in (model_root / MODEL).glob("*.safetensors")) - sum(
         _header_bytes(p) for p in (model_root / MODEL).glob("*.safetensors")

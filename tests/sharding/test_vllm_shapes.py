@@ -144,9 +144,7 @@ MIXTRAL_ENDS: dict[int, dict[str, tuple[int, ...]]] = {
 }
 
 
-def expected_table(
-    layer: dict[str, tuple[int, ...]], ends: dict[str, tuple[int, ...]]
-) -> dict[str, tuple[int, ...]]:
+def expected_table(layer: dict[str, tuple[int, ...]], ends: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     table = dict(ends)
     for i in range(2):
         table |= {f"model.layers.{i}.{name}": shape for name, shape in layer.items()}
@@ -163,9 +161,7 @@ def test_vllm_layout_shapes_match_vllm_layers(family: Any, layer: Table, ends: T
     expected = expected_table(layer[tp], ends[tp])
     records = fx.records_of(family)
     for rank in range(tp):
-        plans = plan_shard(
-            records, ShardSpec("m", rank=rank, world_size=tp, layout="vllm"), family.model_config
-        )
+        plans = plan_shard(records, ShardSpec("m", rank=rank, world_size=tp, layout="vllm"), family.model_config)
         got = {p.name: p.shape for p in plans}
         assert got == expected, f"rank {rank} of {tp}"
         assert {p.dtype for p in plans} == {"BF16"}
@@ -174,9 +170,7 @@ def test_vllm_layout_shapes_match_vllm_layers(family: Any, layer: Table, ends: T
 
 
 def test_vllm_layout_tensor_order_is_embeddings_layers_head() -> None:
-    plans = plan_shard(
-        fx.records_of(LLAMA), ShardSpec("m", rank=0, world_size=2, layout="vllm"), LLAMA.model_config
-    )
+    plans = plan_shard(fx.records_of(LLAMA), ShardSpec("m", rank=0, world_size=2, layout="vllm"), LLAMA.model_config)
     names = [p.name for p in plans]
     assert names[0] == "model.embed_tokens.weight"
     assert set(names[-2:]) == {"model.norm.weight", "lm_head.weight"}

@@ -129,9 +129,7 @@ def test_processes_sharing_a_volume_download_once(tmp_path: Path) -> None:
     # forked, not spawned: a fresh interpreter would spend seconds importing torch
     ctx = multiprocessing.get_context("fork")
     log = tmp_path / "fills.log"
-    procs = [
-        ctx.Process(target=_populate_in_child, args=(str(tmp_path / "cache"), str(log))) for _ in range(2)
-    ]
+    procs = [ctx.Process(target=_populate_in_child, args=(str(tmp_path / "cache"), str(log))) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:

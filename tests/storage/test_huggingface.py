@@ -45,9 +45,7 @@ def test_offline_resolves_a_branch_from_the_cache(
     assert backend.resolve(parse_remote(f"hf://{TINY}@{COMMIT}")).model_dir == snapshot
 
 
-def test_offline_refuses_what_the_cache_lacks(
-    hf_offline: Path, model_root: Path, build_hf_cache: Any
-) -> None:
+def test_offline_refuses_what_the_cache_lacks(hf_offline: Path, model_root: Path, build_hf_cache: Any) -> None:
     backend = storage_for("hf", ServerConfig())
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE=1"):
         backend.resolve(parse_remote(f"hf://{TINY}"))
@@ -188,9 +186,7 @@ def test_no_index_means_every_top_level_safetensors(hub_env: Any, tmp_path: Path
             "sub/c.safetensors": b"no",
         },
     )
-    location = HuggingFaceStorage(tmp_path / "hf", endpoint=hub_env.url).resolve(
-        parse_remote("hf://org/flat")
-    )
+    location = HuggingFaceStorage(tmp_path / "hf", endpoint=hub_env.url).resolve(parse_remote("hf://org/flat"))
     assert sorted(p.name for p in location.model_dir.iterdir()) == [
         "a.safetensors",
         "b.safetensors",

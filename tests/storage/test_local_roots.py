@@ -111,9 +111,7 @@ def test_symlink_inside_the_root_resolves(tmp_path: Path) -> None:
 def test_unknown_name_lists_what_is_there(tmp_path: Path) -> None:
     make_model(tmp_path, "org/a")
     make_model(tmp_path, "org/b")
-    with pytest.raises(
-        ModelNotFoundError, match=r"model 'org/c' not under any --model-root; have: org/a, org/b"
-    ):
+    with pytest.raises(ModelNotFoundError, match=r"model 'org/c' not under any --model-root; have: org/a, org/b"):
         LocalRoots([tmp_path]).resolve("org/c")
 
 

@@ -66,7 +66,5 @@ def test_a_download_that_keeps_failing_leaves_no_files(tmp_path: Path) -> None:
         return b"x" * (job.end - job.start)
 
     with pytest.raises(ConnectionError):
-        download_files(
-            files, tmp_path, read, lambda e: isinstance(e, ConnectionError), part_bytes=1024, attempts=2
-        )
+        download_files(files, tmp_path, read, lambda e: isinstance(e, ConnectionError), part_bytes=1024, attempts=2)
     assert list(tmp_path.iterdir()) == []

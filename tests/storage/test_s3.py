@@ -29,9 +29,7 @@ def storage(tmp_path: Path, client: Any, **kwargs: Any) -> S3Storage:
 
 
 @pytest.fixture
-def uploaded(
-    bucket: tuple[Any, str], model_root: Path, tmp_path: Path, s3: SimpleNamespace
-) -> tuple[Any, str, Path]:
+def uploaded(bucket: tuple[Any, str], model_root: Path, tmp_path: Path, s3: SimpleNamespace) -> tuple[Any, str, Path]:
     """The tiny Llama under s3://BUCKET/prefix/model, beside files a server must never fetch."""
     client, name = bucket
     source = tmp_path / "source"
@@ -104,15 +102,9 @@ def test_a_replaced_object_is_a_new_revision(uploaded: tuple[Any, str, Path], tm
     )
     second = storage(tmp_path, client).resolve(parse_remote(remote))
     assert second.revision != first.revision and second.model_dir != first.model_dir
-    assert (
-        storage(tmp_path, client).resolve(parse_remote(f"{remote}@{second.revision}")).model_dir
-        == second.model_dir
-    )
+    assert storage(tmp_path, client).resolve(parse_remote(f"{remote}@{second.revision}")).model_dir == second.model_dir
     # the old revision is still on disk, so a name pinned to it is served from there ...
-    assert (
-        storage(tmp_path, client).resolve(parse_remote(f"{remote}@{first.revision}")).model_dir
-        == first.model_dir
-    )
+    assert storage(tmp_path, client).resolve(parse_remote(f"{remote}@{first.revision}")).model_dir == first.model_dir
     # ... and a server without it cannot fetch it again
     with pytest.raises(ModelNotFoundError, match="only the current objects"):
         storage(tmp_path / "elsewhere", client).resolve(parse_remote(f"{remote}@{first.revision}"))

@@ -114,9 +114,7 @@ class ModelCache:
 
     async def _open(self, key: EntryKey, location: ModelLocation, found: ModelFiles) -> ModelEntry:
         started = time.perf_counter()
-        loader = await asyncio.to_thread(
-            loader_for(self.loaders.get(found.format, found.format)), found.files
-        )
+        loader = await asyncio.to_thread(loader_for(self.loaders.get(found.format, found.format)), found.files)
         try:
             model_config = await asyncio.to_thread(model_config_for, loader, found.model_dir)
             total = await asyncio.to_thread(lambda: found.total_bytes)
@@ -143,9 +141,7 @@ class ModelCache:
         )
         return entry
 
-    async def chunk(
-        self, entry: ModelEntry, key: ChunkKey, fill: Callable[[], Awaitable[CachedChunk]]
-    ) -> CachedChunk:
+    async def chunk(self, entry: ModelEntry, key: ChunkKey, fill: Callable[[], Awaitable[CachedChunk]]) -> CachedChunk:
         """A chunk from the cache, or from `fill()` once however many streams ask at once.
 
         The fill runs as its own task: a stream that disconnects does not cancel the
@@ -161,9 +157,7 @@ class ModelCache:
             task.add_done_callback(lambda _: entry.inflight.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _fill(
-        self, entry: ModelEntry, key: ChunkKey, fill: Callable[[], Awaitable[CachedChunk]]
-    ) -> CachedChunk:
+    async def _fill(self, entry: ModelEntry, key: ChunkKey, fill: Callable[[], Awaitable[CachedChunk]]) -> CachedChunk:
         chunk = await fill()
         if not entry.retired and self.budget.admit(len(chunk.message)):
             entry.keep(key, chunk)

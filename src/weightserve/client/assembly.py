@@ -99,14 +99,10 @@ class FetchSession:
         self.pending = [TensorProgress(manifest.tensors[i], i) for i in order]
         for progress in self.pending:
             if nbytes_of(progress.info) != progress.info.nbytes:
-                raise IntegrityError(
-                    f"manifest entry {progress.info.name!r}: shape and dtype disagree with nbytes"
-                )
+                raise IntegrityError(f"manifest entry {progress.info.name!r}: shape and dtype disagree with nbytes")
         self._by_index = {p.index: p for p in self.pending}
         self._cursor = 0
-        self._writer = (
-            None if device.type == "cpu" else _DeviceWriter(device, max(manifest.max_chunk_bytes, 1))
-        )
+        self._writer = None if device.type == "cpu" else _DeviceWriter(device, max(manifest.max_chunk_bytes, 1))
 
     @property
     def complete(self) -> bool:
@@ -140,9 +136,7 @@ class FetchSession:
         if chunk.header is not None:
             self._check_header(progress, pb.TensorHeader.FromString(chunk.header))
         if wire.crc32c(chunk.data) != chunk.crc:
-            raise IntegrityError(
-                f"tensor {progress.info.name!r}: chunk at byte {chunk.offset} failed its crc32c"
-            )
+            raise IntegrityError(f"tensor {progress.info.name!r}: chunk at byte {chunk.offset} failed its crc32c")
         size = len(chunk.data)
         if progress.received + size > progress.info.nbytes:
             raise IntegrityError(f"tensor {progress.info.name!r}: more bytes than its {progress.info.nbytes}")
@@ -152,11 +146,7 @@ class FetchSession:
         running = wire.crc32c_combine(progress.running_crc, chunk.crc, size)
         if chunk.last:
             expected = progress.info.crc32c if progress.info.HasField("crc32c") else chunk.tensor_crc
-            if (
-                progress.received + size != progress.info.nbytes
-                or running != chunk.tensor_crc
-                or running != expected
-            ):
+            if progress.received + size != progress.info.nbytes or running != chunk.tensor_crc or running != expected:
                 progress.received, progress.running_crc = 0, 0  # refetch the whole tensor
                 raise IntegrityError(f"tensor {progress.info.name!r} failed its whole-tensor crc32c")
             progress.done = True

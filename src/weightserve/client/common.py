@@ -93,9 +93,7 @@ def fetch_error(error: grpc.RpcError, action: str) -> FetchError:
 
 def progress_bar(total: int, desc: str) -> tqdm:
     """A byte progress bar on a terminal, silent otherwise."""
-    return tqdm(
-        total=total, unit="B", unit_scale=True, desc=desc, disable=not sys.stderr.isatty(), leave=False
-    )
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not sys.stderr.isatty(), leave=False)
 
 
 class ResumeLoop:
@@ -117,9 +115,7 @@ class ResumeLoop:
         wanted = set(self.names) or None
         total = sum(t.nbytes for t in manifest.tensors if wanted is None or t.name in wanted)
         self.bar = progress_bar(total, args.model)
-        self.session = FetchSession(
-            manifest, names, device, on_bytes=self.bar.update, destinations=destinations
-        )
+        self.session = FetchSession(manifest, names, device, on_bytes=self.bar.update, destinations=destinations)
         self.attempt = 0
         self._integrity_failures = 0
 

@@ -72,9 +72,7 @@ class WeightClient:
         """Every model the server can serve."""
         return list(self._call("list models", self._stub.ListModels, pb.ListModelsRequest()).models)
 
-    def get_manifest(
-        self, model: str, *, rank: int = 0, world_size: int = 1, **kw: Any
-    ) -> pb.GetManifestResponse:
+    def get_manifest(self, model: str, *, rank: int = 0, world_size: int = 1, **kw: Any) -> pb.GetManifestResponse:
         """One rank's plan: names, shapes, dtypes, sizes, digests and the manifest id."""
         args = ShardArgs(model, rank, world_size, **kw)
         manifest: pb.GetManifestResponse = self._call(
@@ -138,9 +136,7 @@ class WeightClient:
             ep_size,
             since_mapping,
         )
-        manifest = self._call(
-            f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto())
-        )
+        manifest = self._call(f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto()))
         loop = ResumeLoop(args, manifest, names, torch.device(device), self.retry, destinations)
         self.last_stats = loop.stats
         while (request := loop.next_request()) is not None:

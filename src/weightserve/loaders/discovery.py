@@ -50,8 +50,6 @@ def files_from_index(model_dir: Path, index_name: str) -> list[Path] | None:
 def files_by_suffix(model_dir: Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Weight files in `model_dir` (not recursive) with one of `suffixes`, naturally sorted."""
     found = [
-        p
-        for p in model_dir.iterdir()
-        if p.suffix in suffixes and p.is_file() and not NOT_FOR_INFERENCE.match(p.name)
+        p for p in model_dir.iterdir() if p.suffix in suffixes and p.is_file() and not NOT_FOR_INFERENCE.match(p.name)
     ]
     return sorted(found, key=natural_key)

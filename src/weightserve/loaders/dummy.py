@@ -67,9 +67,7 @@ def splitmix64(seed: int, start: int, stop: int) -> npt.NDArray[np.uint64]:
 def _bound(dtype: str) -> float:
     """The largest `dtype` value at most BOUND: values scaled to it never round past BOUND."""
     if dtype == "BF16":  # bfloat16 is float32's top half: truncating rounds a positive value down
-        return float(
-            (np.array([BOUND], np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)[0]
-        )
+        return float((np.array([BOUND], np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)[0])
     kind = {"F16": np.float16, "F32": np.float32}[dtype]
     value = kind(BOUND)
     return float(value if float(value) <= BOUND else np.nextafter(value, kind(0)))
@@ -188,9 +186,7 @@ def write_dummy_root(models: Iterable[tuple[str, Path]]) -> Path:
             or len(rel.parts) > 3
             or any(p in ("", "..") or p[0] == "." for p in rel.parts)
         ):
-            raise ValueError(
-                f"dummy model name {name!r} must be a relative path of at most 3 parts, like org/model"
-            )
+            raise ValueError(f"dummy model name {name!r} must be a relative path of at most 3 parts, like org/model")
         try:
             read_config(config_path)
         except CorruptCheckpointError as e:

@@ -35,9 +35,7 @@ def import_fastsafetensors() -> ModuleType:
     try:
         import fastsafetensors
     except ImportError:
-        raise PreconditionError(
-            f"the fastsafetensors loader needs the fastsafetensors package: {EXTRA}"
-        ) from None
+        raise PreconditionError(f"the fastsafetensors loader needs the fastsafetensors package: {EXTRA}") from None
     module: ModuleType = fastsafetensors
     return module
 
@@ -66,14 +64,10 @@ class FastSafetensorsLoader(Loader):
                 for entry in (e for entries in headers for e in entries):
                     data = np.empty(0, dtype=np.uint8)
                     if entry.end > entry.begin:  # the buffer's tensors outlive buffers.close()
-                        data = (
-                            buffers.get_tensor(entry.name).contiguous().reshape(-1).view(torch.uint8).numpy()
-                        )
+                        data = buffers.get_tensor(entry.name).contiguous().reshape(-1).view(torch.uint8).numpy()
                     self.sources.append(MemorySource(f"{entry.name} (fastsafetensors)", data))
                     self.records.append(
-                        TensorRecord(
-                            entry.name, entry.dtype, entry.shape, len(self.sources) - 1, 0, data.nbytes
-                        )
+                        TensorRecord(entry.name, entry.dtype, entry.shape, len(self.sources) - 1, 0, data.nbytes)
                     )
             finally:
                 buffers.close()

@@ -66,9 +66,7 @@ def gguf_files(model_dir: Path) -> list[Path]:
     groups: dict[str, list[Path]] = {}
     for path in files:
         match = _SPLIT.match(path.name)
-        groups.setdefault(f"{match['stem']}-*-of-{match['count']}.gguf" if match else path.name, []).append(
-            path
-        )
+        groups.setdefault(f"{match['stem']}-*-of-{match['count']}.gguf" if match else path.name, []).append(path)
     if len(groups) > 1:
         if model_dir not in _warned:
             _warned.add(model_dir)
@@ -81,9 +79,7 @@ def gguf_files(model_dir: Path) -> list[Path]:
             numbers = sorted(int(_SPLIT.match(p.name)["part"]) for p in parts)  # type: ignore[index]
             count = int(match["count"])
             if numbers != list(range(1, count + 1)):
-                raise CorruptCheckpointError(
-                    f"{model_dir.name}: {pattern} has parts {numbers}, not 1..{count}"
-                )
+                raise CorruptCheckpointError(f"{model_dir.name}: {pattern} has parts {numbers}, not 1..{count}")
     return files
 
 
@@ -110,9 +106,7 @@ def _read(path: Path, gguf: ModuleType) -> tuple[list[GGUFTensor], dict[str, Any
     try:
         reader = gguf.GGUFReader(path)
         tensors = [
-            GGUFTensor(
-                t.name, t.tensor_type.name, [int(d) for d in t.shape], int(t.n_bytes), int(t.data_offset)
-            )
+            GGUFTensor(t.name, t.tensor_type.name, [int(d) for d in t.shape], int(t.n_bytes), int(t.data_offset))
             for t in reader.tensors
         ]
         metadata = _scalars(reader, gguf)
@@ -158,9 +152,7 @@ class GGUFLoader(Loader):
         else:
             block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
             if not shape or shape[-1] % block:
-                raise CorruptCheckpointError(
-                    f"{path.name}: {name!r} rows of {ne[:1]} are not whole {ggml_type} blocks"
-                )
+                raise CorruptCheckpointError(f"{path.name}: {name!r} rows of {ne[:1]} are not whole {ggml_type} blocks")
             dtype, quant = "U8", ggml_type
             shape = (*shape[:-1], shape[-1] // block * block_bytes)
         source = self.sources[index]

@@ -81,9 +81,7 @@ def _first(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def config_from_metadata(
-    metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
-) -> dict[str, Any] | None:
+def config_from_metadata(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | None:
     """A config.json-equivalent dict from GGUF metadata; None without an architecture.
 
     Args:

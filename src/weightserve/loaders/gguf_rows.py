@@ -42,9 +42,7 @@ class PermutedRows(Source):
     rows of the heads it touches, at most) in one pread, then reorders them in memory.
     """
 
-    def __init__(
-        self, base: Source, offset: int, *, n_rows: int, row_bytes: int, n_head: int, label: str
-    ) -> None:
+    def __init__(self, base: Source, offset: int, *, n_rows: int, row_bytes: int, n_head: int, label: str) -> None:
         self.base = base
         self.offset = offset
         self.row_bytes = row_bytes

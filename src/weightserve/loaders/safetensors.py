@@ -56,11 +56,7 @@ def _parse_entry(name: str, spec: Any, data_start: int, data_len: int) -> Header
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CorruptCheckpointError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
     offsets = spec.get("data_offsets")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(type(o) is int for o in offsets)
-    ):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
         raise CorruptCheckpointError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
     begin, end = offsets
     if not 0 <= begin <= end:

@@ -129,7 +129,9 @@ class TorchLoader(Loader):
             dtype = dtype_name(tensor.dtype)
             nbytes = tensor.numel() * tensor.element_size()
             if tensor.is_contiguous() and nbytes:
-                start = tensor.untyped_storage().data_ptr() - base + int(tensor.storage_offset()) * tensor.element_size()
+                start = (
+                    tensor.untyped_storage().data_ptr() - base + int(tensor.storage_offset()) * tensor.element_size()
+                )
                 self.records.append(TensorRecord(name, dtype, tuple(tensor.shape), index, start, nbytes))
             else:
                 self._add_in_memory(f"{path.name}:{name}", name, tensor)

@@ -45,9 +45,7 @@ def _handlers(servicer: Any, service_name: str, preencoded: frozenset[str]) -> g
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
         factory = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
+            grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         )
         handlers[method.name] = factory(
             getattr(servicer, method.name),
@@ -131,17 +129,13 @@ async def serve(config: ServerConfig) -> None:
     server = build_server(config)
     await server.start()
     host = config.listen.rsplit(":", 1)[0]
-    logger.info(
-        "weightserve listening on %s:%d, roots %s", host, server.port, [str(r) for r in config.model_roots]
-    )
+    logger.info("weightserve listening on %s:%d, roots %s", host, server.port, [str(r) for r in config.model_roots])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info(
-        "draining: refusing new calls, waiting up to %.0fs for streams in flight", config.grace_seconds
-    )
+    logger.info("draining: refusing new calls, waiting up to %.0fs for streams in flight", config.grace_seconds)
     await server.stop(config.grace_seconds)
     logger.info("stopped")
 

@@ -14,9 +14,7 @@ class BackgroundServer:
     """Runs `build_server(config)` on a daemon thread; `address` is ready on enter.
 
     Example:
-        >>> with BackgroundServer(
-        ...     ServerConfig(model_roots=(root,), listen="127.0.0.1:0")
-        ... ) as s:  # doctest: +SKIP
+        >>> with BackgroundServer(ServerConfig(model_roots=(root,), listen="127.0.0.1:0")) as s:  # doctest: +SKIP
         ...     WeightClient(s.address).list_models()
     """
 

@@ -136,9 +136,7 @@ class ControlPlane:
         self._publish(model, mapping)
         return mapping
 
-    async def rebalance(
-        self, model: str, policy: str, replicas: int, topology: Topology | None
-    ) -> tuple[str, bool]:
+    async def rebalance(self, model: str, policy: str, replicas: int, topology: Topology | None) -> tuple[str, bool]:
         """Start a job (or return the running one's id)."""
         if model in self.running:
             return self.running[model], True
@@ -151,11 +149,7 @@ class ControlPlane:
         if topology is None:
             raise InvalidRequestError(f"model {model!r} has no mapping yet: give the topology")
         replicas = replicas or (previous.num_physical if previous else info.layout.num_experts)
-        if (
-            previous is None
-            or previous.topology.num_gpus != topology.num_gpus
-            or previous.num_physical != replicas
-        ):
+        if previous is None or previous.topology.num_gpus != topology.num_gpus or previous.num_physical != replicas:
             previous = self._initial(model, info.layout, replicas, topology)
         job = RebalanceJob(uuid.uuid4().hex[:16], model)
         self.jobs[job.job_id] = job
@@ -237,9 +231,7 @@ class ControlPlane:
         current = self.current(spec.model)
         if current is None:
             topology = Topology(num_nodes=1, gpus_per_node=spec.ep_size)
-            current = self._initial(
-                spec.model, layout, layout.num_experts + spec.num_redundant_experts, topology
-            )
+            current = self._initial(spec.model, layout, layout.num_experts + spec.num_redundant_experts, topology)
         if current.topology.num_gpus != spec.ep_size:
             raise InvalidRequestError(
                 f"model {spec.model!r} expert mapping v{current.version} is for ep_size "
@@ -247,9 +239,7 @@ class ControlPlane:
             )
         slots = current.gpu_slots(spec.ep_rank)
         physical = tuple(tuple(slots) for _ in layout.layers)
-        logical = tuple(
-            tuple(current.experts_on_gpu(layer, spec.ep_rank)) for layer in range(len(layout.layers))
-        )
+        logical = tuple(tuple(current.experts_on_gpu(layer, spec.ep_rank)) for layer in range(len(layout.layers)))
         if spec.since_mapping is None:
             send = tuple(tuple(range(len(slots))) for _ in layout.layers)
         else:

@@ -26,9 +26,7 @@ def mapping_to(mapping: ExpertMapping, balancedness: float = 0.0) -> pb.ExpertMa
     top = mapping.topology
     return pb.ExpertMapping(
         version=mapping.version,
-        topology=pb.ExpertTopology(
-            num_nodes=top.num_nodes, gpus_per_node=top.gpus_per_node, num_groups=top.num_groups
-        ),
+        topology=pb.ExpertTopology(num_nodes=top.num_nodes, gpus_per_node=top.gpus_per_node, num_groups=top.num_groups),
         num_layers=mapping.num_layers,
         num_logical=mapping.num_logical,
         num_physical=mapping.num_physical,
@@ -66,13 +64,9 @@ class ControlServicer:
         return pb.ReportExpertLoadResponse(reports_in_window=count)
 
     @unary_errors
-    async def Rebalance(
-        self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RebalanceResponse:
+    async def Rebalance(self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext) -> pb.RebalanceResponse:
         topology = topology_from(request.topology) if request.HasField("topology") else None
-        job_id, running = await self.control.rebalance(
-            request.model, request.policy, request.num_replicas, topology
-        )
+        job_id, running = await self.control.rebalance(request.model, request.policy, request.num_replicas, topology)
         return pb.RebalanceResponse(job_id=job_id, already_running=running)
 
     @unary_errors

@@ -88,9 +88,7 @@ class ResumeFrom:
 class DataPlane:
     """What the WeightService RPCs do, minus gRPC."""
 
-    def __init__(
-        self, config: ServerConfig, cache: ModelCache, executor: Executor, control: ControlPlane
-    ) -> None:
+    def __init__(self, config: ServerConfig, cache: ModelCache, executor: Executor, control: ControlPlane) -> None:
         self.config = config
         self.cache = cache
         self.executor = executor
@@ -168,23 +166,17 @@ class DataPlane:
         if spec.ep_size:
             layout = entry.moe_layout()
             if layout is None:
-                raise InvalidRequestError(
-                    f"model {spec.model!r} has no experts to spread over ep_size {spec.ep_size}"
-                )
+                raise InvalidRequestError(f"model {spec.model!r} has no experts to spread over ep_size {spec.ep_size}")
             slots = self.control.slots(spec, layout)
             params["mapping_version"] = slots.version
         mid = wire.manifest_id(entry.revision, params)
         plans = entry.plans.get(mid)
         if plans is None:
             loader = entry.loader
-            plans = plan_shard(
-                loader.records, spec, entry.model_config, self.rules, loader.saved_shards, slots
-            )
+            plans = plan_shard(loader.records, spec, entry.model_config, self.rules, loader.saved_shards, slots)
             for plan in plans:
                 if len(plan.name.encode()) > MAX_NAME_BYTES:
-                    raise InvalidRequestError(
-                        f"tensor name of {len(plan.name)} characters is too long to serve"
-                    )
+                    raise InvalidRequestError(f"tensor name of {len(plan.name)} characters is too long to serve")
             entry.plans[mid] = plans
         digests = [entry.digests.get((mid, p.name)) for p in plans]
         return Manifest(mid, entry.revision, entry.format, plans, digests, self.config.chunk_bytes, slots)
@@ -214,9 +206,7 @@ class DataPlane:
                     "fetch the manifest again"
                 )
             selection, start = _selection(manifest, names, manifest_id, resume)
-            framer = ChunkFramer(
-                manifest.tensors, {i: d for i, d in enumerate(manifest.digests) if d is not None}
-            )
+            framer = ChunkFramer(manifest.tensors, {i: d for i, d in enumerate(manifest.digests) if d is not None})
             window = self.config.prefetch_depth * self.config.chunk_bytes
             self.cache.budget.reserve_window(window)
             started, sent = time.perf_counter(), 0
@@ -256,9 +246,7 @@ class DataPlane:
         if revision:
             found = await asyncio.to_thread(model_files, location.model_dir, "", location.revision)
             if found.revision != revision:
-                raise PreconditionError(
-                    f"model {model!r} is at revision {found.revision}, not the pinned {revision}"
-                )
+                raise PreconditionError(f"model {model!r} is at revision {found.revision}, not the pinned {revision}")
         async for piece in stream_files(location.model_dir, patterns, self.config.chunk_bytes, location.link_root):
             yield piece
 
@@ -293,7 +281,5 @@ def _selection(
         raise TensorNotFoundError(f"resume tensor {resume.tensor!r} is not in this request's tensors")
     size = manifest.tensors[index].nbytes
     if resume.offset > size:
-        raise InvalidRequestError(
-            f"resume offset {resume.offset} is past tensor {resume.tensor!r} ({size} bytes)"
-        )
+        raise InvalidRequestError(f"resume offset {resume.offset} is past tensor {resume.tensor!r} ({size} bytes)")
     return selection[selection.index(index) :], resume.offset

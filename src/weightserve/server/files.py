@@ -49,9 +49,7 @@ def select_files(model_dir: Path, patterns: list[str] | None, link_root: Path | 
             rel = path.relative_to(root).as_posix()
             if filename.startswith(".") or filename.endswith(WEIGHT_SUFFIXES):
                 continue
-            if any(fnmatch.fnmatch(rel, p) for p in _NEVER) or not any(
-                fnmatch.fnmatchcase(rel, p) for p in patterns
-            ):
+            if any(fnmatch.fnmatch(rel, p) for p in _NEVER) or not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
                 continue
             real = path.resolve()
             if os.path.commonpath([real, allowed]) == str(allowed) and real.is_file():

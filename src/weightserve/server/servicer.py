@@ -53,9 +53,7 @@ class WeightServicer:
             yield convert.file_chunk(piece)
 
     @unary_errors
-    async def Prefetch(
-        self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PrefetchResponse:
+    async def Prefetch(self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext) -> pb.PrefetchResponse:
         spec = ShardSpec(
             model=request.model,
             revision=request.revision,

@@ -70,9 +70,7 @@ def stream_errors(
     """Decorate a server-streaming servicer method so raised errors become statuses."""
 
     @functools.wraps(method)
-    async def wrapper(
-        self: Any, request: Request, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Response]:
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
         try:
             async for item in method(self, request, context):
                 yield item

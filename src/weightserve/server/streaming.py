@@ -131,8 +131,7 @@ class ChunkFramer:
             tensor_crc = self._running if self._running is not None else expected or 0
             if expected is not None and expected != tensor_crc:
                 raise CorruptCheckpointError(
-                    f"tensor {self.plans[job.index].name!r} no longer matches its digest; "
-                    "its file changed while served"
+                    f"tensor {self.plans[job.index].name!r} no longer matches its digest; its file changed while served"
                 )
             self.finished[job.index] = tensor_crc
         prefix = wire.encode_chunk_prefix(
@@ -166,9 +165,7 @@ async def stream_chunks(
         plan = plans[job.index]
 
         async def fill() -> CachedChunk:
-            return await loop.run_in_executor(
-                executor, read_chunk, plan, sources, job.index, job.offset, job.length
-            )
+            return await loop.run_in_executor(executor, read_chunk, plan, sources, job.index, job.offset, job.length)
 
         key = (manifest_id, job.index, job.offset, job.length)
         return asyncio.ensure_future(cache.chunk(entry, key, fill))
@@ -188,9 +185,7 @@ async def stream_chunks(
                 if job.offset and job.index in framer.known:
                     prior = None
                 elif job.offset:
-                    prior = await loop.run_in_executor(
-                        executor, prefix_crc, plans[job.index], sources, job.offset
-                    )
+                    prior = await loop.run_in_executor(executor, prefix_crc, plans[job.index], sources, job.offset)
                 framer.start(prior)
             yield framer.frame(job, chunk)
     finally:

@@ -101,9 +101,7 @@ class Warmer:
             plan = manifest.tensors[index]
 
             async def fill():  # type: ignore[no-untyped-def]
-                return await loop.run_in_executor(
-                    self.executor, read_chunk, plan, sources, index, offset, length
-                )
+                return await loop.run_in_executor(self.executor, read_chunk, plan, sources, index, offset, length)
 
             async with gate:
                 await self.cache.chunk(entry, (manifest.manifest_id, index, offset, length), fill)
@@ -124,6 +122,4 @@ class Warmer:
                 for piece in plan.pieces:
                     source = sources[piece.source] if piece.source >= 0 else None
                     if isinstance(source, FileSource):
-                        source.advise_willneed(
-                            piece.offset, piece.stride * (piece.rows - 1) + piece.row_bytes
-                        )
+                        source.advise_willneed(piece.offset, piece.stride * (piece.rows - 1) + piece.row_bytes)

@@ -23,9 +23,7 @@ from weightserve.loaders.base import TensorRecord
 from weightserve.sharding.plan import TensorPlan
 from weightserve.sharding.slicing import slice_ranges
 
-PER_EXPERT = re.compile(
-    r"^(?P<prefix>.*?\blayers\.(?P<layer>\d+)\..*?\bexperts\.)(?P<expert>\d+)\.(?P<rest>.+)$"
-)
+PER_EXPERT = re.compile(r"^(?P<prefix>.*?\blayers\.(?P<layer>\d+)\..*?\bexperts\.)(?P<expert>\d+)\.(?P<rest>.+)$")
 FUSED = re.compile(r"^(?P<prefix>.*?\blayers\.(?P<layer>\d+)\..*?\bexperts\.)(?P<rest>w13_weight|w2_weight)$")
 
 
@@ -103,8 +101,6 @@ def expert_plans(records: Sequence[TensorRecord], layout: MoeLayout, slots: Expe
                 assert match is not None
                 one = slice_ranges(record, 0, [(expert, 1)])
                 plans.append(
-                    TensorPlan(
-                        f"{match['prefix']}{slot}.{match['rest']}", one.dtype, one.shape[1:], one.pieces
-                    )
+                    TensorPlan(f"{match['prefix']}{slot}.{match['rest']}", one.dtype, one.shape[1:], one.pieces)
                 )
     return plans

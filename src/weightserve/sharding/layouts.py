@@ -27,9 +27,7 @@ def _fuse(name: str, parts: list[TensorPlan]) -> TensorPlan:
     """Concatenate plans along dim 0."""
     dtypes = {p.dtype for p in parts}
     if len(dtypes) != 1 or len({p.shape[1:] for p in parts}) != 1:
-        raise InvalidRequestError(
-            f"cannot fuse {[p.name for p in parts]} into {name!r}: dtypes or shapes differ"
-        )
+        raise InvalidRequestError(f"cannot fuse {[p.name for p in parts]} into {name!r}: dtypes or shapes differ")
     rows = sum(p.shape[0] for p in parts)
     pieces = tuple(piece for p in parts for piece in p.pieces)
     return TensorPlan(name, parts[0].dtype, (rows, *parts[0].shape[1:]), pieces)

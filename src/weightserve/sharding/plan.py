@@ -92,9 +92,7 @@ def plan_shard(
     if spec.ep_size:
         layout = moe_layout(records)
         if layout is None or experts is None:
-            raise InvalidRequestError(
-                f"model {spec.model!r} has no experts to spread over ep_size {spec.ep_size}"
-            )
+            raise InvalidRequestError(f"model {spec.model!r} has no experts to spread over ep_size {spec.ep_size}")
         stage = {r.name for r in in_stage(records, spec, config)}
         expert_part = expert_plans([r for r in records if r.name in stage], layout, experts)
         if experts.delta_only:
@@ -104,8 +102,7 @@ def plan_shard(
         return stream_order([whole_tensor(r) for r in records])
     selected = in_stage(records, spec, config)
     plans = [
-        slice_tensor(r, rules.rule_for(r.name, config.model_type), config, spec.rank, spec.world_size)
-        for r in selected
+        slice_tensor(r, rules.rule_for(r.name, config.model_type), config, spec.rank, spec.world_size) for r in selected
     ]
     plans += expert_part
     if spec.layout == "vllm":

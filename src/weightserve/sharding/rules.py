@@ -45,9 +45,7 @@ class Rule:
             raise ValueError(f"rule kind {self.kind!r} is not one of {KINDS}")
 
 
-KNOWN_FAMILIES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3"}
-)
+KNOWN_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3"})
 
 BUILTIN_RULES: tuple[tuple[re.Pattern[str], Rule], ...] = tuple(
     (re.compile(pattern), rule)
@@ -91,9 +89,7 @@ class RuleSet:
                 f"architecture {model_type or '(no model_type in config.json)'!r} has no built-in sharding "
                 f"rules (have {sorted(KNOWN_FAMILIES)}); give the server a rules file (--sharding-rules)"
             )
-        raise InvalidRequestError(
-            f"no sharding rule places tensor {name!r} ({model_type or 'unknown'} family)"
-        )
+        raise InvalidRequestError(f"no sharding rule places tensor {name!r} ({model_type or 'unknown'} family)")
 
 
 def load_rules(path: Path) -> RuleSet:
@@ -126,8 +122,7 @@ def load_rules(path: Path) -> RuleSet:
             rule = Rule("dim", dim)
         else:
             raise ValueError(
-                f"sharding rules {path}: rule {i} needs exactly one of "
-                "dim = N, replicated = true or vocab = true"
+                f"sharding rules {path}: rule {i} needs exactly one of dim = N, replicated = true or vocab = true"
             )
         rules.append((pattern, rule))
     return RuleSet(tuple(rules))

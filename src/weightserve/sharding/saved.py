@@ -112,9 +112,7 @@ def write_saved(
     for rank, parts in enumerate(plan.parts):
         for part, plans in enumerate(parts):
             path = out_dir / part_name(rank, part)
-            write = functools.partial(
-                write_part, plans=plans, sources=loader.sources, buffer=buffer, on_bytes=on_bytes
-            )
+            write = functools.partial(write_part, plans=plans, sources=loader.sources, buffer=buffer, on_bytes=on_bytes)
             atomic_write(path, _readable(write))
             written.append(path)
     for rel, source in sorted((extra_files or {}).items()):
@@ -130,10 +128,7 @@ def write_saved(
         "model": plan.model,
         "source_format": loader.name,
         "max_part_size": plan.max_part_size,
-        "files": {
-            str(rank): [part_name(rank, p) for p in range(len(parts))]
-            for rank, parts in enumerate(plan.parts)
-        },
+        "files": {str(rank): [part_name(rank, p) for p in range(len(parts))] for rank, parts in enumerate(plan.parts)},
         "total_bytes": plan.total_bytes,
         "writer": f"weightserve {__version__}",
     }

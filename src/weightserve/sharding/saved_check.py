@@ -51,9 +51,7 @@ class SourceModel:
     rules: RuleSet = field(default_factory=RuleSet)
 
 
-def check_saved(
-    saved_dir: Path, source: SourceModel | None = None, rules: RuleSet | None = None
-) -> SavedCheck:
+def check_saved(saved_dir: Path, source: SourceModel | None = None, rules: RuleSet | None = None) -> SavedCheck:
     """Check a directory written by `weightserve shard` (or saved by vLLM).
 
     Args:
@@ -73,14 +71,10 @@ def check_saved(
         if rank not in check.tensors:
             check.problems.append(f"rank {rank}: no model-rank-{rank}-part-*.safetensors file")
     for rank in sorted(r for r in check.tensors if r >= check.world_size):
-        check.problems.append(
-            f"rank {rank}: has files, but the directory is saved for world_size {check.world_size}"
-        )
+        check.problems.append(f"rank {rank}: has files, but the directory is saved for world_size {check.world_size}")
     listed = {name for names in meta.files.values() for name in names} if meta else set()
     if listed:
-        check.problems += [
-            f"{name}: listed in {METADATA_NAME} but missing" for name in sorted(listed - files)
-        ]
+        check.problems += [f"{name}: listed in {METADATA_NAME} but missing" for name in sorted(listed - files)]
         check.problems += [f"{name}: not listed in {METADATA_NAME}" for name in sorted(files - listed)]
     if source is not None:
         _against_source(check, source)
@@ -115,8 +109,7 @@ def _read_metadata(saved_dir: Path, check: SavedCheck) -> _Metadata | None:
         return None
     if type(world_size) is not int or world_size < 1 or layout not in LAYOUTS:
         check.problems.append(
-            f"{METADATA_NAME}: world_size {world_size!r} must be an integer >= 1 "
-            f"and layout {layout!r} one of {LAYOUTS}"
+            f"{METADATA_NAME}: world_size {world_size!r} must be an integer >= 1 and layout {layout!r} one of {LAYOUTS}"
         )
         return None
     if not isinstance(files, dict) or not all(isinstance(v, list) for v in files.values()):
@@ -147,9 +140,7 @@ def _read_ranks(saved_dir: Path, check: SavedCheck) -> set[str]:
         tensors = check.tensors.setdefault(int(match.group(1)), {})
         for entry in entries:
             if entry.name in tensors:
-                check.problems.append(
-                    f"{path.name}: {entry.name} is also in another part of rank {match.group(1)}"
-                )
+                check.problems.append(f"{path.name}: {entry.name} is also in another part of rank {match.group(1)}")
             tensors[entry.name] = (entry.dtype, entry.shape)
     return names
 
@@ -179,14 +170,10 @@ def _against_source(check: SavedCheck, source: SourceModel) -> None:
         if missing:
             check.problems.append(f"rank {rank}: {len(missing)} tensors missing: {_names(missing)}")
         if extra:
-            check.problems.append(
-                f"rank {rank}: {len(extra)} tensors not in the source's plan: {_names(extra)}"
-            )
+            check.problems.append(f"rank {rank}: {len(extra)} tensors not in the source's plan: {_names(extra)}")
         for name, want in expected.items():
             if name in saved and saved[name] != want:
-                check.problems.append(
-                    f"rank {rank}: {name} is {_show(saved[name])}; the source gives {_show(want)}"
-                )
+                check.problems.append(f"rank {rank}: {name} is {_show(saved[name])}; the source gives {_show(want)}")
 
 
 def _across_ranks(check: SavedCheck) -> None:
@@ -231,17 +218,11 @@ def _against_rules(check: SavedCheck, config: ModelConfig, rules: RuleSet) -> No
 
 def _local_rows(kind: str, config: ModelConfig, world_size: int, name: str) -> int | None:
     """Rows of a head-split tensor on one rank, or None when the rule is not by heads."""
-    if (
-        kind not in ("q", "kv", "qkv")
-        or not config.num_attention_heads
-        or not config.head_dim
-        or world_size < 1
-    ):
+    if kind not in ("q", "kv", "qkv") or not config.num_attention_heads or not config.head_dim or world_size < 1:
         return None
     if config.num_attention_heads % world_size:
         raise InvalidRequestError(
-            f"{name}: num_attention_heads {config.num_attention_heads} "
-            f"is not divisible by world_size {world_size}"
+            f"{name}: num_attention_heads {config.num_attention_heads} is not divisible by world_size {world_size}"
         )
     q_rows = config.num_attention_heads * config.head_dim // world_size
     kv_rows = kv_range(config, 0, world_size, name)[1]

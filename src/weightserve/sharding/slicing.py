@@ -45,9 +45,7 @@ def slice_ranges(record: TensorRecord, dim: int, ranges: Ranges) -> TensorPlan:
     else:
         for row in range(outer):
             for start, length in ranges:
-                pieces.append(
-                    Piece(record.source, record.offset + row * stride + start * inner, length * inner)
-                )
+                pieces.append(Piece(record.source, record.offset + row * stride + start * inner, length * inner))
     shape[dim] = sum(length for _, length in ranges)
     return TensorPlan(record.name, record.dtype, tuple(shape), tuple(_merge(p for p in pieces if p.nbytes)))
 
@@ -88,9 +86,7 @@ def kv_range(config: ModelConfig, rank: int, world_size: int, name: str) -> tupl
         start, count = even_range(heads, rank, world_size, f"num_key_value_heads of {name!r}")
         return start * head_dim, count * head_dim
     if world_size % heads:
-        raise InvalidRequestError(
-            f"num_key_value_heads {heads} and world_size {world_size}: neither divides the other"
-        )
+        raise InvalidRequestError(f"num_key_value_heads {heads} and world_size {world_size}: neither divides the other")
     head = rank // (world_size // heads)
     return head * head_dim, head_dim
 
@@ -119,9 +115,7 @@ def _vocab(record: TensorRecord, config: ModelConfig, rank: int, world_size: int
 
 def _q(record: TensorRecord, config: ModelConfig, rank: int, world_size: int) -> TensorPlan:
     _check_attention(config, world_size, record.name)
-    return slice_ranges(
-        record, 0, [even_range(record.shape[0], rank, world_size, f"rows of {record.name!r}")]
-    )
+    return slice_ranges(record, 0, [even_range(record.shape[0], rank, world_size, f"rows of {record.name!r}")])
 
 
 def _kv(record: TensorRecord, config: ModelConfig, rank: int, world_size: int) -> TensorPlan:
@@ -149,9 +143,7 @@ def _halves(record: TensorRecord, dim: int, rank: int, world_size: int) -> Tenso
     return slice_ranges(record, dim, [(start, length), (half + start, length)])
 
 
-def slice_tensor(
-    record: TensorRecord, rule: Rule, config: ModelConfig, rank: int, world_size: int
-) -> TensorPlan:
+def slice_tensor(record: TensorRecord, rule: Rule, config: ModelConfig, rank: int, world_size: int) -> TensorPlan:
     """Rank `rank`'s piece of `record` under `rule`.
 
     Raises:

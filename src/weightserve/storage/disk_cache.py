@@ -112,9 +112,7 @@ class DiskCache:
         >>> model_dir = cache.lookup(key) or cache.populate(key, nbytes, download_into)  # doctest: +SKIP
     """
 
-    def __init__(
-        self, root: Path, budget_bytes: int = 0, in_use: Callable[[Path], bool] | None = None
-    ) -> None:
+    def __init__(self, root: Path, budget_bytes: int = 0, in_use: Callable[[Path], bool] | None = None) -> None:
         self.root = Path(root)
         self.budget_bytes = budget_bytes
         self.in_use = in_use or open_in_this_process

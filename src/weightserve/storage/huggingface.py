@@ -101,11 +101,7 @@ class HuggingFaceStorage(Storage):
 
         env = os.environ
         offline = _truthy(env["HF_HUB_OFFLINE"]) if "HF_HUB_OFFLINE" in env else constants.HF_HUB_OFFLINE
-        cache = (
-            disk_cache_dir / "hf"
-            if disk_cache_dir
-            else Path(env.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
-        )
+        cache = disk_cache_dir / "hf" if disk_cache_dir else Path(env.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
         endpoint = (env.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
         return cls(cache, endpoint=endpoint, offline=bool(offline), token=env.get("HF_TOKEN") or None)
 
@@ -157,9 +153,7 @@ class HuggingFaceStorage(Storage):
         snapshot = self._repo_dir(repo_id) / "snapshots" / commit
         present = [p.name for p in snapshot.iterdir() if p.is_file()] if snapshot.is_dir() else []
         if not present:
-            raise ModelNotFoundError(
-                f"{name}: commit {commit} is not in the Hugging Face cache at {self.cache_dir}"
-            )
+            raise ModelNotFoundError(f"{name}: commit {commit} is not in the Hugging Face cache at {self.cache_dir}")
         weights = weight_names(present, lambda n: (snapshot / n).read_text(), name)
         missing = sorted(set(weights) - set(present))
         if missing:
@@ -176,9 +170,7 @@ class HuggingFaceStorage(Storage):
         info = HfApi(endpoint=self.endpoint, token=self.token).model_info(repo_id, revision=revision)
         commit = str(info.sha)
         if not COMMIT.match(commit):
-            raise UnavailableError(
-                f"{name}: the Hub answered {commit!r}, not a commit; is HF_ENDPOINT a Hub?"
-            )
+            raise UnavailableError(f"{name}: the Hub answered {commit!r}, not a commit; is HF_ENDPOINT a Hub?")
         listing = top_level(s.rfilename for s in info.siblings or [])
         snapshot = self._repo_dir(repo_id) / "snapshots" / commit
         lock_path = self.cache_dir / ".locks" / repo_folder(repo_id) / f"weightserve-{commit}.lock"

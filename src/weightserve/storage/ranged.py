@@ -137,9 +137,7 @@ def download_files(
 def _checked(read: Callable[[RangeJob], bytes], job: RangeJob) -> bytes:
     data = read(job)
     if len(data) != job.end - job.start:
-        raise ShortReadError(
-            f"{job.file.key}: got {len(data)} of {job.end - job.start} bytes at offset {job.start}"
-        )
+        raise ShortReadError(f"{job.file.key}: got {len(data)} of {job.end - job.start} bytes at offset {job.start}")
     return data
 
 

@@ -162,16 +162,12 @@ class S3Storage(Storage):
         weights = weight_names(listing, lambda n: self._index_text(bucket, listing[n]), label)
         missing = [w for w in weights if w not in listing]
         if missing:
-            raise CorruptCheckpointError(
-                f"{label}: the index names {missing[:5]}, which are not in the bucket"
-            )
+            raise CorruptCheckpointError(f"{label}: the index names {missing[:5]}, which are not in the bucket")
         return [listing[n] for n in sorted(chosen | set(weights))]
 
     def _list(self, bucket: str, prefix: str) -> dict[str, RemoteFile]:
         found = {}
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix + "/", Delimiter="/"
-        )
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/", Delimiter="/")
         for page in pages:
             for obj in page.get("Contents", []):
                 name = obj["Key"][len(prefix) + 1 :]
@@ -209,16 +205,12 @@ def _s3_errors(label: str) -> Iterator[None]:
         if code in _NOT_FOUND:
             raise ModelNotFoundError(f"{label}: {code} ({e})") from e
         if code in _DENIED:
-            raise PermissionDeniedError(
-                f"{label}: the server's AWS credentials may not read it ({code})"
-            ) from e
+            raise PermissionDeniedError(f"{label}: the server's AWS credentials may not read it ({code})") from e
         if code in ("PreconditionFailed", "412"):
             raise UnavailableError(f"{label}: an object changed while it was downloaded; retry") from e
         raise UnavailableError(f"{label}: S3 error {code}: {e}") from e
     except NoCredentialsError as e:
-        raise UnavailableError(
-            f"{label}: the server has no AWS credentials (set AWS_ACCESS_KEY_ID, ...)"
-        ) from e
+        raise UnavailableError(f"{label}: the server has no AWS credentials (set AWS_ACCESS_KEY_ID, ...)") from e
     except (BotoCoreError, ConnectionError) as e:
         raise UnavailableError(f"{label}: S3 could not be reached ({e})") from e
 

@@ -78,9 +78,7 @@ def names_from_index(text: str, index_name: str) -> list[str]:
     for name in names:
         rel = PurePosixPath(name)
         if rel.is_absolute() or ".." in rel.parts or len(rel.parts) != 1:
-            raise CorruptCheckpointError(
-                f"{index_name}: weight file {name!r} is not a file in the model's folder"
-            )
+            raise CorruptCheckpointError(f"{index_name}: weight file {name!r} is not a file in the model's folder")
     return sorted(names)
 
 
@@ -106,6 +104,4 @@ def weight_names(names: Collection[str], read_index: Callable[[str], str], label
     torch_files = [n for n in files if n.endswith(TORCH_SUFFIXES) and not NOT_FOR_INFERENCE.match(n)]
     if torch_files:
         return sorted(torch_files)
-    raise ModelNotFoundError(
-        f"{label}: no weights found (no .safetensors, .bin, .pt or .pth at the top level)"
-    )
+    raise ModelNotFoundError(f"{label}: no weights found (no .safetensors, .bin, .pt or .pth at the top level)")
