@@ -44,6 +44,21 @@ def ensure_checkpoint(root: Path, name: str = "bench/llama-1g", shape: LlamaShap
     return model_dir
 
 
+def serve_command(root: Path, address: str, *extra: str) -> list[str]:
+    """`weightserve serve` over `root` on `address`, quiet, with `extra` flags."""
+    return [
+        sys.executable, "-m", "weightserve.cli", "serve", "--model-root", str(root),
+        "--listen", address, "--log-level", "WARNING", *extra,
+    ]  # fmt: skip
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
+    """Two aligned columns on stdout."""
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        sys.stdout.write(f"{key:<{width}}  {value}\n")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RssSampler, bench_root, ensure_checkpoint, free_port, subprocess_server
+from _common import (
+    RssSampler,
+    bench_root,
+    ensure_checkpoint,
+    free_port,
+    print_table,
+    serve_command,
+    subprocess_server,
+)
 
 from weightserve.checkpoints import LlamaShape
 from weightserve.client import WeightClient
@@ -57,30 +65,13 @@ def timed_fetch(address: str) -> tuple[float, int]:
     return seconds, sum(t.numel() * t.element_size() for t in state.values())
 
 
-def serve_cmd(root: Path, address: str, budget: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "weightserve.cli",
-        "serve",
-        "--model-root",
-        str(root),
-        "--listen",
-        address,
-        "--cache-memory",
-        str(budget),
-        "--log-level",
-        "WARNING",
-    ]
-
-
 def main() -> int:
     root = bench_root()
     model_dir = ensure_checkpoint(root, MODEL, SHAPE)
     model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
     address = f"127.0.0.1:{free_port()}"
-    with subprocess_server(serve_cmd(root, address, 4 * model_bytes), address):
+    with subprocess_server(serve_command(root, address, "--cache-memory", str(4 * model_bytes)), address):
         dropped = drop_page_cache(model_dir)
         cold_s, nbytes = timed_fetch(address)
         warm_s, _ = timed_fetch(address)
@@ -88,8 +79,9 @@ def main() -> int:
 
     budget = model_bytes // 2
     address = f"127.0.0.1:{free_port()}"
-    with subprocess_server(serve_cmd(root, address, budget), address) as server:
-        timed_fetch(address)  # connect and open once so growth counts serving, not imports
+    with subprocess_server(serve_command(root, address, "--cache-memory", str(budget)), address) as server:
+        with WeightClient(address) as client:
+            client.list_models()  # the server is up and its imports are done
         with RssSampler(server.pid) as sampler:
             for _ in range(2):
                 timed_fetch(address)
@@ -106,9 +98,7 @@ def main() -> int:
         ),
         ("RSS growth / budget", f"{rss_ratio:.3f}  (target <= {TARGET_RSS})"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        sys.stdout.write(f"{key:<{width}}  {value}\n")
+    print_table(rows)
     if rss_ratio > TARGET_RSS:
         sys.stdout.write("MISSED: RSS growth over budget\n")
         return 1

@@ -32,7 +32,9 @@ from _common import (
     ensure_checkpoint,
     free_port,
     peak_rss,
+    print_table,
     run_worker,
+    serve_command,
     subprocess_server,
 )
 
@@ -153,18 +155,7 @@ def main() -> int:
     script = Path(__file__).resolve()
     ours_port, raw_port = free_port(), free_port()
     ours_addr, raw_addr = f"127.0.0.1:{ours_port}", f"127.0.0.1:{raw_port}"
-    serve_cmd = [
-        sys.executable,
-        "-m",
-        "weightserve.cli",
-        "serve",
-        "--model-root",
-        str(root),
-        "--listen",
-        ours_addr,
-        "--log-level",
-        "WARNING",
-    ]
+    serve_cmd = serve_command(root, ours_addr)
     raw_cmd = [sys.executable, str(script), "--worker", "raw-server", str(raw_port), str(total)]
 
     with subprocess_server(serve_cmd, ours_addr) as server, subprocess_server(raw_cmd, raw_addr):
@@ -193,9 +184,7 @@ def main() -> int:
         ("client peak RSS growth / state dict", f"{client_rss:.3f}  (target <= {TARGET_CLIENT_RSS})"),
         ("server RSS growth, 4 clients / model", f"{server_rss:.3f}  (target <= {TARGET_SERVER_RSS})"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        sys.stdout.write(f"{key:<{width}}  {value}\n")
+    print_table(rows)
     missed = [
         name
         for name, ok in (

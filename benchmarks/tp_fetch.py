@@ -32,7 +32,9 @@ from _common import (
     bench_root,
     ensure_checkpoint,
     free_port,
+    print_table,
     run_worker,
+    serve_command,
     subprocess_server,
 )
 
@@ -177,8 +179,7 @@ def _measure(repeat: int) -> Runs:
         raise SystemExit(f"{model_dir}: {index['metadata']['total_size']} tensor bytes; BENCH_SHAPE implies {model}")
     script = Path(__file__).resolve()
     address = f"127.0.0.1:{free_port()}"
-    serve_cmd = [sys.executable, "-m", "weightserve.cli", "serve", "--model-root", str(root)]
-    serve_cmd += ["--listen", address, "--log-level", "WARNING"]
+    serve_cmd = serve_command(root, address)
     runs = Runs()
     with subprocess_server(serve_cmd, address) as server:
         _warm(model_dir)
@@ -231,9 +232,7 @@ def _report(runs: Runs) -> list[str]:
             f"{rss_ratio:.3f}  ({max(runs.growths) / 1e6:.1f} MB)  (target <= {TARGET_SERVER_RSS})",
         ),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        sys.stdout.write(f"{key:<{width}}  {value}\n")
+    print_table(rows)
     checks = (
         ("W=1 payload", single["payload"] == model),
         ("payload bytes", payload == expected_payload),
