@@ -21,6 +21,7 @@ from weightserve.cache.entry import CachedChunk, ModelEntry
 from weightserve.cache.model_cache import ModelCache
 from weightserve.errors import CorruptCheckpointError
 from weightserve.loaders.sources import Source
+from weightserve.server.message_buffer import build_message
 from weightserve.sharding.plan import TensorPlan, read_range
 
 _buffers = threading.local()
@@ -72,20 +73,29 @@ def header_of(plan: TensorPlan) -> bytes:
 
 
 def read_chunk(plan: TensorPlan, sources: list[Source], index: int, offset: int, length: int) -> CachedChunk:
-    """Read and frame one chunk (runs on the read pool)."""
-    view = memoryview(_thread_buffer(length))[:length]
-    read_range(plan, sources, offset, view)
-    crc = wire.crc32c(view)
-    prefix = wire.encode_chunk_prefix(
-        header=header_of(plan) if offset == 0 else None,
-        tensor_index=index,
-        offset=offset,
-        crc=crc,
-        last=False,
-        tensor_crc=0,
-        data_len=length,
-    )
-    return CachedChunk(b"".join((prefix, view)), len(prefix), crc)
+    """Read and frame one chunk (runs on the read pool).
+
+    The file's bytes are read straight into the message that carries them; the
+    framing, whose length does not depend on the checksum (a fixed32), is written in
+    front once the payload's checksum is known.
+    """
+    header = header_of(plan) if offset == 0 else None
+
+    def framing(crc: int) -> bytes:
+        return wire.encode_chunk_prefix(
+            header=header, tensor_index=index, offset=offset, crc=crc, last=False, tensor_crc=0, data_len=length
+        )
+
+    crc = 0
+
+    def fill(prefix: memoryview, payload: memoryview) -> None:
+        nonlocal crc
+        read_range(plan, sources, offset, payload)
+        crc = wire.crc32c(payload)
+        prefix[:] = framing(crc)
+
+    prefix_len = len(framing(0))
+    return CachedChunk(build_message(prefix_len, length, fill), prefix_len, crc)
 
 
 def prefix_crc(plan: TensorPlan, sources: list[Source], length: int) -> int:
