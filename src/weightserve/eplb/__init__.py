@@ -1,10 +1,15 @@
 """Expert-parallel load balancing: token counts in, a versioned expert placement out.
 
-Pure computation on CPU tensors; nothing here does I/O or imports grpc.
+Pure computation on CPU tensors; nothing here does I/O or imports grpc. Example:
 
-    >>> from weightserve.eplb import rebalance_experts, balancedness
-    >>> m = rebalance_experts(weight, num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
-    >>> balancedness(weight, m)
+    from weightserve.eplb import balancedness, rebalance_experts
+    from weightserve.eplb.synthetic import zipf_load
+
+    weight = zipf_load(58, 256, 1.2)  # [layers, experts] token counts
+    mapping = rebalance_experts(weight, 288, num_groups=8, num_nodes=4, num_gpus=32)
+    balancedness(weight, mapping)  # about 0.999; plain DeepSeek greedy gets about 0.50
+    later = rebalance_experts(new_weight, 288, 8, 4, 32, policy="locality-aware", previous=mapping)
+    later.delta(mapping, gpu=3)  # per layer, the slots GPU 3 must fetch
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 The policies issue many small batched tensor operations. ATen hands each one above a
 small size to its OpenMP pool; on a two-core host that other processes also use, every
-such hand-off waits for a descheduled worker and costs milliseconds, which made a
-DeepSeek-V3-sized rebalance 10-30x slower than on one thread. `one_thread()` sets the
-calling thread's intra-op thread count to 1 for the block and restores it after. With
-the OpenMP backend the count is per thread, so other threads' torch work is untouched.
+such hand-off waits for a descheduled worker and costs milliseconds; we measured a
+DeepSeek-V3-sized rebalance 5-30x slower with two threads than with one. `one_thread()`
+sets the intra-op thread count to 1 for the block and restores it after. With the
+OpenMP backend the count is per thread: threads already running keep theirs, but a
+thread that first uses torch during the block starts with one.
 """
 
 from __future__ import annotations

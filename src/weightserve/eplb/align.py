@@ -1,16 +1,19 @@
-"""Cheap ways to keep experts where they already are.
+"""Ways to keep experts where they already are while placing them afresh.
 
 Every GPU holds the same number of slots, so renumbering the GPUs of a placement
 changes no load; `match_gpus` renumbers them so each new GPU lands on the old GPU it
-shares most experts with. `recount` changes replica counts by rewriting only the slots
-whose expert must change.
+shares most experts with. `sticky_packing` packs replicas like DeepSeek's greedy
+packing but lets a replica stay on a GPU that held its expert when that costs little.
 """
 
 from __future__ import annotations
 
 import torch
 
-from weightserve.eplb.mapping import gpu_loads, held_by_gpu, replica_counts
+from weightserve.eplb.mapping import held_by_gpu
+
+# Added to the load of a GPU that already holds the expert (far above any token count).
+_AGAIN = 1e200
 
 
 def match_gpus(phy2log: torch.Tensor, previous: torch.Tensor, num_logical: int, num_gpus: int) -> torch.Tensor:
@@ -38,44 +41,62 @@ def match_gpus(phy2log: torch.Tensor, previous: torch.Tensor, num_logical: int, 
     return out
 
 
-def recount(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, counts: torch.Tensor) -> torch.Tensor:
-    """Rewrite the fewest slots so that expert e has counts[layer, e] replicas.
+def sticky_packing(
+    weight: torch.Tensor, counts: torch.Tensor, held_before: torch.Tensor, num_gpus: int, slack: torch.Tensor
+) -> torch.Tensor:
+    """Pack replicas onto GPUs heaviest first, preferring GPUs that held the expert before.
 
-    An expert with too many replicas gives up the ones on its most loaded GPUs; the
-    freed slots go to the experts short of replicas, the heaviest new replica to the
-    least loaded GPU's freed slot.
+    Longest-processing-time packing with equal slot counts, except that a replica goes
+    to the least loaded GPU that held its expert before when that GPU's load is within
+    `slack` mean GPU loads of the least loaded GPU overall. A GPU never gets a second
+    replica of an expert while another GPU with room lacks it.
 
     Args:
-        weight: [layers, num_logical] token counts.
-        phy2log: [layers, num_physical] current placement.
+        weight: [rows, num_logical] token counts.
+        counts: [rows, num_logical] int64 replicas per expert (each >= 1, rows summing
+            to the slot count).
+        held_before: [rows, num_gpus, num_logical] bool, what each GPU held before.
         num_gpus: GPUs.
-        counts: [layers, num_logical] int64 wanted replica counts, each >= 1, each row
-            summing to num_physical.
+        slack: [rows] how far (in mean GPU loads) staying may be from the best choice;
+            0 keeps plain packing except on ties.
+
+    Returns:
+        phy2log [rows, num_physical].
     """
-    layers, num_physical = phy2log.shape
-    num_logical = weight.shape[1]
-    have = replica_counts(phy2log, num_logical)
+    rows, num_logical = weight.shape
+    num_physical = int(counts[0].sum()) if rows else 0
     per_gpu = num_physical // num_gpus
-    slot_load = gpu_loads(weight, phy2log, num_gpus).repeat_interleave(per_gpu, dim=1)
-    # Order slots by (expert, load of their GPU); an expert keeps its first counts[e].
-    by_load = slot_load.argsort(dim=1, stable=True)
-    order = by_load.gather(1, phy2log.gather(1, by_load).argsort(dim=1, stable=True))
-    expert = phy2log.gather(1, order)
-    replica = torch.arange(num_physical) - torch.searchsorted(expert, expert)
-    freed = torch.zeros(layers, num_physical, dtype=torch.bool)
-    freed.scatter_(1, order, replica >= counts.gather(1, expert))
-    short = (counts - have).clamp(min=0)
-    most = int(short.sum(dim=1).max()) if layers else 0
-    if most == 0:
-        return phy2log.clone()
-    # The new replicas, heaviest per-replica load first, one entry per missing replica.
-    by_share = (weight.to(torch.float64) / counts).argsort(dim=1, descending=True)
-    ends = short.gather(1, by_share).cumsum(dim=1)
-    pos = torch.arange(most).expand(layers, -1).contiguous()
-    newcomer = by_share.gather(1, torch.searchsorted(ends, pos, right=True).clamp(max=num_logical - 1))
-    slots = torch.where(freed, slot_load, torch.inf).argsort(dim=1)[:, :most]
-    valid = pos < short.sum(dim=1, keepdim=True)
-    out = phy2log.clone()
-    row = torch.arange(layers)[:, None].expand(-1, most)
-    out[row[valid], slots[valid]] = newcomer[valid]
-    return out
+    share = weight.to(torch.float64) / counts
+    by_share = share.argsort(dim=1, descending=True, stable=True)
+    ends = counts.gather(1, by_share).cumsum(dim=1)
+    pos = torch.arange(num_physical).expand(rows, -1).contiguous()
+    items = by_share.gather(1, torch.searchsorted(ends, pos, right=True))
+    item_share = share.gather(1, items)
+    # leave[r, i, g]: GPU g did not hold item i's expert before, so staying is not an option.
+    leave = ~held_before.transpose(1, 2).gather(1, items.unsqueeze(2).expand(-1, -1, num_gpus))
+    held = torch.zeros(rows * num_logical, num_gpus, dtype=torch.bool)  # [(row, expert), gpu]
+    # A full GPU's load becomes +inf, so every min below only sees GPUs with room; a GPU
+    # already holding the expert is pushed behind every GPU that does not.
+    load = torch.zeros(rows, num_gpus, dtype=torch.float64)
+    filled = torch.zeros(rows, num_gpus, dtype=torch.int64)
+    room = (slack.to(torch.float64) * weight.to(torch.float64).sum(dim=1) / num_gpus).unsqueeze(1)
+    chosen = torch.empty(rows, num_physical, dtype=torch.int64)
+    row = torch.arange(rows)
+    one = torch.ones(rows, 1, dtype=torch.int64)
+    cell = row.unsqueeze(1) * num_logical + items  # [rows, P] row of `held` per item
+    for step in range(num_physical):
+        fresh = torch.add(load, held.index_select(0, cell[:, step]), alpha=_AGAIN)
+        best, gpu = fresh.min(dim=1, keepdim=True)
+        stay_load, stay = fresh.masked_fill(leave[:, step], torch.inf).min(dim=1, keepdim=True)
+        gpu = torch.where(stay_load <= best + room, stay, gpu)
+        chosen[:, step : step + 1] = gpu
+        load.scatter_add_(1, gpu, item_share[:, step : step + 1])
+        filled.scatter_add_(1, gpu, one)
+        load.masked_fill_(filled == per_gpu, torch.inf)
+        held.view(-1).index_fill_(0, cell[:, step] * num_gpus + gpu.squeeze(1), True)
+    # Slot = GPU * per_gpu + the order in which the GPU received its replicas.
+    by_gpu = chosen.argsort(dim=1, stable=True)
+    gpus_sorted = chosen.gather(1, by_gpu)
+    slot = gpus_sorted * per_gpu + torch.arange(num_physical) - torch.searchsorted(gpus_sorted, gpus_sorted)
+    out = torch.empty(rows, num_physical, dtype=torch.int64)
+    return out.scatter_(1, slot, items.gather(1, by_gpu))

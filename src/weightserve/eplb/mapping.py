@@ -84,9 +84,7 @@ class ExpertMapping:
     topology: Topology
 
     @classmethod
-    def from_phy2log(
-        cls, phy2log: torch.Tensor, num_logical: int, topology: Topology, version: int
-    ) -> ExpertMapping:
+    def from_phy2log(cls, phy2log: torch.Tensor, num_logical: int, topology: Topology, version: int) -> ExpertMapping:
         """Build a mapping from its slot table, deriving log2phy and logcnt.
 
         Raises:
@@ -98,9 +96,7 @@ class ExpertMapping:
             raise InvalidRequestError(f"phy2log must be [layers, physical], got shape {list(phy2log.shape)}")
         layers, num_physical = phy2log.shape
         if num_physical % topology.num_gpus:
-            raise InvalidRequestError(
-                f"{num_physical} physical slots do not divide over {topology.num_gpus} GPUs"
-            )
+            raise InvalidRequestError(f"{num_physical} physical slots do not divide over {topology.num_gpus} GPUs")
         if phy2log.numel() and (int(phy2log.min()) < 0 or int(phy2log.max()) >= num_logical):
             raise InvalidRequestError(f"phy2log holds ids outside [0, {num_logical})")
         logcnt = replica_counts(phy2log, num_logical)
@@ -202,6 +198,5 @@ class ExpertMapping:
         theirs = (previous.num_layers, previous.num_logical, previous.num_physical, previous.topology.num_gpus)
         if mine != theirs:
             raise InvalidRequestError(
-                "mappings differ in (layers, logical, physical, gpus): "
-                f"{theirs} (previous) vs {mine} (this one)"
+                f"mappings differ in (layers, logical, physical, gpus): {theirs} (previous) vs {mine} (this one)"
             )

@@ -70,8 +70,10 @@ def _weight_table(weight: object) -> torch.Tensor:
         table = torch.as_tensor(weight)
     except (TypeError, ValueError, RuntimeError) as e:
         raise InvalidRequestError(f"weight must be a [layers, experts] table of token counts: {e}") from None
-    if table.dim() != 2 or table.shape[1] == 0:
-        raise InvalidRequestError(f"weight must be [layers, experts] with experts >= 1, got {list(table.shape)}")
+    if table.dim() != 2 or 0 in table.shape:
+        raise InvalidRequestError(
+            f"weight must be [layers, experts] with layers >= 1 and experts >= 1, got {list(table.shape)}"
+        )
     if table.is_complex() or table.dtype == torch.bool:
         raise InvalidRequestError(f"weight must hold real token counts, got dtype {table.dtype}")
     table = table.detach().to(device="cpu", dtype=torch.float64)
@@ -85,9 +87,7 @@ def _weight_table(weight: object) -> torch.Tensor:
     return table
 
 
-def make_problem(
-    weight: object, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
-) -> Problem:
+def make_problem(weight: object, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> Problem:
     """Validate a rebalance request and return it as a Problem.
 
     Raises:

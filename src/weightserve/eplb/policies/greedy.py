@@ -33,12 +33,15 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack each row's items into `num_packs` packs of equal item count, heaviest first.
 
+    Each item goes to the lightest pack that still has room (lowest index on ties).
+
     Args:
         weight: [rows, items], items a multiple of num_packs.
         num_packs: packs per row.
 
     Returns:
-        (pack, rank): [rows, items] int64, each item's pack and its position in it.
+        (pack, rank): [rows, items] int64, each item's pack and its position in it
+        (the order in which the pack received its items).
     """
     rows, items = weight.shape
     per_pack = items // num_packs
@@ -46,19 +49,26 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
         return torch.arange(items).expand(rows, -1).clone(), torch.zeros(rows, items, dtype=torch.int64)
     weight = weight.float()
     order = weight.sort(dim=-1, descending=True, stable=True).indices
+    heavy_first = weight.gather(1, order)
+    # A full pack's load becomes +inf, so argmin only sees packs with room.
     loads = torch.zeros(rows, num_packs, dtype=torch.float32)
     filled = torch.zeros(rows, num_packs, dtype=torch.int64)
-    pack = torch.empty(rows, items, dtype=torch.int64)
-    rank = torch.empty(rows, items, dtype=torch.int64)
-    row = torch.arange(rows)
-    full = torch.tensor(float("inf"))
+    chosen = torch.empty(rows, items, dtype=torch.int64)
+    one = torch.ones(rows, 1, dtype=torch.int64)
     for step in range(items):
-        item = order[:, step]
-        target = torch.where(filled < per_pack, loads, full).argmin(dim=-1)
-        pack[row, item] = target
-        rank[row, item] = filled[row, target]
-        loads[row, target] += weight[row, item]
-        filled[row, target] += 1
+        target = loads.argmin(dim=-1, keepdim=True)
+        chosen[:, step : step + 1] = target
+        loads.scatter_add_(1, target, heavy_first[:, step : step + 1])
+        filled.scatter_add_(1, target, one)
+        loads.masked_fill_(filled == per_pack, torch.inf)
+    pack = torch.empty_like(chosen).scatter_(1, order, chosen)
+    # Rank in pack = how many earlier (heavier) items went to the same pack.
+    by_pack = chosen.argsort(dim=1, stable=True)
+    rank_sorted = torch.arange(items).expand(rows, -1) - torch.searchsorted(
+        chosen.gather(1, by_pack), chosen.gather(1, by_pack)
+    )
+    rank_in_order = torch.empty_like(chosen).scatter_(1, by_pack, rank_sorted)
+    rank = torch.empty_like(chosen).scatter_(1, order, rank_in_order)
     return pack, rank
 
 

@@ -1,36 +1,39 @@
-"""Balance like `hierarchical`, but keep groups on their node and experts where they are.
+"""Balance like `hierarchical`, but move few experts and keep groups on their node.
 
-Every expert group has a home node: where most of its slots are in the mapping in
-force (or in DeepSeek's placement when there is none). Among the swaps that lower a
-layer's top load, the refinement takes first those that put no expert on a GPU that
-did not hold it, then those that keep replicas on their group's home node, and only
-then looks at the load (see `SwapPreference`).
+Without a previous mapping this is `hierarchical` whose refinement, among the swaps
+that lower a layer's top load, takes first those that keep replicas on their group's
+home node (the node DeepSeek's placement gives the group).
 
-Without a previous mapping this is `hierarchical` with that preference. With one, the
-from-scratch `hierarchical` placement sets each layer's target top load, and per layer
-the policy keeps the cheapest of:
+With a previous mapping, the from-scratch `hierarchical` placement sets each layer's
+target top load, and several candidates are built per layer, each refined until it
+meets its target with swaps that put no expert on a GPU that lacked it taken first:
 
-- the previous placement, refined on the new load until it meets the target;
-- that placement with its replica counts re-decided (the from-scratch counts, by
-  rewriting only the slots that must change), refined the same way;
-- the from-scratch placement with its GPUs renumbered to overlap the previous one.
+- the previous placement itself;
+- `sticky_packing` with the from-scratch replica counts, at a few slacks (how much
+  balance a replica may give up to stay on a GPU that held its expert);
+- the from-scratch placement with its GPUs renumbered to overlap the previous one
+  (this one meets every target).
 
-Layers whose cheap options miss their target switch to the renumbered from-scratch
-placement, the best balance gained per extra move first, until the summed top loads are
-no higher than from scratch: overall balancedness is never below `hierarchical`'s.
+`choose` then takes, per layer, the candidate that minimises moves + lambda * top load,
+with the smallest lambda for which the summed top loads are no higher than from
+scratch: overall balancedness is never below `hierarchical`'s on the same load, and the
+experts kept in place keep the previous mapping's groups on their nodes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from weightserve.eplb.align import match_gpus, recount
+from weightserve.eplb.align import match_gpus, sticky_packing
 from weightserve.eplb.mapping import ExpertMapping, gpu_loads, held_by_gpu, replica_counts
 from weightserve.eplb.policies.base import Policy, register_policy
 from weightserve.eplb.policies.greedy import greedy_placement
 from weightserve.eplb.policies.hierarchical import HierarchicalPolicy, best_of, global_placement
 from weightserve.eplb.problem import Problem
 from weightserve.eplb.refine import SwapPreference, refine_swaps
+
+# Slacks for sticky_packing, in mean GPU loads; more slack keeps more, balances less.
+SLACKS = (0.1, 0.25)
 
 
 def home_nodes(problem: Problem, phy2log: torch.Tensor) -> torch.Tensor:
@@ -45,49 +48,50 @@ def home_nodes(problem: Problem, phy2log: torch.Tensor) -> torch.Tensor:
     return home.repeat_interleave(problem.group_size, dim=1)
 
 
-def _moves(problem: Problem, phy2log: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-    now = held_by_gpu(phy2log, problem.num_logical, problem.num_gpus)
-    return (now & ~before).sum(dim=(1, 2))
-
-
-def choose(tops: torch.Tensor, moves: torch.Tensor, target: torch.Tensor, fallback: int) -> torch.Tensor:
-    """Per layer, the option with the fewest moves, keeping sum(top) <= sum(target).
+def choose(tops: torch.Tensor, moves: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per layer, the option minimising moves + lambda * top, for the least lambda that fits.
 
     Args:
-        tops, moves: [options, layers] top GPU load and moves of each option.
-        target: [layers] top load to meet; option `fallback` meets it in every layer.
-        fallback: index of the option that meets the target everywhere.
+        tops: [options, layers] top GPU load of each option.
+        moves: [options, layers] experts each option moves.
+        target: [layers]; the chosen tops must not sum to more than it does, and some
+            option must be at or below it in every layer.
 
     Returns:
-        [layers] int64 chosen option.
+        [layers] int64 chosen option per layer.
     """
-    options, layers = tops.shape
-    cols = torch.arange(layers)
-    meets = tops <= target * (1 + 1e-12)
-    cost = torch.where(meets, moves.to(torch.float64), torch.inf)
-    choice = cost.argmin(dim=0)
-    missed = ~meets[choice, cols]
-    # Layers with no option at target take their fewest-move option for now ...
-    cheapest = moves.argmin(dim=0)
-    choice = torch.where(missed, cheapest, choice)
-    excess = float((tops[choice, cols] - target).sum())
-    if excess <= 0:
-        return choice
-    # ... then switch to the fallback, most load regained per extra move first.
-    gain = tops[choice, cols] - tops[fallback]
-    extra = (moves[fallback] - moves[choice, cols]).clamp(min=1).to(torch.float64)
-    order = torch.where(missed & (gain > 0), gain / extra, -torch.inf).argsort(descending=True)
-    regained = gain[order].cumsum(dim=0)
-    count = int((regained < excess).sum()) + 1
-    switch = order[: min(count, layers)]
-    switch = switch[missed[switch] & (gain[switch] > 0)]
-    choice[switch] = fallback
-    return choice
+    cols = torch.arange(tops.shape[1])
+    scale = float(target.mean()) or 1.0
+    tops, moves, budget = tops / scale, moves.to(torch.float64), float((target / scale).sum())
+
+    def pick(lam: float) -> torch.Tensor:
+        return (moves + lam * tops).argmin(dim=0)
+
+    def fits(choice: torch.Tensor) -> bool:
+        return float(tops[choice, cols].sum()) <= budget
+
+    if fits(pick(0.0)):
+        return pick(0.0)
+    lo, hi = -3.0, 15.0  # log10 lambda
+    if not fits(pick(10.0**hi)):
+        return tops.argmin(dim=0)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if fits(pick(10.0**mid)):
+            hi = mid
+        else:
+            lo = mid
+    return pick(10.0**hi)
+
+
+def _moves(problem: Problem, phy2log: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    now = held_by_gpu(phy2log, problem.num_logical, problem.num_gpus)
+    return (now & ~before.repeat(phy2log.shape[0] // before.shape[0], 1, 1)).sum(dim=(1, 2))
 
 
 @register_policy("locality-aware")
 class LocalityAwarePolicy(Policy):
-    """Hierarchical balance with the fewest moves and groups kept on their home node."""
+    """Hierarchical balance with the fewest moves; groups kept on their home node."""
 
     def place(self, problem: Problem, previous: ExpertMapping | None) -> torch.Tensor:
         """phy2log; see the module docstring for how `previous` is used."""
@@ -96,21 +100,31 @@ class LocalityAwarePolicy(Policy):
             starts = [start]
             if problem.topology.num_nodes > 1 and problem.hierarchical:
                 starts.append(global_placement(problem))
-            pref = SwapPreference(home_node=home_nodes(problem, start), gpus_per_node=problem.topology.gpus_per_node)
-            return best_of(problem, starts, pref)
-        weight, gpus = problem.weight, problem.num_gpus
-        old = previous.phy2log
+            home = home_nodes(problem, start)
+            return best_of(
+                problem, starts, SwapPreference(home_node=home, gpus_per_node=problem.topology.gpus_per_node)
+            )
+        return self._from(problem, previous.phy2log)
+
+    def _from(self, problem: Problem, old: torch.Tensor) -> torch.Tensor:
+        weight, gpus, layers = problem.weight, problem.num_gpus, problem.num_layers
         scratch = HierarchicalPolicy().place(problem, None)
         target = gpu_loads(weight, scratch, gpus).max(dim=-1).values
         before = held_by_gpu(old, problem.num_logical, gpus)
-        pref = SwapPreference(
-            held_before=before, home_node=home_nodes(problem, old), gpus_per_node=problem.topology.gpus_per_node
+        copies = len(SLACKS)
+        counts = replica_counts(scratch, problem.num_logical).repeat(copies, 1)
+        slack = torch.tensor(SLACKS, dtype=torch.float64).repeat_interleave(layers)
+        packed = sticky_packing(weight.repeat(copies, 1), counts, before.repeat(copies, 1, 1), gpus, slack)
+        starts = torch.cat([old, packed])
+        refined = refine_swaps(
+            weight.repeat(copies + 1, 1),
+            starts,
+            gpus,
+            target=target.repeat(copies + 1),
+            preference=SwapPreference(held_before=before.repeat(copies + 1, 1, 1)),
         )
-        kept = refine_swaps(weight, old, gpus, target=target, preference=pref)
-        counts = replica_counts(scratch, problem.num_logical)
-        recounted = refine_swaps(weight, recount(weight, kept, gpus, counts), gpus, target=target, preference=pref)
-        options = [kept, recounted, match_gpus(scratch, old, problem.num_logical, gpus)]
-        tops = torch.stack([gpu_loads(weight, p, gpus).max(dim=-1).values for p in options])
-        moves = torch.stack([_moves(problem, p, before) for p in options])
-        pick = choose(tops, moves, target, fallback=len(options) - 1)
-        return torch.stack(options)[pick, torch.arange(problem.num_layers)]
+        options = torch.cat([refined, match_gpus(scratch, old, problem.num_logical, gpus)])
+        tops = gpu_loads(weight.repeat(copies + 2, 1), options, gpus).max(dim=-1).values.view(copies + 2, layers)
+        moves = _moves(problem, options, before).view(copies + 2, layers)
+        pick = choose(tops, moves, target)
+        return options.view(copies + 2, layers, -1)[pick, torch.arange(layers)]
