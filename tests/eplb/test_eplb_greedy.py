@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from eplb_cases import check_mapping, reference_greedy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.eplb.eplb_cases import check_mapping, reference_greedy
 from weightserve.eplb import rebalance_experts
 from weightserve.eplb.policies.greedy import balanced_packing, replicate_experts
 from weightserve.eplb.policies.hierarchical import HierarchicalPolicy

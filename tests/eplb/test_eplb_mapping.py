@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from eplb_cases import check_mapping
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.eplb.eplb_cases import check_mapping
 from weightserve.eplb import ExpertMapping, Topology
 from weightserve.errors import InvalidRequestError
 

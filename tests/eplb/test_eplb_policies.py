@@ -7,10 +7,10 @@ import random
 
 import pytest
 import torch
-from eplb_cases import brute_force_top, check_mapping, top_load
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.eplb.eplb_cases import brute_force_top, check_mapping, top_load
 from weightserve.eplb import balancedness, rebalance_experts
 from weightserve.eplb.synthetic import lognormal_load, zipf_load
 

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from faultkit import MID_LLAMA, MID_MODEL, FaultProxy, ServerProcess, free_port
 
+from tests.integration.faultkit import MID_LLAMA, MID_MODEL, FaultProxy, ServerProcess, free_port
 from weightserve.checkpoints import write_llama_checkpoint
 from weightserve.client import WeightClient
 from weightserve.client import sync as client_sync

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from faultkit import MID_MODEL, Corruptor, FaultProxy, assert_bit_identical, load_checkpoint
 
+from tests.integration.faultkit import MID_MODEL, Corruptor, FaultProxy, assert_bit_identical, load_checkpoint
 from weightserve.client import WeightClient
 from weightserve.client.retry import RetryPolicy
 from weightserve.errors import FetchError

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from faultkit import (
+from grpc_health.v1 import health_pb2
+
+from tests.integration.faultkit import (
     MID_MODEL,
     Background,
     FaultProxy,
@@ -18,8 +20,6 @@ from faultkit import (
     load_checkpoint,
     wait_until,
 )
-from grpc_health.v1 import health_pb2
-
 from weightserve.client import WeightClient
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.v1 import weightserve_pb2_grpc as pb_grpc

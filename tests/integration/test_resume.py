@@ -14,7 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from faultkit import (
+
+from tests.integration.faultkit import (
     MID_LLAMA,
     MID_MODEL,
     Background,
@@ -24,7 +25,6 @@ from faultkit import (
     load_checkpoint,
     wait_until,
 )
-
 from weightserve.checkpoints import write_llama_checkpoint
 from weightserve.client import WeightClient
 from weightserve.client.retry import RetryPolicy

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from faultkit import MID_MODEL, Background, FaultProxy, assert_bit_identical, load_checkpoint
 
+from tests.integration.faultkit import MID_MODEL, Background, FaultProxy, assert_bit_identical, load_checkpoint
 from weightserve.checkpoints import LlamaShape, write_llama_checkpoint
 from weightserve.client import WeightClient
 from weightserve.errors import FetchError

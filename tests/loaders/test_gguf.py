@@ -18,8 +18,8 @@ pytest.importorskip("gguf")
 
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
-from gguf_fixtures import SHAPE, Written, reference_permute, write_llama_gguf
 
+from tests.loaders.gguf_fixtures import SHAPE, Written, reference_permute, write_llama_gguf
 from weightserve.cache.model_cache import model_config_for
 from weightserve.checkpoints import llama_tensor_shapes
 from weightserve.errors import CorruptCheckpointError, PreconditionError

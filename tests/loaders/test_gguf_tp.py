@@ -16,8 +16,8 @@ pytest.importorskip("gguf")
 
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
-from gguf_fixtures import Written, write_llama_gguf
 
+from tests.loaders.gguf_fixtures import Written, write_llama_gguf
 from weightserve.client import WeightClient
 from weightserve.errors import FetchError, InvalidRequestError
 from weightserve.loaders.gguf import GGUFLoader

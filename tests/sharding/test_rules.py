@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
+from tests.sharding import fixtures as fx
 from weightserve.errors import InvalidRequestError
 from weightserve.sharding.model_config import ModelConfig
 from weightserve.sharding.plan import plan_shard
 from weightserve.sharding.rules import KNOWN_FAMILIES, Rule, RuleSet, load_rules
 from weightserve.sharding.spec import ShardSpec
-
-
-def _load_fixtures() -> ModuleType:
-    name = "weightserve_tests_sharding_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fixtures.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fx = _load_fixtures()
 
 VOCAB, Q, KV, QKV = Rule("vocab"), Rule("q"), Rule("kv"), Rule("qkv")
 COLUMN, ROW, REPLICATED = Rule("dim", 0), Rule("dim", 1), Rule("replicated")

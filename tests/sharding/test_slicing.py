@@ -9,12 +9,9 @@ per part. Gathering undoes exactly that and must give back each original, bit fo
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -23,6 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.sharding import fixtures as fx
 from weightserve.errors import InvalidRequestError
 from weightserve.loaders.base import TensorRecord
 from weightserve.loaders.sources import MemorySource, Source
@@ -31,20 +29,6 @@ from weightserve.sharding.pipeline import stage_layers
 from weightserve.sharding.plan import ZEROS, TensorPlan, plan_shard, read_range
 from weightserve.sharding.slicing import even_range, kv_range, slice_ranges
 from weightserve.sharding.spec import ShardSpec
-
-
-def _load_fixtures() -> ModuleType:
-    name = "weightserve_tests_sharding_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fixtures.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fx = _load_fixtures()
 
 CHUNK = 1000
 """Read plans in chunks that do not line up with rows, as the server's chunked stream does."""

@@ -6,34 +6,19 @@ and an impossible split must come back as INVALID_ARGUMENT naming the numbers.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
 
+from tests.sharding import fixtures as fx
 from weightserve.client import WeightClient
 from weightserve.errors import FetchError
 from weightserve.sharding.spec import ShardSpec
-
-
-def _load_fixtures() -> ModuleType:
-    name = "weightserve_tests_sharding_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fixtures.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fx = _load_fixtures()
 
 MODEL = "org/tiny-llama"
 

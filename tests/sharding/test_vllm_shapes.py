@@ -21,31 +21,14 @@ never from our own rules:
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from tests.sharding import fixtures as fx
 from weightserve.sharding.plan import plan_shard
 from weightserve.sharding.spec import ShardSpec
-
-
-def _load_fixtures() -> ModuleType:
-    name = "weightserve_tests_sharding_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fixtures.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fx = _load_fixtures()
 
 Table = dict[int, dict[str, tuple[int, ...]]]
 
