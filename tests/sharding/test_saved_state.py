@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.sharding import fixtures as fx
 from weightserve import FetchError, WeightClient
 from weightserve.checkpoints import (
     LlamaShape,
@@ -30,7 +31,6 @@ from weightserve.checkpoints import (
     deterministic_tensors,
     llama_tensor_shapes,
     write_llama_checkpoint,
-    write_sharded_safetensors,
 )
 from weightserve.cli import main
 from weightserve.errors import CorruptCheckpointError
@@ -44,19 +44,6 @@ from weightserve.sharding.spec import ShardSpec
 from weightserve.wire import torch_dtype
 
 TINY_LLAMA = "org/tiny-llama"  # written by tests/conftest.py's model_root
-MIXTRAL = {
-    "architectures": ["MixtralForCausalLM"],
-    "model_type": "mixtral",
-    "hidden_size": 64,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "vocab_size": 100,
-}
 
 Raw = dict[str, tuple[torch.dtype, tuple[int, ...], bytes]]
 
@@ -68,27 +55,6 @@ def raw(tensors: dict[str, torch.Tensor]) -> Raw:
     }
 
 
-def mixtral_shapes(cfg: dict[str, int]) -> dict[str, tuple[int, ...]]:
-    h, i, e, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"], cfg["vocab_size"]
-    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (h, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, h),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "block_sparse_moe.gate.weight": (e, h),
-        }
-        for expert in range(e):
-            q = f"{p}block_sparse_moe.experts.{expert}."
-            shapes |= {q + "w1.weight": (i, h), q + "w2.weight": (h, i), q + "w3.weight": (i, h)}
-    return shapes | {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
-
-
 def write_json(obj: object, path: Path) -> None:
     path.write_text(json.dumps(obj))
 
@@ -98,8 +64,7 @@ def models(model_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     """The tiny Llama, a tiny Mixtral (8 experts) and a .bin Llama with tied embeddings."""
     root = tmp_path_factory.mktemp("canonical")
     mixtral = root / "org" / "tiny-mixtral"
-    write_sharded_safetensors(deterministic_tensors(mixtral_shapes(MIXTRAL), seed=1), mixtral, num_files=2)
-    atomic_write(mixtral / "config.json", partial(write_json, MIXTRAL))
+    fx.mixtral(hidden=64, heads=4, kv_heads=2, intermediate=32, experts=8, layers=2, vocab=100).write(mixtral)
     atomic_write(mixtral / "tokenizer_config.json", partial(write_json, {"model_max_length": 64}))
     tied_shape = LlamaShape(64, 160, 1, 4, 2, 200, tie_word_embeddings=True)
     tied = deterministic_tensors(llama_tensor_shapes(tied_shape), seed=2)
