@@ -29,6 +29,8 @@ class TensorProgress:
     received: int = 0
     running_crc: int = 0
     tensor: torch.Tensor | None = None
+    flat: np.ndarray | None = None
+    """The tensor's bytes as a numpy view, for CPU tensors (made once, written per chunk)."""
     done: bool = False
 
 
@@ -142,7 +144,9 @@ class FetchSession:
             raise IntegrityError(f"tensor {progress.info.name!r}: more bytes than its {progress.info.nbytes}")
         if progress.tensor is None:
             progress.tensor = self._allocate(progress.info)
-        self._write(progress.tensor, chunk.offset, chunk.data)
+            if self._writer is None:
+                progress.flat = progress.tensor.reshape(-1).view(torch.uint8).numpy()
+        self._write(progress, chunk.offset, chunk.data)
         running = wire.crc32c_combine(progress.running_crc, chunk.crc, size)
         if chunk.last:
             expected = progress.info.crc32c if progress.info.HasField("crc32c") else chunk.tensor_crc
@@ -180,14 +184,14 @@ class FetchSession:
             return dest  # write straight into the caller's tensor (load_into)
         return torch.empty(tuple(info.shape), dtype=dtype, device=self.device)
 
-    def _write(self, tensor: torch.Tensor, offset: int, data: memoryview) -> None:
+    def _write(self, progress: TensorProgress, offset: int, data: memoryview) -> None:
         if not len(data):
             return
-        flat = tensor.reshape(-1).view(torch.uint8)
-        if self._writer is None:
-            np.copyto(flat.numpy()[offset : offset + len(data)], np.frombuffer(data, dtype=np.uint8))
+        if progress.flat is not None:
+            progress.flat[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
         else:
-            self._writer.write(flat, offset, data)
+            assert self._writer is not None and progress.tensor is not None
+            self._writer.write(progress.tensor.reshape(-1).view(torch.uint8), offset, data)
 
     def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The finished tensors, by name, in manifest order."""

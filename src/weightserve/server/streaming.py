@@ -171,16 +171,21 @@ async def stream_chunks(
     loop = asyncio.get_running_loop()
     sources = entry.loader.sources
 
-    def fetch(job: ChunkJob) -> asyncio.Task[CachedChunk]:
+    def fetch(job: ChunkJob) -> asyncio.Future[CachedChunk]:
+        key = (manifest_id, job.index, job.offset, job.length)
+        future: asyncio.Future[CachedChunk]
+        if (cached := entry.chunks.get(key)) is not None:  # the warm path: no task, no thread
+            future = loop.create_future()
+            future.set_result(cached)
+            return future
         plan = plans[job.index]
 
         async def fill() -> CachedChunk:
             return await loop.run_in_executor(executor, read_chunk, plan, sources, job.index, job.offset, job.length)
 
-        key = (manifest_id, job.index, job.offset, job.length)
         return asyncio.ensure_future(cache.chunk(entry, key, fill))
 
-    pending: collections.deque[tuple[ChunkJob, asyncio.Task[CachedChunk]]] = collections.deque()
+    pending: collections.deque[tuple[ChunkJob, asyncio.Future[CachedChunk]]] = collections.deque()
     jobs = iter(jobs)
     try:
         while True:
