@@ -61,7 +61,6 @@ def test_missing_package_names_the_extra(monkeypatch: pytest.MonkeyPatch, model_
 
 
 def test_same_bytes_as_the_default_loader(model_dir: Path) -> None:
-    pytest.importorskip("fastsafetensors")
     files = SafetensorsLoader.find_files(model_dir)
     with FastSafetensorsLoader(files) as fast, SafetensorsLoader(files) as ours:
         got = read_all(fast)
@@ -71,14 +70,12 @@ def test_same_bytes_as_the_default_loader(model_dir: Path) -> None:
 
 
 def test_bad_header_fails_before_the_bulk_read(tmp_path: Path) -> None:
-    pytest.importorskip("fastsafetensors")
     (tmp_path / "model.safetensors").write_bytes((2**40).to_bytes(8, "little") + b"{}")
     with pytest.raises(CorruptCheckpointError, match="header length"):
         FastSafetensorsLoader([tmp_path / "model.safetensors"])
 
 
 def test_serve_loader_flag_reads_safetensors_through_it(serve, model_root: Path) -> None:  # type: ignore[no-untyped-def]
-    pytest.importorskip("fastsafetensors")
     server = serve(model_root, loader="fastsafetensors")
     with WeightClient(server.address) as client:
         state = client.fetch_state_dict("org/tiny-llama", rank=1, world_size=2)

@@ -13,9 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-pytest.importorskip("gguf")
-
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 

@@ -11,9 +11,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("gguf")
-
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
