@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--model-root", action="append", type=Path, help="directory of models (repeatable)")
     serve.add_argument("--listen", help="HOST:PORT or unix:PATH (default 127.0.0.1:50051)")
-    serve.add_argument("--read-threads", type=int, help="threads reading checkpoint files (default 8)")
+    serve.add_argument("--read-threads", type=int, help="threads reading checkpoint files (default: cores, at most 8)")
     serve.add_argument("--chunk-bytes", type=int, help="payload bytes per chunk (default 4 MiB - 16 KiB)")
     serve.add_argument("--grace-seconds", type=float, help="drain time on SIGTERM (default 30)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")

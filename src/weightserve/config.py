@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,14 @@ def parse_dummy(text: str) -> tuple[str, Path]:
     return name.strip(), Path(path.strip())
 
 
+def default_read_threads() -> int:
+    """One read thread per core, at most 8: page-cache reads and checksums are CPU work
+    that holds the GIL between calls, and more threads than cores only contend for it
+    (measured: 8 threads on 2 cores cost 1.9x the CPU per GB of 2 threads for 8-way
+    tensor-parallel streams). Raise --read-threads for slow network storage."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `weightserve serve` needs; see the README's table for each variable."""
@@ -71,7 +79,7 @@ class ServerConfig:
     model_roots: tuple[Path, ...] = ()
     listen: str = "127.0.0.1:50051"
     chunk_bytes: int = 4 * MiB - 16 * 1024
-    read_threads: int = 8
+    read_threads: int = field(default_factory=default_read_threads)
     prefetch_depth: int = 2
     cache_memory: int = 0
     allow_source: tuple[str, ...] = ()
