@@ -24,11 +24,11 @@ class Evictable(Protocol):
     last_used: float
 
     @property
-    def pinned(self) -> bool: ...
+    def pinned(self) -> bool:
+        """Whether a stream is reading the entry (it must not be evicted)."""
 
     def drop_chunks(self) -> int:
         """Drop every cached chunk; return the bytes freed."""
-        ...
 
 
 PROCESS_RESERVE = 8 * 1024 * 1024
