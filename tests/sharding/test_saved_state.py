@@ -31,6 +31,7 @@ from weightserve.checkpoints import (
     deterministic_tensors,
     llama_tensor_shapes,
     write_llama_checkpoint,
+    write_sharded_safetensors,
 )
 from weightserve.cli import main
 from weightserve.errors import CorruptCheckpointError
@@ -295,3 +296,22 @@ def test_killed_shard_leaves_only_complete_files(tmp_path: Path, capsys) -> None
     code, text = check(str(out), capsys=capsys)
     assert code == 1
     assert f"no {METADATA_NAME}" in text
+
+
+def test_tied_model_in_vllm_layout_saves_the_embedding_as_lm_head(tmp_path: Path, model_root: Path) -> None:
+    """vLLM ties lm_head to the embedding and its loader keeps the smaller name of the two."""
+    tied_shape = LlamaShape(64, 160, 1, 4, 2, 256, tie_word_embeddings=True)
+    model = tmp_path / "org" / "tied"
+    tensors = deterministic_tensors(llama_tensor_shapes(tied_shape), seed=3)
+    assert "lm_head.weight" not in tensors  # a tied checkpoint stores the embedding only
+    write_sharded_safetensors(tensors, model, num_files=1)
+    atomic_write(model / "config.json", partial(write_json, tied_shape.config_json()))
+    out = shard(model, tmp_path / "tied-vllm", 2, "--layout", "vllm")
+    for rank in range(2):
+        [part] = sorted(out.glob(f"model-rank-{rank}-part-*.safetensors"))
+        saved = load_file(part)
+        assert "lm_head.weight" in saved and "model.embed_tokens.weight" not in saved
+        rows = 256 // 2
+        expected = tensors["model.embed_tokens.weight"][rank * rows : (rank + 1) * rows]
+        assert torch.equal(saved["lm_head.weight"].view(torch.uint8), expected.view(torch.uint8))
+    assert main(["shard", "--check", str(out)]) == 0

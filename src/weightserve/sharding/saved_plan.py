@@ -10,7 +10,7 @@ import bisect
 import functools
 import heapq
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from weightserve.errors import InvalidRequestError
 from weightserve.loaders.base import TensorRecord
@@ -129,6 +129,10 @@ def balance_parts(sizes: list[int], max_part_size: int | None = None) -> list[li
     return sorted(filled, key=lambda p: p[0])
 
 
+TIED_EMBEDDING = "model.embed_tokens.weight"
+TIED_HEAD = "lm_head.weight"
+
+
 def rank_plans(
     records: list[TensorRecord],
     spec: ShardSpec,
@@ -137,10 +141,18 @@ def rank_plans(
 ) -> list[TensorPlan]:
     """The tensors a saved directory holds for `spec.rank`: its plan without shared copies.
 
+    In vLLM's layout a tied model's embedding is saved as `lm_head.weight`: vLLM's
+    tied lm_head shares the embedding's storage, and its sharded_state loader keeps
+    the smaller of two names for one storage, so that is the name it looks up.
+
     Raises:
         InvalidRequestError: the model cannot be split as asked.
     """
-    return filter_shared(plan_shard(records, spec, config, rules))
+    plans = filter_shared(plan_shard(records, spec, config, rules))
+    names = {p.name for p in plans}
+    if spec.layout == "vllm" and config.tie_word_embeddings and TIED_EMBEDDING in names and TIED_HEAD not in names:
+        plans = [replace(p, name=TIED_HEAD) if p.name == TIED_EMBEDDING else p for p in plans]
+    return plans
 
 
 @dataclass(frozen=True)
