@@ -7,11 +7,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from weightserve.errors import CorruptCheckpointError
-
-# Files that sit beside weights in training outputs and are never needed to serve.
-NOT_FOR_INFERENCE = re.compile(
-    r"^(training_args|optimizer|scheduler|scaler|trainer_state|rng_state.*|adapter_model)\.(bin|pt|pth)$"
-)
+from weightserve.storage.selection import NOT_FOR_INFERENCE
 
 _DIGITS = re.compile(r"(\d+)")
 

@@ -19,12 +19,13 @@ from weightserve.loaders import register_loader
 from weightserve.loaders.base import Loader, TensorRecord
 from weightserve.loaders.discovery import files_by_suffix, files_from_index
 from weightserve.loaders.sources import FileSource
+from weightserve.storage.selection import SAFETENSORS_INDEX
 from weightserve.wire import DTYPE_SIZES
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """The safetensors reference implementation's own bound."""
 
-INDEX_NAME = "model.safetensors.index.json"
+INDEX_NAME = SAFETENSORS_INDEX
 
 
 @dataclass(frozen=True)

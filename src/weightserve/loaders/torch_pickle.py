@@ -24,11 +24,12 @@ from weightserve.loaders import register_loader
 from weightserve.loaders.base import Loader, TensorRecord
 from weightserve.loaders.discovery import files_by_suffix, files_from_index
 from weightserve.loaders.sources import FileSource, MemorySource
+from weightserve.storage.selection import TORCH_INDEX
 from weightserve.wire import dtype_name
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "pytorch_model.bin.index.json"
+INDEX_NAME = TORCH_INDEX
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 

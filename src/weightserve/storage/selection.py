@@ -5,7 +5,7 @@ weight formats, optimizer state, training logs, sub-folders of originals. The ch
 mirrors the local loaders (an index json names exactly the weight files; without one,
 every top-level file of the preferred format), so a download fetches what the loaders
 will read and nothing else. Pure functions over names; storage may not import loaders,
-so the few names they share are repeated here.
+so the names both need (index files, training leftovers) live here and loaders import them.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ CONFIG_PATTERNS = (
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
 # Files that sit beside weights in training outputs and are never needed to serve
-# (the same rule as loaders.discovery.NOT_FOR_INFERENCE).
+# (loaders.discovery uses the same rule for local directories).
 NOT_FOR_INFERENCE = re.compile(
     r"^(training_args|optimizer|scheduler|scaler|trainer_state|rng_state.*|adapter_model)\.(bin|pt|pth)$"
 )
