@@ -1,7 +1,7 @@
 # weightserve server image (CPU torch by default).
 #
 #   docker build -t weightserve .
-#   docker run -p 50051:50051 -p 9400:9400 -v /path/to/models:/models:ro weightserve
+#   docker run -p 50051:50051 -v /path/to/models:/models:ro weightserve
 #
 # For a CUDA build of torch, pass its index and spec, for example
 #   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 --build-arg TORCH_SPEC=torch==2.13.0
@@ -24,7 +24,7 @@ COPY pyproject.toml hatch_build.py README.md ./
 COPY proto ./proto
 COPY src ./src
 # The build hook generates the gRPC stubs from proto/ into the installed package.
-RUN pip install .
+RUN pip install ".[hf,s3,gguf]"
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
@@ -37,8 +37,8 @@ COPY --from=build /opt/venv /opt/venv
 USER 10001
 WORKDIR /home/weightserve
 VOLUME ["/models"]
-# 50051: gRPC (WeightService, health, reflection); 9400: Prometheus /metrics.
-EXPOSE 50051 9400
+# 50051: gRPC (WeightService, ControlService, health, reflection).
+EXPOSE 50051
 # Standard grpc.health.v1 check on the plaintext port; with TLS on, probe from outside.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
