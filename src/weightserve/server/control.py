@@ -23,7 +23,7 @@ import torch
 from weightserve.cache.model_cache import ModelCache
 from weightserve.eplb import ExpertMapping, Topology, balancedness, rebalance_experts
 from weightserve.errors import InvalidRequestError, PreconditionError, TensorNotFoundError
-from weightserve.sharding.experts import ExpertSlots, MoeLayout, is_expert, moe_layout
+from weightserve.sharding.experts import ExpertSlots, MoeLayout, is_expert
 from weightserve.sharding.spec import ShardSpec
 
 logger = logging.getLogger(__name__)
@@ -84,15 +84,21 @@ class ControlPlane:
         self.running: dict[str, str] = {}
         self._published: dict[str, asyncio.Condition] = {}
         self._wakers: set[asyncio.Task[None]] = set()
+        self._experts: dict[tuple[str, str], ModelExperts] = {}
 
     async def experts_of(self, model: str) -> ModelExperts:
         """The model's MoE layout (INVALID_ARGUMENT for a dense model)."""
         async with self.cache.use(model) as entry:
-            layout = moe_layout(entry.loader.records)
+            key = (entry.name, entry.revision)
+            known = self._experts.get(key)
+            if known is not None:  # reports arrive often; scan the tensor names once per revision
+                return known
+            layout = entry.moe_layout()
             if layout is None:
                 raise InvalidRequestError(f"model {model!r} has no experts")
             expert_bytes = sum(r.nbytes for r in entry.loader.records if is_expert(r.name))
-            return ModelExperts(layout, expert_bytes // (len(layout.layers) * layout.num_experts))
+            known = self._experts[key] = ModelExperts(layout, expert_bytes // (len(layout.layers) * layout.num_experts))
+            return known
 
     async def report(self, model: str, counts: list[int], layers: int, experts: int) -> int:
         """Add one report; INVALID_ARGUMENT (changing nothing) if it does not fit the model."""
