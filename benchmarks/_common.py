@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from weightserve.checkpoints import LlamaShape, write_llama_checkpoint
+from weightserve.testing import LlamaShape, write_llama_checkpoint
 
 BENCH_SHAPE = LlamaShape(
     hidden_size=2048,

@@ -28,8 +28,8 @@ from _common import (
     subprocess_server,
 )
 
-from weightserve.checkpoints import LlamaShape
 from weightserve.client import WeightClient
+from weightserve.testing import LlamaShape
 
 MODEL = "bench/llama-cache"
 SHAPE = LlamaShape(

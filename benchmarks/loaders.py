@@ -21,7 +21,8 @@ from _common import bench_root
 
 from weightserve.config import ServerConfig
 from weightserve.loaders import loader_for
-from weightserve.sharding.plan import read_range, whole_tensor
+from weightserve.loaders.pieces import read_range
+from weightserve.sharding.tensor_plan import whole_tensor
 
 TENSORS = 16
 ROWS, COLS = 4096, 2048  # 16 MiB of bf16 each, 256 MiB in all
@@ -32,7 +33,7 @@ def ensure_file(directory: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from weightserve.checkpoints import atomic_write
+    from weightserve.atomic import atomic_write
 
     path = directory / "model.safetensors"
     if not path.is_file():

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from weightserve.checkpoints import LlamaShape, write_llama_checkpoint
 from weightserve.config import ServerConfig
-from weightserve.server.background import BackgroundServer
+from weightserve.testing import BackgroundServer, LlamaShape, write_llama_checkpoint
 
 TINY_LLAMA = LlamaShape(
     hidden_size=64,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def _serve(args: argparse.Namespace) -> int:
     from weightserve.config import ServerConfig
-    from weightserve.server.app import main as serve_main
+    from weightserve.server.lifecycle import main as serve_main
 
     config = ServerConfig.from_env(
         model_roots=tuple(args.model_root) if args.model_root else None,
@@ -50,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _fetch(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from weightserve.checkpoints import atomic_write
+    from weightserve.atomic import atomic_write
     from weightserve.client import WeightClient
 
     out = Path(args.out)
@@ -130,12 +130,12 @@ def _shard(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from weightserve.loaders import loader_for
-    from weightserve.server.files import select_files
+    from weightserve.server.file_stream import select_files
     from weightserve.sharding.model_config import ModelConfig
     from weightserve.sharding.rules import RuleSet, load_rules
-    from weightserve.sharding.saved import write_saved
-    from weightserve.sharding.saved_check import SourceModel, check_saved
-    from weightserve.sharding.saved_plan import plan_saved
+    from weightserve.sharding.sharded_state.check import SourceModel, check_sharded_state
+    from weightserve.sharding.sharded_state.plan import plan_sharded_state
+    from weightserve.sharding.sharded_state.write import write_sharded_state
 
     rules = load_rules(args.sharding_rules) if args.sharding_rules else RuleSet()
     if args.check:
@@ -143,9 +143,9 @@ def _shard(args: argparse.Namespace) -> int:
             found = _shard_source(args.source, args.model_root)
             with loader_for(found.format)(found.files) as loader:
                 source = SourceModel(loader.records, ModelConfig.from_dir(found.model_dir), rules)
-                check = check_saved(args.check, source)
+                check = check_sharded_state(args.check, source)
         else:
-            check = check_saved(args.check, rules=rules)
+            check = check_sharded_state(args.check, rules=rules)
         sys.stdout.writelines(f"{args.check}: {problem}\n" for problem in check.problems)
         if check.problems:
             sys.stderr.write(f"weightserve shard --check: {len(check.problems)} problem(s) in {args.check}\n")
@@ -161,13 +161,13 @@ def _shard(args: argparse.Namespace) -> int:
     extra = {p.relative_to(found.model_dir).as_posix(): p for p in select_files(found.model_dir, None)}
     with loader_for(found.format)(found.files) as loader:
         config = ModelConfig.from_dir(found.model_dir)
-        plan = plan_saved(
+        plan = plan_sharded_state(
             loader.records, config, model=args.model, world_size=args.world_size,
             layout=args.layout, max_part_size=args.max_part_size, rules=rules,
         )  # fmt: skip
         tty = sys.stderr.isatty()
         with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="shard", disable=not tty) as bar:
-            written = write_saved(
+            written = write_sharded_state(
                 plan, loader, args.out, revision=found.revision, extra_files=extra, on_bytes=bar.update
             )
     sys.stdout.write(f"wrote {len(written)} files ({plan.total_bytes:,} tensor bytes) to {args.out}\n")

@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from weightserve.checkpoints import LlamaShape, write_llama_checkpoint
 from weightserve.client import WeightClient
 from weightserve.config import ServerConfig
-from weightserve.server.background import BackgroundServer
+from weightserve.testing import BackgroundServer, LlamaShape, write_llama_checkpoint
 
 DEMO_MODEL = "demo/tiny-llama"
 _READY = ".weightserve-demo-v1"

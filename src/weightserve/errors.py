@@ -21,12 +21,20 @@ class TensorNotFoundError(WeightserveError, LookupError):
     """A requested tensor name is not in the plan."""
 
 
-class UnknownFormatError(WeightserveError, LookupError):
-    """No loader is registered under the requested format name."""
-
-
 class InvalidRequestError(WeightserveError, ValueError):
     """The request cannot be served as asked (bad rank, impossible split, ...)."""
+
+
+class UnknownNameError(InvalidRequestError, LookupError):
+    """No implementation is registered under a name (a loader, an EPLB policy, a storage scheme)."""
+
+
+UnknownFormatError = UnknownNameError
+"""The name this error had when only loaders were registered."""
+
+
+class JobNotFoundError(WeightserveError, LookupError):
+    """No control job has the given id (it never existed, or it finished and expired)."""
 
 
 class PreconditionError(WeightserveError, RuntimeError):

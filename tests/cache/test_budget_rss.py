@@ -9,8 +9,8 @@ from pathlib import Path
 
 import psutil
 
-from weightserve.checkpoints import LlamaShape, write_llama_checkpoint
 from weightserve.client import WeightClient
+from weightserve.testing import LlamaShape, write_llama_checkpoint
 
 BUDGET = 32 * 1024 * 1024
 SHAPE = LlamaShape(

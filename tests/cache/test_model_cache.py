@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from weightserve.cache import model_cache
 from weightserve.cache.budget import reserved_bytes
 from weightserve.cache.model_cache import ModelCache
-from weightserve.checkpoints import LlamaShape, write_llama_checkpoint
 from weightserve.client import WeightClient
 from weightserve.errors import FetchError
 from weightserve.storage.local import LocalRoots
 from weightserve.storage.router import StorageRouter
+from weightserve.testing import LlamaShape, write_llama_checkpoint
 
 SHAPE = LlamaShape(
     hidden_size=128,
@@ -170,8 +170,10 @@ def _request(client: WeightClient, model: str):  # type: ignore[no-untyped-def]
 
 
 def test_resource_exhausted_when_pinned_streams_leave_no_window(root, serve):  # type: ignore[no-untyped-def]
-    # After the read-buffer reserve, the budget holds exactly one stream window (prefetch_depth x chunk).
-    budget = reserved_bytes(read_threads=8, chunk_bytes=CHUNK) + 2 * CHUNK
+    # After the read-buffer reserve, the budget holds one stream window (prefetch_depth x chunk) and
+    # the two models' manifests (about 8 KB each, counted in the budget), but not a second window.
+    manifests = 24 * 1024
+    budget = reserved_bytes(read_threads=8, chunk_bytes=CHUNK) + 2 * CHUNK + manifests
     server = serve(root, cache_memory=budget, chunk_bytes=CHUNK, prefetch_depth=2, read_threads=8)
     with WeightClient(server.address) as client:
         stream = client._fetch(_request(client, MODEL))

@@ -17,7 +17,7 @@ from weightserve import AsyncWeightClient, FetchError, WeightClient, Weightserve
 from weightserve.client.files import FileWriter
 from weightserve.config import ServerConfig
 from weightserve.errors import InvalidRequestError
-from weightserve.server.background import BackgroundServer
+from weightserve.testing import BackgroundServer
 from weightserve.v1 import weightserve_pb2 as pb
 
 MODEL = "org/tiny-llama"

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightserve.eplb.align import match_gpus, sticky_packing
 from weightserve.eplb.mapping import gpu_loads, held_by_gpu, replica_counts
-from weightserve.eplb.refine import refine_swaps
+from weightserve.eplb.refine import match_gpus, sticky_packing
+from weightserve.eplb.refine.swaps import refine_swaps
 
 
 @st.composite

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.faultkit import MID_LLAMA, MID_MODEL, FaultProxy, ServerProcess, free_port
-from weightserve.checkpoints import write_llama_checkpoint
 from weightserve.client import WeightClient
 from weightserve.client import sync as client_sync
+from weightserve.testing import write_llama_checkpoint
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
-from weightserve.checkpoints import LlamaShape
+from weightserve.testing import LlamaShape
 
 HOST = "127.0.0.1"
 MAX_PROXY_SECONDS = 120.0

@@ -18,7 +18,7 @@ from tests.integration.faultkit import MID_MODEL, Corruptor, FaultProxy, assert_
 from weightserve.client import WeightClient
 from weightserve.client.retry import RetryPolicy
 from weightserve.errors import FetchError
-from weightserve.server.background import BackgroundServer
+from weightserve.testing import BackgroundServer
 
 ServeFn = Callable[..., BackgroundServer]
 CHUNK = 65536

@@ -25,10 +25,10 @@ from tests.integration.faultkit import (
     load_checkpoint,
     wait_until,
 )
-from weightserve.checkpoints import write_llama_checkpoint
 from weightserve.client import WeightClient
 from weightserve.client.retry import RetryPolicy
 from weightserve.errors import FetchError
+from weightserve.testing import write_llama_checkpoint
 
 CHUNK = 65536
 FRAMING_SLACK = 128

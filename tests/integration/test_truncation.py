@@ -17,10 +17,9 @@ import grpc
 import pytest
 
 from tests.integration.faultkit import MID_MODEL, Background, FaultProxy, assert_bit_identical, load_checkpoint
-from weightserve.checkpoints import LlamaShape, write_llama_checkpoint
 from weightserve.client import WeightClient
 from weightserve.errors import FetchError
-from weightserve.server.background import BackgroundServer
+from weightserve.testing import BackgroundServer, LlamaShape, write_llama_checkpoint
 
 ServeFn = Callable[..., BackgroundServer]
 CHUNK = 4096

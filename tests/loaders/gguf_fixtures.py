@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 from gguf.quants import quantize
 
-from weightserve.checkpoints import LlamaShape, llama_tensor_shapes
+from weightserve.testing import LlamaShape, llama_tensor_shapes
 
 SHAPE = LlamaShape(
     hidden_size=64, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from weightserve.checkpoints import LlamaShape, llama_tensor_shapes
 from weightserve.cli import build_parser
 from weightserve.client import WeightClient
 from weightserve.config import ServerConfig
@@ -19,6 +18,7 @@ from weightserve.loaders import FORMAT_PREFERENCE, loader_for
 from weightserve.loaders.dummy import DummyLoader, dummy_values, name_seed, splitmix64, write_dummy_root
 from weightserve.loaders.dummy_shapes import tensor_shapes
 from weightserve.loaders.formats import model_files
+from weightserve.testing import LlamaShape, llama_tensor_shapes
 from weightserve.wire import torch_dtype
 
 SHAPE = LlamaShape(

@@ -14,8 +14,9 @@ from weightserve.client import WeightClient
 from weightserve.errors import CorruptCheckpointError, PreconditionError
 from weightserve.loaders import FORMAT_PREFERENCE, loader_for
 from weightserve.loaders.fastsafetensors import FastSafetensorsLoader
+from weightserve.loaders.pieces import read_range
 from weightserve.loaders.safetensors import SafetensorsLoader
-from weightserve.sharding.plan import read_range, whole_tensor
+from weightserve.sharding.tensor_plan import whole_tensor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.uint8, torch.bool,
           torch.float8_e4m3fn]  # fmt: skip

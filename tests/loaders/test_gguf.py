@@ -18,16 +18,17 @@ from gguf.quants import dequantize
 
 from tests.loaders.gguf_fixtures import SHAPE, Written, reference_permute, write_llama_gguf
 from weightserve.cache.model_cache import model_config_for
-from weightserve.checkpoints import llama_tensor_shapes
 from weightserve.errors import CorruptCheckpointError, PreconditionError
 from weightserve.loaders import FORMAT_PREFERENCE, loader_for
 from weightserve.loaders.base import Loader
 from weightserve.loaders.gguf import GGUFLoader
 from weightserve.loaders.gguf_names import hf_name
 from weightserve.loaders.gguf_rows import PermutedRows, gguf_rows
+from weightserve.loaders.pieces import read_range
 from weightserve.loaders.sources import MemorySource
 from weightserve.sharding.model_config import ModelConfig
-from weightserve.sharding.plan import read_range, whole_tensor
+from weightserve.sharding.tensor_plan import whole_tensor
+from weightserve.testing import llama_tensor_shapes
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,11 @@ from tests.loaders.gguf_fixtures import Written, write_llama_gguf
 from weightserve.client import WeightClient
 from weightserve.errors import FetchError, InvalidRequestError
 from weightserve.loaders.gguf import GGUFLoader
+from weightserve.loaders.pieces import read_range
 from weightserve.sharding.model_config import ModelConfig
-from weightserve.sharding.plan import TensorPlan, plan_shard, read_range
+from weightserve.sharding.plan import plan_shard
 from weightserve.sharding.spec import ShardSpec
+from weightserve.sharding.tensor_plan import TensorPlan
 
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"  # Q8_0 [64, 2 blocks of 34 bytes], split on dim 1
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"  # Q8_0, permuted in the file, split on dim 0

@@ -106,7 +106,7 @@ def all_dtype_tensors() -> dict[str, torch.Tensor]:
 def test_registry_names_the_loaders() -> None:
     assert loader_for("safetensors") is SafetensorsLoader
     assert loader_for("torch") is TorchLoader
-    with pytest.raises(UnknownFormatError, match=r"no loader for 'onnx'; have .*safetensors.*torch"):
+    with pytest.raises(UnknownFormatError, match=r"no loader 'onnx'; have .*safetensors.*torch"):
         loader_for("onnx")
 
 

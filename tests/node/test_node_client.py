@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file
 
 from weightserve import wire
-from weightserve.server.background import BackgroundServer
+from weightserve.testing import BackgroundServer
 
 ServeFn = Callable[..., BackgroundServer]
 REPO = Path(__file__).resolve().parents[2]

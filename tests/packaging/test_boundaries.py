@@ -75,7 +75,7 @@ def violations(paths: list[Path], allowed: Callable[[str], bool]) -> list[str]:
     return bad
 
 
-CLIENT_MAY_IMPORT = ("weightserve.v1", "weightserve.wire", "weightserve.errors", "weightserve.client")
+CLIENT_MAY_IMPORT = ("weightserve.v1", "weightserve.wire", "weightserve.errors", "weightserve.atomic", "weightserve.client")
 # grpc, and what pulls grpc in with it: the stubs and the gRPC-facing halves.
 TRANSPORT = ("weightserve.v1", "weightserve.server", "weightserve.client")
 

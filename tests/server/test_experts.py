@@ -10,10 +10,10 @@ import grpc
 import pytest
 import torch
 
-from weightserve.checkpoints import write_sharded_safetensors
 from weightserve.client import WeightClient
 from weightserve.eplb import Policy, policy_for, register_policy
 from weightserve.errors import FetchError
+from weightserve.testing import write_sharded_safetensors
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
 

@@ -356,7 +356,7 @@ def test_torch_format_on_a_safetensors_only_model_is_not_found(model_root: Path,
 
 def test_unknown_format_is_invalid_argument(model_root: Path, serve, stub) -> None:
     s = stub(serve(model_root).address)
-    rpc_error(lambda: manifest_of(s, format="onnx"), grpc.StatusCode.INVALID_ARGUMENT, r"no loader for 'onnx'")
+    rpc_error(lambda: manifest_of(s, format="onnx"), grpc.StatusCode.INVALID_ARGUMENT, r"no loader 'onnx'")
 
 
 def test_safetensors_is_served_by_default_and_bin_on_request(tmp_path: Path, serve, stub) -> None:
@@ -668,7 +668,7 @@ def test_a_broken_directory_does_not_hide_the_others_from_list_models(tmp_path: 
 
     from weightserve.client import WeightClient
     from weightserve.config import ServerConfig
-    from weightserve.server.background import BackgroundServer
+    from weightserve.testing import BackgroundServer
 
     root = tmp_path / "root"
     shutil.copytree(model_root, root)

@@ -20,12 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightserve.checkpoints import atomic_write, write_sharded_safetensors
+from weightserve.atomic import atomic_write
 from weightserve.loaders.base import TensorRecord
+from weightserve.loaders.pieces import read_range
 from weightserve.loaders.safetensors import SafetensorsLoader
 from weightserve.sharding.model_config import ModelConfig
-from weightserve.sharding.plan import TensorPlan, plan_shard, read_range
+from weightserve.sharding.plan import plan_shard
 from weightserve.sharding.spec import ShardSpec
+from weightserve.sharding.tensor_plan import TensorPlan
+from weightserve.testing import write_sharded_safetensors
 from weightserve.wire import torch_dtype
 
 WORLD_SIZES = (1, 2, 4, 8)
@@ -391,7 +394,7 @@ def rank_state(
     """Plan one rank with plan_shard and read every tensor of it."""
     config = config if config is not None else ModelConfig.from_dir(model_dir)
     with open_loader(model_dir) as loader:
-        plans = plan_shard(loader.records, spec, config, rules, loader.saved_shards)
+        plans = plan_shard(loader.records, spec, config, rules, loader.sharded_state)
         return plans, {p.name: materialise(p, loader.sources, chunk) for p in plans}
 
 

@@ -25,23 +25,25 @@ from safetensors.torch import load_file, save_file
 
 from tests.sharding import fixtures as fx
 from weightserve import FetchError, WeightClient
-from weightserve.checkpoints import (
+from weightserve.atomic import atomic_write
+from weightserve.cli import main
+from weightserve.errors import CorruptCheckpointError
+from weightserve.loaders import loader_for
+from weightserve.loaders.formats import model_files
+from weightserve.loaders.pieces import ZEROS, Piece, read_range
+from weightserve.loaders.sharded_state import INCOMPLETE_NAME, METADATA_NAME, RANK_FILE
+from weightserve.sharding.model_config import ModelConfig
+from weightserve.sharding.plan import plan_shard
+from weightserve.sharding.sharded_state.plan import balance_parts, filter_shared
+from weightserve.sharding.spec import ShardSpec
+from weightserve.sharding.tensor_plan import TensorPlan
+from weightserve.testing import (
     LlamaShape,
-    atomic_write,
     deterministic_tensors,
     llama_tensor_shapes,
     write_llama_checkpoint,
     write_sharded_safetensors,
 )
-from weightserve.cli import main
-from weightserve.errors import CorruptCheckpointError
-from weightserve.loaders import loader_for
-from weightserve.loaders.formats import model_files
-from weightserve.loaders.sharded_state import INCOMPLETE_NAME, METADATA_NAME, RANK_FILE
-from weightserve.sharding.model_config import ModelConfig
-from weightserve.sharding.plan import ZEROS, Piece, TensorPlan, plan_shard, read_range
-from weightserve.sharding.saved_plan import balance_parts, filter_shared
-from weightserve.sharding.spec import ShardSpec
 from weightserve.wire import torch_dtype
 
 TINY_LLAMA = "org/tiny-llama"  # written by tests/conftest.py's model_root

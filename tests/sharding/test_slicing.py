@@ -23,12 +23,14 @@ from hypothesis import strategies as st
 from tests.sharding import fixtures as fx
 from weightserve.errors import InvalidRequestError
 from weightserve.loaders.base import TensorRecord
+from weightserve.loaders.pieces import ZEROS, read_range
 from weightserve.loaders.sources import MemorySource, Source
 from weightserve.sharding.model_config import ModelConfig
-from weightserve.sharding.pipeline import stage_layers
-from weightserve.sharding.plan import ZEROS, TensorPlan, plan_shard, read_range
+from weightserve.sharding.plan import plan_shard
 from weightserve.sharding.slicing import even_range, kv_range, slice_ranges
 from weightserve.sharding.spec import ShardSpec
+from weightserve.sharding.stages import stage_layers
+from weightserve.sharding.tensor_plan import TensorPlan
 
 CHUNK = 1000
 """Read plans in chunks that do not line up with rows, as the server's chunked stream does."""

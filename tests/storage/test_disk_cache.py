@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 
 from weightserve.errors import ResourceExhaustedError
-from weightserve.storage.disk_cache import DiskCache, open_in_this_process, slug, write_atomic
+from weightserve.atomic import atomic_write_bytes
+from weightserve.storage.disk_cache import DiskCache, open_in_this_process, slug
 
 
 def writer(size: int, name: str = "w.safetensors") -> Callable[[Path], None]:
     """A fill callback writing one file of `size` bytes."""
 
     def fill(directory: Path) -> None:
-        write_atomic(directory / name, b"x" * size)
+        atomic_write_bytes(directory / name, b"x" * size)
 
     return fill
 
@@ -30,7 +31,7 @@ def test_populate_publishes_complete_models_only(tmp_path: Path) -> None:
 
     def fill(directory: Path) -> None:
         assert directory.parent.name.endswith(".partial")
-        write_atomic(directory / "a.safetensors", b"a" * 10)
+        atomic_write_bytes(directory / "a.safetensors", b"a" * 10)
         seen.append(cache.lookup("k"))  # half-written: not served
 
     files = cache.populate("k", 10, fill)
@@ -44,7 +45,7 @@ def test_a_failed_download_leaves_nothing(tmp_path: Path) -> None:
     cache = DiskCache(tmp_path)
 
     def fill(directory: Path) -> None:
-        write_atomic(directory / "a.safetensors", b"a")
+        atomic_write_bytes(directory / "a.safetensors", b"a")
         raise ConnectionError("dropped")
 
     with pytest.raises(ConnectionError):
@@ -85,7 +86,7 @@ def test_a_model_being_downloaded_is_never_evicted_nor_downloaded_twice(tmp_path
         calls.append("slow")
         started.set()
         release.wait(10)
-        write_atomic(directory / "w.safetensors", b"s" * 100)
+        atomic_write_bytes(directory / "w.safetensors", b"s" * 100)
 
     first = threading.Thread(target=cache.populate, args=("slow", 100, slow))
     first.start()
@@ -120,7 +121,7 @@ def _populate_in_child(root: str, log: str) -> None:
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         time.sleep(0.3)
-        write_atomic(directory / "w.safetensors", b"w" * 10)
+        atomic_write_bytes(directory / "w.safetensors", b"w" * 10)
 
     DiskCache(Path(root)).populate("shared", 10, fill)
 

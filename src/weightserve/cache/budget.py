@@ -20,8 +20,11 @@ logger = logging.getLogger(__name__)
 class Evictable(Protocol):
     """What the budget needs to know of a cache entry."""
 
-    resident_bytes: int
     last_used: float
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the entry holds that eviction would free."""
 
     @property
     def pinned(self) -> bool:

@@ -7,10 +7,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from weightserve.cache.manifests import ManifestStore
 from weightserve.loaders.base import Loader
+from weightserve.loaders.sources import Source
 from weightserve.sharding.experts import MoeLayout, moe_layout
 from weightserve.sharding.model_config import ModelConfig
-from weightserve.sharding.plan import TensorPlan
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,10 @@ class ModelEntry:
     loader: Loader
     model_config: ModelConfig
     load: LoadStats
-    plans: dict[str, list[TensorPlan]] = field(default_factory=dict)
-    digests: dict[tuple[str, str], int] = field(default_factory=dict)
+    manifests: ManifestStore = field(default_factory=ManifestStore)
     chunks: dict[ChunkKey, CachedChunk] = field(default_factory=dict)
     inflight: dict[ChunkKey, asyncio.Task[CachedChunk]] = field(default_factory=dict)
-    resident_bytes: int = 0
+    chunk_bytes: int = 0
     pins: int = 0
     warming: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -81,8 +81,22 @@ class ModelEntry:
         return self.moe
 
     @property
+    def sources(self) -> list[Source]:
+        """The open checkpoint's byte sources, which tensor plans index."""
+        return self.loader.sources
+
+    @property
+    def resident_bytes(self) -> int:
+        """Memory the entry holds that the budget counts: cached chunks and manifests."""
+        return self.chunk_bytes + self.manifests.nbytes
+
+    @property
     def pinned(self) -> bool:
         return self.pins > 0
+
+    def cached_chunk(self, key: ChunkKey) -> CachedChunk | None:
+        """The chunk if it is cached (the warm path takes it without a task or a thread)."""
+        return self.chunks.get(key)
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -91,12 +105,14 @@ class ModelEntry:
     def keep(self, key: ChunkKey, chunk: CachedChunk) -> None:
         if key not in self.chunks:
             self.chunks[key] = chunk
-            self.resident_bytes += len(chunk.message)
+            self.chunk_bytes += len(chunk.message)
 
     def drop_chunks(self) -> int:
+        """Drop cached chunks and manifests (both are rebuilt on demand); return the bytes freed."""
         freed = self.resident_bytes
         self.chunks.clear()
-        self.resident_bytes = 0
+        self.chunk_bytes = 0
+        self.manifests.clear()
         return freed
 
     def close_if_unused(self) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,6 +50,20 @@ EntryKey = tuple[str, str, str]
 """(model name, format, revision); the name carries the source scheme."""
 
 
+@dataclass(frozen=True)
+class CacheStatus:
+    """A model's state in the cache, as ListModels reports it."""
+
+    state: str  # cold, loading, warming, ready
+    resident_bytes: int = 0
+    pinned_streams: int = 0
+    last_used: float = 0.0
+    load_source: str = ""
+    load_files: int = 0
+    load_bytes: int = 0
+    load_seconds: float = 0.0
+
+
 class ModelCache:
     """Opens models on demand, shares each open copy, keeps chunks within a budget."""
 
@@ -60,6 +75,7 @@ class ModelCache:
         self.loaders = dict(loaders or {})
         """format -> the loader that opens it instead of the format's own (`serve --loader`)."""
         self.entries: dict[EntryKey, ModelEntry] = {}
+        """Open entries by key; read through open_entries() and status() outside this package."""
         self.current: dict[tuple[str, str], EntryKey] = {}
         self.budget = MemoryBudget(memory_bytes, lambda: list(self.entries.values()), reserved_bytes)
         self._loads: dict[EntryKey, asyncio.Task[ModelEntry]] = {}
@@ -147,7 +163,7 @@ class ModelCache:
         The fill runs as its own task: a stream that disconnects does not cancel the
         read another stream is waiting for.
         """
-        cached = entry.chunks.get(key)
+        cached = entry.cached_chunk(key)
         if cached is not None:
             return cached
         task = entry.inflight.get(key)
@@ -166,6 +182,55 @@ class ModelCache:
     def loading(self) -> list[EntryKey]:
         """Entries being opened right now."""
         return list(self._loads)
+
+    async def locate(self, name: str) -> ModelLocation:
+        """Where `name`'s files are (a remote model may download first); off the event loop.
+
+        Raises:
+            ModelNotFoundError, PermissionDeniedError: as StorageRouter.resolve.
+        """
+        return await asyncio.to_thread(self.router.resolve, name)
+
+    def local_models(self) -> dict[str, Path]:
+        """Every model name under the local roots (blocking: walks the roots)."""
+        return self.router.local.list_models()
+
+    def open_entries(self) -> list[ModelEntry]:
+        """Entries serving now (not retired), in no particular order."""
+        return [e for e in self.entries.values() if not e.retired]
+
+    def status(self, name: str) -> CacheStatus:
+        """The cache state of the newest entry of `name`."""
+        if any(key[0] == name for key in self._loads):
+            return CacheStatus("loading")
+        entries = [e for e in self.open_entries() if e.name == name]
+        if not entries:
+            return CacheStatus("cold")
+        entry = max(entries, key=lambda e: e.last_used)
+        load = entry.load
+        return CacheStatus(
+            "warming" if entry.warming else "ready",
+            entry.resident_bytes,
+            entry.pins - entry.warming,
+            entry.last_used_wall,
+            load.source,
+            load.files,
+            load.bytes,
+            load.seconds,
+        )
+
+    @contextmanager
+    def stream_window(self, nbytes: int) -> Iterator[None]:
+        """Hold a stream's read-ahead window in the memory budget for the block.
+
+        Raises:
+            ResourceExhaustedError: pinned entries and other windows leave too little.
+        """
+        self.budget.reserve_window(nbytes)
+        try:
+            yield
+        finally:
+            self.budget.release_window(nbytes)
 
     def evict(self, name: str) -> bool:
         """Drop every entry of `name`; streams in flight keep theirs until they end."""

@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 import grpc
 
 from weightserve import wire
+from weightserve.atomic import commit_temp, temp_path_beside
 from weightserve.errors import FetchError
 from weightserve.v1 import weightserve_pb2 as pb
-
-
-def atomic_write_path(path: Path) -> tuple[IO[bytes], Path]:
-    """A temp file beside `path`, to be fsynced and renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    return os.fdopen(fd, "wb"), Path(tmp)
-
-
-def commit(handle: IO[bytes], tmp: Path, path: Path) -> None:
-    """fsync and rename: readers see the old file or the whole new one."""
-    handle.flush()
-    os.fsync(handle.fileno())
-    handle.close()
-    os.replace(tmp, path)
 
 
 class FileWriter:
@@ -58,7 +43,8 @@ class FileWriter:
                 tmp.unlink(missing_ok=True)
                 raise self._error(f"{path}: whole-file crc32c or size mismatch")
             final = self.dest / path
-            commit(handle, tmp, final)
+            handle.close()
+            commit_temp(tmp, final, mode=0o644)
             self.written.append(final)
             self._open = None
 
@@ -70,8 +56,8 @@ class FileWriter:
             raise self._error(f"server sent a path outside the destination: {chunk.path!r}")
         if chunk.offset:
             raise self._error(f"{chunk.path}: first chunk starts at byte {chunk.offset}")
-        handle, tmp = atomic_write_path(final)
-        self._open = (chunk.path, handle, tmp, 0)
+        tmp = temp_path_beside(final)
+        self._open = (chunk.path, tmp.open("wb"), tmp, 0)
 
     def abort(self) -> None:
         """Drop a half-written file (its temp file), leaving nothing partial behind."""

@@ -6,31 +6,31 @@ rest of the server only ever sees TensorRecords and Sources.
 
 from __future__ import annotations
 
-from importlib import import_module
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from weightserve.errors import UnknownFormatError
+from weightserve.registry import Registry
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from weightserve.loaders.base import Loader
-
-_LOADERS: dict[str, type[Loader]] = {}
 
 # Built-in formats, in the order a model directory with several is served. A saved
 # per-rank directory (sharded_state) is recognised before the canonical formats;
 # generated dummy weights come last. fastsafetensors reads safetensors files, so it is
 # no format of its own: `serve --loader fastsafetensors` puts it in place of "safetensors".
 FORMAT_PREFERENCE: tuple[str, ...] = ("sharded_state", "safetensors", "torch", "gguf", "dummy")
-_MODULES = {
-    "sharded_state": "weightserve.loaders.sharded_state",
-    "safetensors": "weightserve.loaders.safetensors",
-    "torch": "weightserve.loaders.torch_pickle",
-    "gguf": "weightserve.loaders.gguf",
-    "dummy": "weightserve.loaders.dummy",
-    "fastsafetensors": "weightserve.loaders.fastsafetensors",
-}
+
+LOADERS: Registry[type[Loader]] = Registry(
+    "loader",
+    {
+        "sharded_state": "weightserve.loaders.sharded_state",
+        "safetensors": "weightserve.loaders.safetensors",
+        "torch": "weightserve.loaders.torch_pickle",
+        "gguf": "weightserve.loaders.gguf",
+        "dummy": "weightserve.loaders.dummy",
+        "fastsafetensors": "weightserve.loaders.fastsafetensors",
+    },
+)
 
 
 def register_loader(fmt: str) -> Callable[[type[Loader]], type[Loader]]:
@@ -38,8 +38,7 @@ def register_loader(fmt: str) -> Callable[[type[Loader]], type[Loader]]:
 
     def wrap(cls: type[Loader]) -> type[Loader]:
         cls.name = fmt
-        _LOADERS[fmt] = cls
-        return cls
+        return LOADERS.register(fmt)(cls)
 
     return wrap
 
@@ -48,11 +47,6 @@ def loader_for(fmt: str) -> type[Loader]:
     """The loader class registered for `fmt`, importing its module on first use.
 
     Raises:
-        UnknownFormatError: no loader has that name.
+        UnknownNameError: no loader has that name.
     """
-    if fmt not in _LOADERS and fmt in _MODULES:
-        import_module(_MODULES[fmt])
-    try:
-        return _LOADERS[fmt]
-    except KeyError:
-        raise UnknownFormatError(f"no loader for {fmt!r}; have {sorted(set(_LOADERS) | set(_MODULES))}") from None
+    return LOADERS.get(fmt)

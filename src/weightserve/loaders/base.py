@@ -39,8 +39,8 @@ class TensorRecord:
 
 
 @dataclass(frozen=True)
-class SavedShards:
-    """A checkpoint already saved per rank (the sharded_state format).
+class ShardedState:
+    """A checkpoint already saved per rank (vLLM's sharded_state format).
 
     Such a checkpoint is served file-for-file to the world size it was saved for.
     """
@@ -58,8 +58,8 @@ class Loader(ABC):
     """
 
     name: ClassVar[str]
-    saved_shards: SavedShards | None = None
-    """Set by loaders of pre-sharded checkpoints; None for canonical ones."""
+    sharded_state: ShardedState | None = None
+    """Set by the loader of sharded_state directories; None for canonical checkpoints."""
 
     def __init__(self, files: list[Path]) -> None:
         self.files = files

@@ -2,7 +2,7 @@
 
 Covers the families dummy weights are served for: Llama, Mistral, Qwen2 (q/k/v
 biases) and Mixtral (sparse MoE experts). Names and order are Hugging Face's, as
-weightserve.checkpoints.llama_tensor_shapes gives them for Llama.
+weightserve.testing.llama_tensor_shapes gives them for Llama.
 """
 
 from __future__ import annotations

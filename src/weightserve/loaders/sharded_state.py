@@ -14,7 +14,7 @@ from pathlib import Path
 
 from weightserve.errors import CorruptCheckpointError
 from weightserve.loaders import register_loader
-from weightserve.loaders.base import Loader, SavedShards, TensorRecord
+from weightserve.loaders.base import Loader, ShardedState, TensorRecord
 from weightserve.loaders.discovery import natural_key
 from weightserve.loaders.safetensors import read_header
 from weightserve.loaders.sources import FileSource
@@ -68,7 +68,7 @@ class ShardedStateLoader(Loader):
                 if len(set(names)) != len(names):
                     raise CorruptCheckpointError(f"rank {rank}'s files repeat a tensor name")
             self.records = [r for rank in sorted(by_rank) for r in by_rank[rank]]
-            self.saved_shards = SavedShards(world_size, layout, tuple(tuple(by_rank[r]) for r in sorted(by_rank)))
+            self.sharded_state = ShardedState(world_size, layout, tuple(tuple(by_rank[r]) for r in sorted(by_rank)))
         except BaseException:
             self.close()
             raise

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from weightserve.eplb import ExpertMapping, Topology
-from weightserve.server.control import ControlPlane, RebalanceJob
-from weightserve.server.status import stream_errors, unary_errors
+from weightserve.server.control_plane import ControlPlane, RebalanceJob
+from weightserve.server.status_codes import stream_errors, unary_errors
 from weightserve.v1 import weightserve_pb2 as pb
 
 _JOB_STATES = {

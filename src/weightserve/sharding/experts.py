@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from weightserve.errors import InvalidRequestError
 from weightserve.loaders.base import TensorRecord
-from weightserve.sharding.plan import TensorPlan
+from weightserve.sharding.tensor_plan import TensorPlan
 from weightserve.sharding.slicing import slice_ranges
 
 PER_EXPERT = re.compile(r"^(?P<prefix>.*?\blayers\.(?P<layer>\d+)\..*?\bexperts\.)(?P<expert>\d+)\.(?P<rest>.+)$")

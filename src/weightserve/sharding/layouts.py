@@ -13,7 +13,7 @@ import re
 from collections import defaultdict
 
 from weightserve.errors import InvalidRequestError
-from weightserve.sharding.plan import TensorPlan
+from weightserve.sharding.tensor_plan import TensorPlan
 
 _QKV = re.compile(r"^(?P<prefix>.*\.)(?P<part>q|k|v)_proj\.(?P<kind>weight|bias)$")
 _GATE_UP = re.compile(r"^(?P<prefix>.*\.)(?P<part>gate|up)_proj\.(?P<kind>weight|bias)$")

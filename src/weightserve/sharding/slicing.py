@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable
 
 from weightserve.errors import InvalidRequestError
 from weightserve.loaders.base import TensorRecord
+from weightserve.loaders.pieces import ZEROS, Piece
 from weightserve.sharding.model_config import ModelConfig
-from weightserve.sharding.plan import ZEROS, Piece, TensorPlan, whole_tensor
 from weightserve.sharding.rules import Rule
+from weightserve.sharding.tensor_plan import TensorPlan, whole_tensor
 from weightserve.wire import DTYPE_SIZES
 
 VOCAB_PADDING = 64

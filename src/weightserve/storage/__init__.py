@@ -8,42 +8,33 @@ local files never needs huggingface_hub or boto3.
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib import import_module
 from typing import TYPE_CHECKING
 
-from weightserve.errors import ModelNotFoundError
+from weightserve.registry import Registry
 
 if TYPE_CHECKING:
     from weightserve.config import ServerConfig
     from weightserve.storage.base import Storage
 
-_BACKENDS: dict[str, Callable[[ServerConfig], Storage]] = {}
-_MODULES = {"hf": "weightserve.storage.huggingface", "s3": "weightserve.storage.s3"}
+StorageFactory = Callable[["ServerConfig"], "Storage"]
+
+BACKENDS: Registry[StorageFactory] = Registry(
+    "storage back end", {"hf": "weightserve.storage.huggingface", "s3": "weightserve.storage.s3"}
+)
 
 
-def register_storage(scheme: str) -> Callable[[Callable[[ServerConfig], Storage]], Callable[[ServerConfig], Storage]]:
+def register_storage(scheme: str) -> Callable[[StorageFactory], StorageFactory]:
     """Decorator: make `factory(config)` the back end for `scheme://` names."""
-
-    def wrap(factory: Callable[[ServerConfig], Storage]) -> Callable[[ServerConfig], Storage]:
-        _BACKENDS[scheme] = factory
-        return factory
-
-    return wrap
+    return BACKENDS.register(scheme)
 
 
 def storage_for(scheme: str, config: ServerConfig) -> Storage:
     """Build the back end for `scheme`, importing its module on first use.
 
     Raises:
-        ModelNotFoundError: no back end has that scheme.
+        UnknownNameError: no back end has that scheme.
     """
-    if scheme not in _BACKENDS and scheme in _MODULES:
-        import_module(_MODULES[scheme])
-    try:
-        factory = _BACKENDS[scheme]
-    except KeyError:
-        raise ModelNotFoundError(f"no storage back end for {scheme}:// (have {sorted(_MODULES)})") from None
-    return factory(config)
+    return BACKENDS.get(scheme)(config)
 
 
 def allowed_schemes(patterns: tuple[str, ...]) -> set[str]:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from weightserve.atomic import atomic_write_bytes, fsync_dir
 from weightserve.errors import ResourceExhaustedError
 
 logger = logging.getLogger(__name__)
@@ -51,28 +52,6 @@ def slug(key: str) -> str:
     """A directory name for `key`: readable, and unique through a hash suffix."""
     readable = _UNSAFE.sub("--", key).strip("-.")[:80]
     return f"{readable}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same directory, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def open_in_this_process(path: Path) -> bool:
@@ -189,7 +168,7 @@ class DiskCache:
         total = sum((files_dir / f).stat().st_size for f in files)
         fsync_dir(files_dir)
         (partial / _RESERVED).unlink()
-        write_atomic(partial / MARKER, json.dumps({"key": key, "bytes": total, "files": files}).encode())
+        atomic_write_bytes(partial / MARKER, json.dumps({"key": key, "bytes": total, "files": files}).encode())
         fsync_dir(partial)
         if final.exists():  # not ours (no marker); keep the name free for the complete model
             os.rename(final, self.root / ".trash" / f"{final.name}.{os.getpid()}.{time.monotonic_ns()}")

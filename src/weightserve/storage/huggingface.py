@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
+from weightserve.atomic import atomic_write_bytes
 from weightserve.errors import (
     CorruptCheckpointError,
     ModelNotFoundError,
@@ -36,7 +37,6 @@ from weightserve.errors import (
 )
 from weightserve.storage import register_storage
 from weightserve.storage.base import ModelLocation, RemoteName, Storage
-from weightserve.storage.disk_cache import write_atomic
 from weightserve.storage.selection import CONFIG_PATTERNS, INDEX_NAMES, top_level, weight_names
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ class HuggingFaceStorage(Storage):
             if revision != commit:  # so HF_HUB_OFFLINE=1 later finds the branch
                 ref = self._repo_dir(repo_id) / "refs" / revision
                 ref.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(ref, commit.encode())
+                atomic_write_bytes(ref, commit.encode())
         return commit, snapshot
 
     def _fetch(self, repo_id: str, commit: str, names: Iterable[str]) -> None:

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
-from weightserve.storage.disk_cache import fsync_dir
+from weightserve.atomic import fsync_dir
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from importlib import import_module
 from typing import ClassVar
 
 import torch
@@ -19,15 +18,9 @@ import torch
 from weightserve.eplb.mapping import ExpertMapping
 from weightserve.eplb.problem import Problem
 from weightserve.errors import InvalidRequestError
+from weightserve.registry import Registry
 
 DEFAULT_POLICY = "hierarchical"
-
-_POLICIES: dict[str, type[Policy]] = {}
-_MODULES = {
-    "greedy": "weightserve.eplb.policies.greedy",
-    "hierarchical": "weightserve.eplb.policies.hierarchical",
-    "locality-aware": "weightserve.eplb.policies.locality",
-}
 
 
 class Policy(ABC):
@@ -50,34 +43,38 @@ class Policy(ABC):
         """
 
 
+POLICIES: Registry[type[Policy]] = Registry(
+    "EPLB policy",
+    {
+        "greedy": "weightserve.eplb.policies.greedy",
+        "hierarchical": "weightserve.eplb.policies.hierarchical",
+        "locality-aware": "weightserve.eplb.policies.locality",
+    },
+)
+
+
 def register_policy(name: str) -> Callable[[type[Policy]], type[Policy]]:
     """Class decorator: make `cls` the policy called `name`."""
 
     def wrap(cls: type[Policy]) -> type[Policy]:
         cls.name = name
-        _POLICIES[name] = cls
-        return cls
+        return POLICIES.register(name)(cls)
 
     return wrap
 
 
 def available_policies() -> list[str]:
     """Every policy name `policy_for` accepts."""
-    return sorted(set(_POLICIES) | set(_MODULES))
+    return POLICIES.names()
 
 
 def policy_for(name: str) -> type[Policy]:
     """The policy class registered as `name`, importing its module on first use.
 
     Raises:
-        InvalidRequestError: no policy has that name.
+        UnknownNameError: no policy has that name (an InvalidRequestError).
     """
-    if name not in _POLICIES and name in _MODULES:
-        import_module(_MODULES[name])
-    try:
-        return _POLICIES[name]
-    except KeyError:
-        raise InvalidRequestError(f"no EPLB policy {name!r}; have {available_policies()}") from None
+    return POLICIES.get(name)
 
 
 def resolve_policy(policy: str | Policy | None) -> Policy:

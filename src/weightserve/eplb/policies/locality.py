@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import torch
 
-from weightserve.eplb.align import match_gpus, sticky_packing
 from weightserve.eplb.mapping import ExpertMapping, gpu_loads, held_by_gpu, replica_counts
 from weightserve.eplb.policies.base import Policy, register_policy
 from weightserve.eplb.policies.greedy import greedy_placement
 from weightserve.eplb.policies.hierarchical import HierarchicalPolicy, best_of, global_placement
 from weightserve.eplb.problem import Problem
-from weightserve.eplb.refine import SwapPreference, refine_swaps
+from weightserve.eplb.refine import SwapPreference, match_gpus, refine_swaps, sticky_packing
 
 # Slacks for sticky_packing, in mean GPU loads; more slack keeps more, balances less.
 SLACKS = (0.1, 0.25)

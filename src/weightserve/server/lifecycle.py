@@ -22,10 +22,10 @@ from weightserve.cache.budget import reserved_bytes
 from weightserve.cache.model_cache import ModelCache
 from weightserve.config import ServerConfig
 from weightserve.loaders.dummy import write_dummy_root
-from weightserve.server.control import ControlPlane
+from weightserve.server.control_plane import ControlPlane
 from weightserve.server.control_servicer import ControlServicer
-from weightserve.server.dataplane import DataPlane
-from weightserve.server.servicer import PREENCODED_RESPONSES, WeightServicer
+from weightserve.server.data_plane import DataPlane
+from weightserve.server.weight_servicer import PREENCODED_RESPONSES, WeightServicer
 from weightserve.storage import allowed_schemes, storage_for
 from weightserve.storage.local import LocalRoots
 from weightserve.storage.router import StorageRouter

@@ -17,17 +17,14 @@ import logging
 import math
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING
 
 from weightserve.cache.entry import ModelEntry
+from weightserve.cache.manifests import Manifest
 from weightserve.cache.model_cache import ModelCache
 from weightserve.config import ServerConfig
 from weightserve.loaders.sources import FileSource
-from weightserve.server.streaming import chunk_jobs, read_chunk
+from weightserve.server.chunk_stream import chunk_jobs, read_chunk
 from weightserve.sharding.spec import ShardSpec
-
-if TYPE_CHECKING:
-    from weightserve.server.dataplane import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +90,7 @@ class Warmer:
 
     async def _warm_chunks(self, entry: ModelEntry, manifests: list[Manifest], total: int) -> None:
         loop = asyncio.get_running_loop()
-        sources = entry.loader.sources
+        sources = entry.sources
         width = parallelism(len(entry.loader.files), total, self.config.read_threads)
         gate = asyncio.Semaphore(width)
 
@@ -116,7 +113,7 @@ class Warmer:
 
     @staticmethod
     def _advise(entry: ModelEntry, manifests: list[Manifest]) -> None:
-        sources = entry.loader.sources
+        sources = entry.sources
         for manifest in manifests:
             for plan in manifest.tensors:
                 for piece in plan.pieces:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from weightserve.server.dataplane import Manifest, ModelSummary, ResumeFrom
-from weightserve.server.files import FilePiece
+from weightserve.cache.manifests import Manifest
+from weightserve.server.data_plane import ModelSummary, ResumeFrom
+from weightserve.server.file_stream import FilePiece
 from weightserve.sharding.spec import ShardSpec
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.wire import WIRE_VERSION
@@ -47,7 +48,7 @@ def resume_from(request: pb.FetchShardRequest) -> ResumeFrom | None:
 
 def manifest_response(manifest: Manifest) -> pb.GetManifestResponse:
     tensors = []
-    for plan, digest in zip(manifest.tensors, manifest.digests, strict=True):
+    for plan, digest in zip(manifest.tensors, manifest.digest_list(), strict=True):
         info = pb.TensorInfo(name=plan.name, dtype=plan.dtype, shape=plan.shape, nbytes=plan.nbytes)
         if digest is not None:
             info.crc32c = digest

@@ -20,7 +20,7 @@ from weightserve.loaders.sharded_state import INCOMPLETE_NAME, METADATA_NAME, RA
 from weightserve.loaders.sources import FileSource
 from weightserve.sharding.model_config import ModelConfig
 from weightserve.sharding.rules import KNOWN_FAMILIES, RuleSet
-from weightserve.sharding.saved_plan import rank_plans
+from weightserve.sharding.sharded_state.plan import rank_plans
 from weightserve.sharding.slicing import kv_range
 from weightserve.sharding.spec import LAYOUTS, ShardSpec
 
@@ -29,8 +29,8 @@ Tensors = dict[str, tuple[str, tuple[int, ...]]]
 
 
 @dataclass
-class SavedCheck:
-    """What `check_saved` found."""
+class ShardedStateCheck:
+    """What `check_sharded_state` found."""
 
     world_size: int = 0
     layout: str = ""
@@ -51,7 +51,9 @@ class SourceModel:
     rules: RuleSet = field(default_factory=RuleSet)
 
 
-def check_saved(saved_dir: Path, source: SourceModel | None = None, rules: RuleSet | None = None) -> SavedCheck:
+def check_sharded_state(
+    saved_dir: Path, source: SourceModel | None = None, rules: RuleSet | None = None
+) -> ShardedStateCheck:
     """Check a directory written by `weightserve shard` (or saved by vLLM).
 
     Args:
@@ -59,7 +61,7 @@ def check_saved(saved_dir: Path, source: SourceModel | None = None, rules: RuleS
         source: the canonical model; each rank is then compared with its plan.
         rules: operator sharding rules, for the shape checks without a source.
     """
-    check = SavedCheck()
+    check = ShardedStateCheck()
     if not saved_dir.is_dir():
         check.problems.append(f"{saved_dir} is not a directory")
         return check
@@ -91,7 +93,7 @@ class _Metadata:
     files: dict[str, list[str]]
 
 
-def _read_metadata(saved_dir: Path, check: SavedCheck) -> _Metadata | None:
+def _read_metadata(saved_dir: Path, check: ShardedStateCheck) -> _Metadata | None:
     path = saved_dir / METADATA_NAME
     if not path.is_file():
         why = (
@@ -118,7 +120,7 @@ def _read_metadata(saved_dir: Path, check: SavedCheck) -> _Metadata | None:
     return _Metadata(world_size, layout, {str(k): [str(n) for n in v] for k, v in files.items()})
 
 
-def _read_ranks(saved_dir: Path, check: SavedCheck) -> set[str]:
+def _read_ranks(saved_dir: Path, check: ShardedStateCheck) -> set[str]:
     """Parse every rank file's header into `check.tensors`; return the rank files' names."""
     names = set()
     for path in sorted(saved_dir.iterdir()):
@@ -154,7 +156,7 @@ def _show(tensor: tuple[str, tuple[int, ...]]) -> str:
     return f"{tensor[0]}{list(tensor[1])}"
 
 
-def _against_source(check: SavedCheck, source: SourceModel) -> None:
+def _against_source(check: ShardedStateCheck, source: SourceModel) -> None:
     for rank, saved in sorted(check.tensors.items()):
         if rank >= check.world_size:
             continue
@@ -176,7 +178,7 @@ def _against_source(check: SavedCheck, source: SourceModel) -> None:
                 check.problems.append(f"rank {rank}: {name} is {_show(saved[name])}; the source gives {_show(want)}")
 
 
-def _across_ranks(check: SavedCheck) -> None:
+def _across_ranks(check: ShardedStateCheck) -> None:
     ranks = {r: t for r, t in sorted(check.tensors.items()) if r < check.world_size}
     union: dict[str, None] = {}
     for tensors in ranks.values():
@@ -194,7 +196,7 @@ def _across_ranks(check: SavedCheck) -> None:
             check.problems.append(f"{name}: dtype or shape differs across ranks ({shown})")
 
 
-def _against_rules(check: SavedCheck, config: ModelConfig, rules: RuleSet) -> None:
+def _against_rules(check: ShardedStateCheck, config: ModelConfig, rules: RuleSet) -> None:
     """Attention projections must have the rows their heads give each rank."""
     if config.model_type not in KNOWN_FAMILIES and not rules.operator:
         return

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 from weightserve import wire
 from weightserve.cache.entry import CachedChunk, ModelEntry
+from weightserve.cache.manifests import Manifest
 from weightserve.cache.model_cache import ModelCache
 from weightserve.errors import CorruptCheckpointError
+from weightserve.loaders.pieces import read_range
 from weightserve.loaders.sources import Source
 from weightserve.server.message_buffer import build_message
-from weightserve.sharding.plan import TensorPlan, read_range
+from weightserve.sharding.tensor_plan import TensorPlan
 
 _buffers = threading.local()
 
@@ -159,8 +161,7 @@ class ChunkFramer:
 async def stream_chunks(
     cache: ModelCache,
     entry: ModelEntry,
-    manifest_id: str,
-    plans: list[TensorPlan],
+    manifest: Manifest,
     jobs: Iterator[ChunkJob],
     framer: ChunkFramer,
     executor: Executor,
@@ -169,12 +170,13 @@ async def stream_chunks(
 ) -> AsyncIterator[bytes]:
     """Yield framed chunks for `jobs`, fetching up to `read_ahead` chunks ahead."""
     loop = asyncio.get_running_loop()
-    sources = entry.loader.sources
+    sources = entry.sources
+    plans = manifest.tensors
 
     def fetch(job: ChunkJob) -> asyncio.Future[CachedChunk]:
-        key = (manifest_id, job.index, job.offset, job.length)
+        key = (manifest.manifest_id, job.index, job.offset, job.length)
         future: asyncio.Future[CachedChunk]
-        if (cached := entry.chunks.get(key)) is not None:  # the warm path: no task, no thread
+        if (cached := entry.cached_chunk(key)) is not None:  # the warm path: no task, no thread
             future = loop.create_future()
             future.set_result(cached)
             return future

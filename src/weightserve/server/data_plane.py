@@ -15,16 +15,16 @@ from dataclasses import dataclass
 
 from weightserve import wire
 from weightserve.cache.entry import ModelEntry
-from weightserve.cache.model_cache import ModelCache
+from weightserve.cache.manifests import Manifest
+from weightserve.cache.model_cache import CacheStatus, ModelCache
 from weightserve.config import ServerConfig
 from weightserve.errors import InvalidRequestError, PreconditionError, TensorNotFoundError, WeightserveError
 from weightserve.loaders.formats import available_formats, model_files
-from weightserve.server.control import ControlPlane
-from weightserve.server.files import FilePiece, stream_files
-from weightserve.server.streaming import ChunkFramer, chunk_jobs, stream_chunks
-from weightserve.server.warming import Warmer
-from weightserve.sharding.experts import ExpertSlots
-from weightserve.sharding.plan import TensorPlan, plan_shard
+from weightserve.server.chunk_stream import ChunkFramer, chunk_jobs, stream_chunks
+from weightserve.server.control_plane import ControlPlane
+from weightserve.server.file_stream import FilePiece, stream_files
+from weightserve.server.prefetch import Warmer
+from weightserve.sharding.plan import plan_shard
 from weightserve.sharding.rules import RuleSet, load_rules
 from weightserve.sharding.spec import ShardSpec
 
@@ -32,37 +32,6 @@ logger = logging.getLogger(__name__)
 
 MAX_NAME_BYTES = 4096
 """Longest tensor name served; keeps every chunk's framing far below 16 KiB."""
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """One rank's plan, as GetManifest reports it."""
-
-    manifest_id: str
-    revision: str
-    format: str
-    tensors: list[TensorPlan]
-    digests: list[int | None]
-    chunk_bytes: int
-    experts: ExpertSlots | None = None
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-
-@dataclass(frozen=True)
-class CacheStatus:
-    """A model's state in the cache, as ListModels reports it."""
-
-    state: str  # cold, loading, warming, ready
-    resident_bytes: int = 0
-    pinned_streams: int = 0
-    last_used: float = 0.0
-    load_source: str = ""
-    load_files: int = 0
-    load_bytes: int = 0
-    load_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -100,8 +69,8 @@ class DataPlane:
         """Every local model, plus remote ones the cache holds, with cache state."""
         listed = await asyncio.to_thread(self._list_local)
         names = {s.name for s in listed}
-        for entry in self.cache.entries.values():
-            if entry.name not in names and not entry.retired:
+        for entry in self.cache.open_entries():
+            if entry.name not in names:
                 names.add(entry.name)
                 listed.append(
                     ModelSummary(
@@ -114,13 +83,13 @@ class DataPlane:
                     )
                 )
         return [
-            ModelSummary(s.name, s.revision, s.format, s.total_bytes, s.formats, self.cache_status(s.name))
+            ModelSummary(s.name, s.revision, s.format, s.total_bytes, s.formats, self.cache.status(s.name))
             for s in sorted(listed, key=lambda s: s.name)
         ]
 
     def _list_local(self) -> list[ModelSummary]:
         summaries = []
-        for name, model_dir in self.cache.router.local.list_models().items():
+        for name, model_dir in self.cache.local_models().items():
             try:
                 formats = available_formats(model_dir)
                 if not formats:
@@ -133,26 +102,6 @@ class DataPlane:
                 ModelSummary(name, found.revision, found.format, found.total_bytes, formats, CacheStatus("cold"))
             )
         return summaries
-
-    def cache_status(self, name: str) -> CacheStatus:
-        """The cache state of the newest entry of `name`."""
-        if any(key[0] == name for key in self.cache.loading()):
-            return CacheStatus("loading")
-        entries = [e for e in self.cache.entries.values() if e.name == name and not e.retired]
-        if not entries:
-            return CacheStatus("cold")
-        entry = max(entries, key=lambda e: e.last_used)
-        load = entry.load
-        return CacheStatus(
-            "warming" if entry.warming else "ready",
-            entry.resident_bytes,
-            entry.pins - entry.warming,
-            entry.last_used_wall,
-            load.source,
-            load.files,
-            load.bytes,
-            load.seconds,
-        )
 
     async def manifest(self, spec: ShardSpec) -> Manifest:
         """The plan `spec` resolves to now."""
@@ -170,16 +119,16 @@ class DataPlane:
             slots = self.control.slots(spec, layout)
             params["mapping_version"] = slots.version
         mid = wire.manifest_id(entry.revision, params)
-        plans = entry.plans.get(mid)
-        if plans is None:
+
+        def build() -> Manifest:
             loader = entry.loader
-            plans = plan_shard(loader.records, spec, entry.model_config, self.rules, loader.saved_shards, slots)
+            plans = plan_shard(loader.records, spec, entry.model_config, self.rules, loader.sharded_state, slots)
             for plan in plans:
                 if len(plan.name.encode()) > MAX_NAME_BYTES:
                     raise InvalidRequestError(f"tensor name of {len(plan.name)} characters is too long to serve")
-            entry.plans[mid] = plans
-        digests = [entry.digests.get((mid, p.name)) for p in plans]
-        return Manifest(mid, entry.revision, entry.format, plans, digests, self.config.chunk_bytes, slots)
+            return Manifest(mid, entry.revision, entry.format, plans, self.config.chunk_bytes, slots)
+
+        return entry.manifests.get_or_build(mid, build)
 
     async def fetch(
         self,
@@ -206,28 +155,19 @@ class DataPlane:
                     "fetch the manifest again"
                 )
             selection, start = _selection(manifest, names, manifest_id, resume)
-            framer = ChunkFramer(manifest.tensors, {i: d for i, d in enumerate(manifest.digests) if d is not None})
+            framer = ChunkFramer(manifest.tensors, dict(manifest.digests))
             window = self.config.prefetch_depth * self.config.chunk_bytes
-            self.cache.budget.reserve_window(window)
             started, sent = time.perf_counter(), 0
             jobs = chunk_jobs(manifest.tensors, selection, start, self.config.chunk_bytes)
-            try:
-                async for message in stream_chunks(
-                    self.cache,
-                    entry,
-                    manifest.manifest_id,
-                    manifest.tensors,
-                    jobs,
-                    framer,
-                    self.executor,
-                    read_ahead=self.config.prefetch_depth,
-                ):
-                    sent += len(message)
-                    yield message
-            finally:
-                self.cache.budget.release_window(window)
-                for index, digest in framer.finished.items():
-                    entry.digests[(manifest.manifest_id, manifest.tensors[index].name)] = digest
+            with self.cache.stream_window(window):
+                try:
+                    async for message in stream_chunks(
+                        self.cache, entry, manifest, jobs, framer, self.executor, read_ahead=self.config.prefetch_depth
+                    ):
+                        sent += len(message)
+                        yield message
+                finally:
+                    manifest.digests.update(framer.finished)
             seconds = time.perf_counter() - started
             logger.info(
                 "sent %s rank %d/%d: %d tensors, %d bytes in %.2fs (%.2f GB/s)",

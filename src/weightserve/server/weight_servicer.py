@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from weightserve.server import convert
-from weightserve.server.dataplane import DataPlane
-from weightserve.server.status import stream_errors, unary_errors
+from weightserve.server import proto_convert as convert
+from weightserve.server.data_plane import DataPlane
+from weightserve.server.status_codes import stream_errors, unary_errors
 from weightserve.sharding.spec import ShardSpec
 from weightserve.v1 import weightserve_pb2 as pb
 

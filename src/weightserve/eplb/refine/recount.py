@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from weightserve.eplb.state import RefineState, SwapPreference
+from weightserve.eplb.refine.state import RefineState, SwapPreference
 
 # Candidates: the hot GPU's heaviest replicas' experts, the donors whose share would
 # grow least, and the coldest receivers.

@@ -14,10 +14,12 @@ from dataclasses import dataclass, replace
 
 from weightserve.errors import InvalidRequestError
 from weightserve.loaders.base import TensorRecord
+from weightserve.loaders.pieces import ZEROS
 from weightserve.sharding.model_config import ModelConfig
-from weightserve.sharding.plan import ZEROS, TensorPlan, plan_shard
+from weightserve.sharding.plan import plan_shard
 from weightserve.sharding.rules import RuleSet
 from weightserve.sharding.spec import ShardSpec
+from weightserve.sharding.tensor_plan import TensorPlan
 
 Run = tuple[int, int, int]
 """(source, start, end): bytes of one source."""
@@ -80,7 +82,7 @@ def filter_shared(plans: list[TensorPlan]) -> list[TensorPlan]:
     name that sorts first (the one vLLM keeps, so its loader finds what it expects).
     Plans that only partly overlap are both kept: neither holds the other's bytes.
 
-    >>> from weightserve.sharding.plan import Piece
+    >>> from weightserve.loaders.pieces import Piece
     >>> a = TensorPlan("model.embed_tokens.weight", "F32", (2,), (Piece(0, 0, 8),))
     >>> [p.name for p in filter_shared([a, TensorPlan("lm_head.weight", "F32", (2,), a.pieces)])]
     ['lm_head.weight']
@@ -156,7 +158,7 @@ def rank_plans(
 
 
 @dataclass(frozen=True)
-class SavePlan:
+class ShardedStatePlan:
     """Every rank's part files, as plans: `parts[rank][part]` is that file's tensors in order."""
 
     model: str
@@ -170,7 +172,7 @@ class SavePlan:
         return sum(t.nbytes for rank in self.parts for part in rank for t in part)
 
 
-def plan_saved(
+def plan_sharded_state(
     records: list[TensorRecord],
     config: ModelConfig,
     *,
@@ -179,7 +181,7 @@ def plan_saved(
     layout: str = "checkpoint",
     max_part_size: int | None = None,
     rules: RuleSet | None = None,
-) -> SavePlan:
+) -> ShardedStatePlan:
     """Plan every rank of a saved directory before anything is written.
 
     Raises:
@@ -191,4 +193,4 @@ def plan_saved(
         plans = rank_plans(records, spec, config, rules)
         parts = balance_parts([p.nbytes for p in plans], max_part_size)
         ranks.append(tuple(tuple(plans[i] for i in part) for part in parts))
-    return SavePlan(model, world_size, layout, max_part_size, tuple(ranks))
+    return ShardedStatePlan(model, world_size, layout, max_part_size, tuple(ranks))

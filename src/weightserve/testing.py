@@ -1,22 +1,30 @@
-"""Writing small deterministic Llama-shaped checkpoints (the demo's, and tests').
+"""Helpers for tests, benchmarks and the demo: small checkpoints and a server in a thread.
 
-Values come from a seeded generator, so every run writes the same bytes. Every file
-is written atomically (temp file in the same directory, fsync, rename).
+Never imported by the server, cache, sharding, loaders, storage or client code (an
+import-linter contract keeps it so): it imports torch and the whole server.
+
+- `write_llama_checkpoint` writes a deterministic tiny Llama directory (seeded
+  values, so every run writes the same bytes; every file written atomically).
+- `BackgroundServer` runs a real server on its own thread and event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
+import threading
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from types import TracebackType
 
 import torch
 from safetensors.torch import save_file
+
+from weightserve.atomic import atomic_write
+from weightserve.config import ServerConfig
+from weightserve.server.lifecycle import Server, build_server
 
 
 @dataclass(frozen=True)
@@ -80,22 +88,6 @@ def deterministic_tensors(
     return out
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` for a temp path beside `path`, fsync it, rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path), {"format": "pt"})
 
@@ -133,3 +125,62 @@ def write_llama_checkpoint(out_dir: Path, shape: LlamaShape, num_files: int = 2,
     tok_config = {"model_max_length": 4096, "bos_token": "<s>", "eos_token": "</s>"}
     atomic_write(out_dir / "tokenizer_config.json", partial(_write_json, tok_config))
     return files
+
+
+class BackgroundServer:
+    """Runs `build_server(config)` on a daemon thread; `address` is ready on enter.
+
+    Example:
+        >>> with BackgroundServer(ServerConfig(model_roots=(root,), listen="127.0.0.1:0")) as s:  # doctest: +SKIP
+        ...     WeightClient(s.address).list_models()
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.server: Server | None = None
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="weightserve-server", daemon=True)
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        if self.config.listen.startswith("unix:"):
+            return self.config.listen
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.server.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self.server = build_server(self.config)
+            self._loop.run_until_complete(self.server.start())
+        except BaseException as e:  # reported to the thread that called start()
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, grace: float | None = 0) -> None:
+        """Drain for `grace` seconds, then stop the loop and join the thread."""
+        if self.server is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from weightserve.eplb.recount import recount_step
-from weightserve.eplb.state import RefineState, SwapPreference
+from weightserve.eplb.refine.recount import recount_step
+from weightserve.eplb.refine.state import RefineState, SwapPreference
 
 _REL_EPS = 1e-9
 # Each round, this many of the most loaded GPUs look for a partner among this many of

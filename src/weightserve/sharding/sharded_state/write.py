@@ -4,7 +4,8 @@ Rank r's tensors go to `model-rank-{r}-part-{p}.safetensors`. Each part file is
 streamed from the canonical checkpoint through one reused buffer (`read_range` of
 each tensor's plan), so memory stays at one buffer whatever the size of the model.
 
-Every file is written atomically (temp file beside it, fsync, rename), and
+Every file is written atomically (weightserve.atomic), readable by all (workers may
+run as another user), and
 `weightserve-sharded.json` is written last: a directory without it is incomplete.
 While the writer runs, an in-progress marker tells the server not to take such a
 directory for one saved by vLLM (which writes no metadata file).
@@ -14,20 +15,20 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from weightserve._version import __version__
-from weightserve.checkpoints import atomic_write
+from weightserve.atomic import atomic_write, fsync_dir
 from weightserve.errors import InvalidRequestError
 from weightserve.loaders.base import Loader
+from weightserve.loaders.pieces import read_range
 from weightserve.loaders.sharded_state import INCOMPLETE_NAME, METADATA_NAME
 from weightserve.loaders.sources import Source
-from weightserve.sharding.plan import TensorPlan, read_range
-from weightserve.sharding.saved_plan import SavePlan
+from weightserve.sharding.sharded_state.plan import ShardedStatePlan
+from weightserve.sharding.tensor_plan import TensorPlan
 
 BUFFER_BYTES = 16 * 1024 * 1024
 """Bytes read from the source and written out per step."""
@@ -80,8 +81,8 @@ def write_part(
                     on_bytes(len(chunk))
 
 
-def write_saved(
-    plan: SavePlan,
+def write_sharded_state(
+    plan: ShardedStatePlan,
     loader: Loader,
     out_dir: Path,
     *,
@@ -92,7 +93,7 @@ def write_saved(
     """Write `plan` into `out_dir` (new or empty), then the config files, then the metadata.
 
     Args:
-        plan: from `plan_saved` over `loader.records`.
+        plan: from `plan_sharded_state` over `loader.records`.
         loader: the open canonical checkpoint the plan reads.
         out_dir: a directory that does not exist yet or is empty.
         revision: the source model's revision, recorded in the metadata.
@@ -113,13 +114,13 @@ def write_saved(
         for part, plans in enumerate(parts):
             path = out_dir / part_name(rank, part)
             write = functools.partial(write_part, plans=plans, sources=loader.sources, buffer=buffer, on_bytes=on_bytes)
-            atomic_write(path, _readable(write))
+            atomic_write(path, write, mode=0o644)
             written.append(path)
     for rel, source in sorted((extra_files or {}).items()):
         if Path(rel).name in (METADATA_NAME, INCOMPLETE_NAME):
             continue
         path = out_dir / rel
-        atomic_write(path, _readable(functools.partial(shutil.copyfile, source)))
+        atomic_write(path, functools.partial(shutil.copyfile, source), mode=0o644)
         written.append(path)
     meta = {
         "world_size": plan.world_size,
@@ -132,25 +133,15 @@ def write_saved(
         "total_bytes": plan.total_bytes,
         "writer": f"weightserve {__version__}",
     }
-    _fsync_dir(out_dir)  # every part is on disk before the metadata says the directory is complete
+    fsync_dir(out_dir)  # every part is on disk before the metadata says the directory is complete
 
     def write_metadata(tmp: Path) -> None:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
 
-    atomic_write(out_dir / METADATA_NAME, _readable(write_metadata))
-    _fsync_dir(out_dir)
+    atomic_write(out_dir / METADATA_NAME, write_metadata, mode=0o644)
+    fsync_dir(out_dir)
     (out_dir / INCOMPLETE_NAME).unlink(missing_ok=True)
     return [*written, out_dir / METADATA_NAME]
-
-
-def _readable(write: Callable[[Path], object]) -> Callable[[Path], None]:
-    """`write`, then make the file readable by all: workers may run as another user (mkstemp gives 0600)."""
-
-    def wrapped(tmp: Path) -> None:
-        write(tmp)
-        tmp.chmod(0o644)
-
-    return wrapped
 
 
 def _claim(out_dir: Path) -> None:
@@ -161,12 +152,4 @@ def _claim(out_dir: Path) -> None:
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INCOMPLETE_NAME).touch()
-    _fsync_dir(out_dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(out_dir)
