@@ -54,8 +54,48 @@ def test_unix_listen_address() -> None:
 
 
 def test_other_variables_are_ignored() -> None:
-    env = {"CHUNK_BYTES": "1", "weightserve_chunk_bytes": "1", "WEIGHTSERVE_NOT_A_FIELD": "x", "PATH": "/bin"}
+    env = {"CHUNK_BYTES": "1", "weightserve_chunk_bytes": "1", "PATH": "/bin", "WEIGHTSERVE_DEMO_DIR": "/d"}
     assert ServerConfig.from_env(env) == ServerConfig()
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("WEIGHTSERVE_READ_AHEAD", "did you mean WEIGHTSERVE_READ_THREADS?"),
+        ("WEIGHTSERVE_CHUNK_BYTE", "did you mean WEIGHTSERVE_CHUNK_BYTES?"),
+        ("WEIGHTSERVE_MODEL_ROOT", "did you mean WEIGHTSERVE_MODEL_ROOTS?"),
+        ("WEIGHTSERVE_NOT_A_FIELD", "settings are WEIGHTSERVE_MODEL_ROOTS, "),
+    ],
+)
+def test_an_unknown_variable_stops_with_the_closest_setting(name: str, hint: str) -> None:
+    with pytest.raises(ValueError) as info:
+        ServerConfig.from_env({name: "2"})
+    message = str(info.value)
+    assert message.startswith(f"unknown setting {name}") and hint in message and "\n" not in message
+
+
+def test_kubernetes_service_links_and_documented_variables_are_not_unknown() -> None:
+    # what the kubelet injects into every pod of a namespace with a Service named `weightserve`
+    env = {
+        "WEIGHTSERVE_SERVICE_HOST": "10.0.0.7",
+        "WEIGHTSERVE_SERVICE_PORT": "50051",
+        "WEIGHTSERVE_SERVICE_PORT_GRPC": "50051",
+        "WEIGHTSERVE_SERVICE_PORT_METRICS": "9400",
+        "WEIGHTSERVE_PORT": "tcp://10.0.0.7:50051",
+        "WEIGHTSERVE_PORT_50051_TCP": "tcp://10.0.0.7:50051",
+        "WEIGHTSERVE_PORT_50051_TCP_PROTO": "tcp",
+        "WEIGHTSERVE_PORT_50051_TCP_PORT": "50051",
+        "WEIGHTSERVE_PORT_50051_TCP_ADDR": "10.0.0.7",
+        "WEIGHTSERVE_DEMO_DIR": "/tmp/demo",
+        "WEIGHTSERVE_BENCH_DIR": "/tmp/bench",
+    }
+    assert ServerConfig.from_env(env) == ServerConfig()
+
+
+def test_every_setting_has_a_variable_and_a_bool_parses() -> None:
+    assert ServerConfig.from_env({"WEIGHTSERVE_IN_PLACE_MESSAGES": "false"}).in_place_messages is False
+    with pytest.raises(ValueError, match=r"WEIGHTSERVE_IN_PLACE_MESSAGES='maybe': 'maybe' is not a boolean"):
+        ServerConfig.from_env({"WEIGHTSERVE_IN_PLACE_MESSAGES": "maybe"})
 
 
 def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,13 +1,16 @@
 """Server configuration: one frozen dataclass, read from WEIGHTSERVE_* variables.
 
-CLI flags override the environment. Stdlib only.
+CLI flags override the environment. A WEIGHTSERVE_* variable that names no setting
+stops the server (with the closest known name): a typo would otherwise leave a
+setting silently at its default. Stdlib only.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,20 @@ def parse_size(text: str) -> int:
     if match is None or unit not in _UNITS:
         raise ValueError(f"{text!r} is not a size (try 20GiB, 512MB or a byte count)")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+def parse_bool(text: str) -> bool:
+    """True for 1/true/yes/on, False for 0/false/no/off (any case).
+
+    Raises:
+        ValueError: anything else.
+    """
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true or false)")
 
 
 LOADERS = ("safetensors", "fastsafetensors")
@@ -93,6 +110,8 @@ class ServerConfig:
     eplb_window: int = 1000
     loader: str = "safetensors"
     dummy: tuple[tuple[str, Path], ...] = ()
+    in_place_messages: bool = True
+    """Read chunk payloads straight into the outgoing message (server/message_buffer.py)."""
 
     def __post_init__(self) -> None:
         if self.loader not in LOADERS:
@@ -119,28 +138,71 @@ class ServerConfig:
 
         WEIGHTSERVE_MODEL_ROOTS holds paths separated by os.pathsep; WEIGHTSERVE_DUMMY
         holds NAME=CONFIG.json pairs separated by commas.
+
+        Raises:
+            ValueError: an unknown WEIGHTSERVE_* variable, or a value that does not parse
+                or is out of range (the message names the variable).
         """
         env = os.environ if env is None else env
+        check_variables(env)
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is None:
+            variable = ENV_PREFIX + f.name.upper()
+            raw = env.get(variable)
+            if raw is None or overrides.get(f.name) is not None:
                 continue
-            if f.name == "model_roots":
-                values[f.name] = tuple(Path(p) for p in raw.split(os.pathsep) if p)
-            elif f.name == "allow_source":
-                values[f.name] = tuple(p for p in raw.split(",") if p)
-            elif f.name == "dummy":
-                values[f.name] = tuple(parse_dummy(p) for p in raw.split(",") if p.strip())
-            elif f.name in ("sharding_rules", "disk_cache_dir"):
-                values[f.name] = Path(raw) if raw else None
-            elif f.name in ("cache_memory", "disk_cache_bytes"):
-                values[f.name] = parse_size(raw)
-            elif f.type in ("int", int):
-                values[f.name] = int(raw)
-            elif f.type in ("float", float):
-                values[f.name] = float(raw)
-            else:
-                values[f.name] = raw
+            try:
+                values[f.name] = _parser(f.name, f.type)(raw)
+            except ValueError as e:
+                raise ValueError(f"{variable}={raw[:80]!r}: {e}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+_FIELD_PARSERS: dict[str, Callable[[str], Any]] = {
+    "model_roots": lambda raw: tuple(Path(p) for p in raw.split(os.pathsep) if p),
+    "allow_source": lambda raw: tuple(p for p in raw.split(",") if p),
+    "dummy": lambda raw: tuple(parse_dummy(p) for p in raw.split(",") if p.strip()),
+    "sharding_rules": lambda raw: Path(raw) if raw else None,
+    "disk_cache_dir": lambda raw: Path(raw) if raw else None,
+    "cache_memory": parse_size,
+    "disk_cache_bytes": parse_size,
+}
+_TYPE_PARSERS: dict[object, Callable[[str], Any]] = {"int": int, "float": float, "bool": parse_bool}
+
+
+def _parser(name: str, annotation: object) -> Callable[[str], Any]:
+    return _FIELD_PARSERS.get(name) or _TYPE_PARSERS.get(annotation, str)
+
+
+OTHER_VARIABLES = {
+    "WEIGHTSERVE_DEMO_DIR": "where `weightserve demo` keeps its generated checkpoint",
+    "WEIGHTSERVE_BENCH_DIR": "where benchmarks keep their generated checkpoints",
+}
+"""Documented WEIGHTSERVE_* variables that are not server settings (the README lists them)."""
+
+KUBERNETES_VARIABLES = re.compile(
+    r"^WEIGHTSERVE_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)$"
+)
+"""What Kubernetes injects into every pod for a Service named `weightserve` (service links)."""
+
+
+def setting_variables() -> list[str]:
+    """The variable of every ServerConfig field."""
+    return [ENV_PREFIX + f.name.upper() for f in fields(ServerConfig)]
+
+
+def check_variables(env: Mapping[str, str]) -> None:
+    """Refuse a WEIGHTSERVE_* variable that is neither a setting nor a known other variable.
+
+    Raises:
+        ValueError: one line naming the variable and the closest known one.
+    """
+    known = setting_variables() + list(OTHER_VARIABLES)
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in known or KUBERNETES_VARIABLES.match(name):
+            continue
+        suffixes = {k.removeprefix(ENV_PREFIX): k for k in known}
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1, cutoff=0.7)
+        hint = f"; did you mean {suffixes[close[0]]}?" if close else f"; settings are {', '.join(setting_variables())}"
+        raise ValueError(f"unknown setting {name[:80]}{hint}")

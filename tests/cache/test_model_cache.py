@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -117,15 +116,26 @@ def test_failed_load_releases_every_waiter(tmp_path: Path, monkeypatch: pytest.M
     (bad / "model.safetensors").write_bytes(b"\xff" * 64)
     cache = ModelCache(StorageRouter(LocalRoots([tmp_path])))
     real_loader_for = model_cache.loader_for
+    all_waiting = threading.Event()
+    real_load = cache._load
 
-    def slow_loader_for(fmt: str):  # type: ignore[no-untyped-def]
-        def open_slowly(files):  # type: ignore[no-untyped-def]
-            time.sleep(0.5)  # a slow disk: every request arrives while the one load runs
+    async def counted_load(*args):  # type: ignore[no-untyped-def]
+        counted_load.calls += 1  # type: ignore[attr-defined]
+        if counted_load.calls == 10:  # type: ignore[attr-defined]
+            all_waiting.set()
+        return await real_load(*args)
+
+    counted_load.calls = 0  # type: ignore[attr-defined]
+    monkeypatch.setattr(cache, "_load", counted_load)
+
+    def gated_loader_for(fmt: str):  # type: ignore[no-untyped-def]
+        def open_when_all_wait(files):  # type: ignore[no-untyped-def]
+            assert all_waiting.wait(timeout=30), "not every request reached the load"
             return real_loader_for(fmt)(files)
 
-        return open_slowly
+        return open_when_all_wait
 
-    monkeypatch.setattr(model_cache, "loader_for", slow_loader_for)
+    monkeypatch.setattr(model_cache, "loader_for", gated_loader_for)
 
     async def many() -> list[BaseException | object]:
         async def one() -> object:

@@ -16,6 +16,7 @@ from weightserve.eplb import (
     rebalance_experts,
     register_policy,
 )
+from weightserve.eplb.policies.base import POLICIES
 from weightserve.eplb.problem import Problem
 from weightserve.errors import InvalidRequestError
 
@@ -85,15 +86,19 @@ def test_registry_names_the_built_in_policies() -> None:
 
 
 def test_a_registered_policy_is_used_by_name_and_its_output_is_checked() -> None:
-    @register_policy("test-round-robin")
     class RoundRobin(Policy):
         def place(self, problem: Problem, previous: ExpertMapping | None) -> torch.Tensor:
             slots = torch.arange(problem.num_physical) % problem.num_logical
             return slots.expand(problem.num_layers, -1).clone()
 
-    m = rebalance_experts(WEIGHT, 8, 1, 1, 4, policy="test-round-robin")
-    assert m.phy2log[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
-    assert "test-round-robin" in available_policies()
+    try:
+        register_policy("test-round-robin")(RoundRobin)
+        m = rebalance_experts(WEIGHT, 8, 1, 1, 4, policy="test-round-robin")
+        assert m.phy2log[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+        assert "test-round-robin" in available_policies()
+    finally:
+        POLICIES.unregister("test-round-robin")
+    assert "test-round-robin" not in available_policies()
 
     class Broken(Policy):
         def place(self, problem: Problem, previous: ExpertMapping | None) -> torch.Tensor:

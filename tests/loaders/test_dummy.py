@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,9 @@ from weightserve.client import WeightClient
 from weightserve.config import ServerConfig
 from weightserve.errors import CorruptCheckpointError
 from weightserve.loaders import FORMAT_PREFERENCE, loader_for
-from weightserve.loaders.dummy import DummyLoader, dummy_values, name_seed, splitmix64, write_dummy_root
+from weightserve.loaders.dummy import DummyLoader, dummy_locations, dummy_values, name_seed, splitmix64
 from weightserve.loaders.dummy_shapes import tensor_shapes
-from weightserve.loaders.formats import model_files
+from weightserve.loaders.formats import files_at
 from weightserve.testing import LlamaShape, llama_tensor_shapes
 from weightserve.wire import torch_dtype
 
@@ -41,14 +42,14 @@ def splitmix64_reference(seed: int, n: int) -> list[int]:
 
 
 def write_config(path: Path, **fields: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**SHAPE.config_json(), **fields}))
     return path
 
 
 @pytest.fixture
-def dummy_dir(tmp_path: Path) -> Path:
-    root = write_dummy_root([("dummy/tiny", write_config(tmp_path / "config.json"))])
-    return root / "dummy" / "tiny"
+def dummy_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path / "config.json")
 
 
 def read(loader: DummyLoader, name: str, start: int = 0, length: int | None = None) -> bytes:
@@ -88,12 +89,9 @@ def test_shapes_come_from_the_config() -> None:
         tensor_shapes({"model_type": "gpt2"})
 
 
-def test_reads_agree_across_loaders_and_ranges(dummy_dir: Path) -> None:
+def test_reads_agree_across_loaders_and_ranges(dummy_config: Path) -> None:
     name = "model.layers.1.mlp.down_proj.weight"
-    with (
-        DummyLoader(DummyLoader.find_files(dummy_dir)) as a,
-        DummyLoader(DummyLoader.find_files(dummy_dir)) as b,
-    ):
+    with DummyLoader([dummy_config]) as a, DummyLoader([dummy_config]) as b:
         full = read(a, name)
         assert read(a, name) == full == read(b, name)
         rng = np.random.default_rng(0)
@@ -107,8 +105,7 @@ def test_reads_agree_across_loaders_and_ranges(dummy_dir: Path) -> None:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_values_stay_within_bounds(tmp_path: Path, dtype: str) -> None:
-    root = write_dummy_root([("m", write_config(tmp_path / "c.json", torch_dtype=dtype))])
-    with DummyLoader(DummyLoader.find_files(root / "m")) as loader:
+    with DummyLoader([write_config(tmp_path / "c.json", torch_dtype=dtype)]) as loader:
         record = loader.records[0]
         values = torch.frombuffer(bytearray(read(loader, record.name)), dtype=torch_dtype(record.dtype)).double()
     assert record.dtype == {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype]
@@ -116,23 +113,33 @@ def test_values_stay_within_bounds(tmp_path: Path, dtype: str) -> None:
     assert values.unique().numel() > 100
 
 
-def test_revision_is_the_same_for_the_same_config(tmp_path: Path) -> None:
+def test_revision_is_the_same_for_the_same_config_and_nothing_is_written(tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.json")
-    first, second = (write_dummy_root([("org/m", config)]) / "org" / "m" for _ in range(2))
-    assert first != second and model_files(first).revision == model_files(second).revision
-    assert model_files(first).format == "dummy" and FORMAT_PREFERENCE[-1] == "dummy"
+    copy = write_config(tmp_path / "elsewhere.json")
+    before = sorted(tmp_path.rglob("*"))
+    first, second = dummy_locations([("org/m", config)])["org/m"], dummy_locations([("org/m", copy)])["org/m"]
+    assert files_at(first).revision == files_at(second).revision and first.revision
+    assert files_at(first).format == "dummy" and "dummy" not in FORMAT_PREFERENCE  # never found by scanning
     assert loader_for("dummy") is DummyLoader
+    assert sorted(tmp_path.rglob("*")) == before
+    changed = write_config(tmp_path / "wider.json", hidden_size=128)
+    assert dummy_locations([("org/m", changed)])["org/m"].revision != first.revision
+    # the bytes a model serves are its generated tensors', not its config file's
+    shapes = tensor_shapes(SHAPE.config_json())
+    assert files_at(first).total_bytes == sum(math.prod(shape) * 2 for shape in shapes.values())
 
 
 def test_bad_names_and_configs_are_refused(tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.json")
     for name in ("../x", "/abs", ".hidden", "a/b/c/d"):
         with pytest.raises(ValueError, match="relative path"):
-            write_dummy_root([(name, config)])
+            dummy_locations([(name, config)])
     with pytest.raises(ValueError, match="num_attention_heads"):
-        write_dummy_root([("m", write_config(tmp_path / "bad.json", num_attention_heads=None))])
+        dummy_locations([("m", write_config(tmp_path / "bad.json", num_attention_heads=None))])
+    with pytest.raises(ValueError, match="given twice"):
+        dummy_locations([("m", config), ("m", config)])
     with pytest.raises(CorruptCheckpointError):
-        DummyLoader([tmp_path / "missing" / "weightserve.dummy"])
+        DummyLoader([tmp_path / "missing" / "config.json"])
 
 
 def test_flags_and_environment(tmp_path: Path) -> None:
@@ -147,10 +154,15 @@ def test_flags_and_environment(tmp_path: Path) -> None:
 
 
 def test_served_ranks_gather_to_the_full_tensors(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server = serve(dummy=(("dummy/tiny", write_config(tmp_path / "config.json")),))
+    config = write_config(tmp_path / "configs" / "tiny.json")
+    (tmp_path / "configs" / "secret.txt").write_text("not the model's")
+    server = serve(dummy=(("dummy/tiny", config),))
     with WeightClient(server.address) as client:
         [listed] = client.list_models()
         assert (listed.name, listed.format) == ("dummy/tiny", "dummy")
+        assert listed.total_bytes == sum(math.prod(s) * 2 for s in llama_tensor_shapes(SHAPE).values())
+        files = client.fetch_files("dummy/tiny", tmp_path / "fetched")
+        assert [f.name for f in files] == ["config.json"] and files[0].read_bytes() == config.read_bytes()
         full = client.fetch_state_dict("dummy/tiny")
         ranks = [client.fetch_state_dict("dummy/tiny", rank=r, world_size=2) for r in range(2)]
     assert set(full) == set(llama_tensor_shapes(SHAPE))

@@ -420,7 +420,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, zip_format: 
     path = tmp_path / "pytorch_model.bin"
     torch.save({"w": torch.zeros(2), "payload": Evil(marker)}, path, _use_new_zipfile_serialization=zip_format)
 
-    with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model.bin: refusing to unpickle"):
+    with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model.bin: refusing to unpickle: .*(posix|os)\.system"):
         TorchLoader(TorchLoader.find_files(tmp_path))
     assert not marker.exists()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 from pathlib import Path
 
 import grpc
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from weightserve.client import WeightClient
-from weightserve.eplb import Policy, policy_for, register_policy
+from weightserve.eplb import Policy, policy_for
+from weightserve.eplb.policies.base import POLICIES
 from weightserve.errors import FetchError
 from weightserve.testing import write_sharded_safetensors
 from weightserve.v1 import weightserve_pb2 as pb
@@ -74,14 +75,23 @@ def report(stub: pb_grpc.ControlServiceStub, counts: list[list[int]]) -> int:
     return stub.ReportExpertLoad(pb.ReportExpertLoadRequest(model=MODEL, load=load)).reports_in_window
 
 
-def wait_job(stub: pb_grpc.ControlServiceStub, job_id: str) -> pb.GetRebalanceResponse:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job = stub.GetRebalance(pb.GetRebalanceRequest(job_id=job_id))
-        if job.state != pb.JOB_STATE_RUNNING:
-            return job
-        time.sleep(0.05)
-    raise TimeoutError(job_id)
+def wait_job(stub: pb_grpc.ControlServiceStub, job_id: str, timeout: float = 60) -> pb.GetRebalanceResponse:
+    """The finished job, woken by the mapping it publishes (a failed job publishes none: then the deadline)."""
+    job = stub.GetRebalance(pb.GetRebalanceRequest(job_id=job_id))
+    if job.state != pb.JOB_STATE_RUNNING:
+        return job
+    watch = stub.WatchExpertMapping(pb.WatchExpertMappingRequest(model=job.model), timeout=timeout)
+    try:
+        for _ in watch:  # the current mapping first, then each new one
+            job = stub.GetRebalance(pb.GetRebalanceRequest(job_id=job_id))
+            if job.state != pb.JOB_STATE_RUNNING:
+                return job
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    finally:
+        watch.cancel()
+    return stub.GetRebalance(pb.GetRebalanceRequest(job_id=job_id))
 
 
 def test_version_zero_gives_contiguous_experts_whole_and_named_by_slot(root, serve):  # type: ignore[no-untyped-def]
@@ -168,28 +178,60 @@ def test_watch_streams_each_new_version(root, serve):  # type: ignore[no-untyped
     assert seen == [first.mapping.version, second.mapping.version] == [1, 2]
 
 
-class SlowPolicy(Policy):
-    """The greedy placement, after a pause long enough to overlap a fetch."""
+class GatedPolicy(Policy):
+    """The greedy placement, once the test opens the gate: the job runs exactly as long as the test wants."""
+
+    gate = threading.Event()
 
     def place(self, problem, previous):  # type: ignore[no-untyped-def]
-        time.sleep(1.0)
+        assert self.gate.wait(timeout=60), "the test never opened the gate"
         return policy_for("greedy")().place(problem, previous)
 
 
 def test_fetch_completes_while_a_slow_rebalance_runs_and_rebalances_serialize(root, serve):  # type: ignore[no-untyped-def]
-    register_policy("slow-test")(SlowPolicy)
-    server = serve(root)
-    stub = control(server.address)
+    GatedPolicy.gate.clear()
+    with POLICIES.registered("gated-test", GatedPolicy):
+        server = serve(root)
+        stub = control(server.address)
+        report(stub, [[5, 1, 1, 1, 1, 1, 1, 9], [1, 9, 1, 1, 1, 1, 1, 5]])
+        topology = pb.ExpertTopology(num_nodes=1, gpus_per_node=4)
+        first = stub.Rebalance(pb.RebalanceRequest(model=MODEL, policy="gated-test", topology=topology))
+        second = stub.Rebalance(pb.RebalanceRequest(model=MODEL, policy="gated-test", topology=topology))
+        assert second.already_running and second.job_id == first.job_id
+        try:
+            with WeightClient(server.address) as client:
+                state = client.fetch_state_dict(MODEL)  # served while the job computes
+            assert stub.GetRebalance(pb.GetRebalanceRequest(job_id=first.job_id)).state == pb.JOB_STATE_RUNNING
+        finally:
+            GatedPolicy.gate.set()
+        assert wait_job(stub, first.job_id).state == pb.JOB_STATE_SUCCEEDED
+    assert "gated-test" not in POLICIES
+    assert len(state) == 3 + LAYERS * (2 + 4 + 1 + 3 * EXPERTS)  # norms, attention, router, experts
+
+
+def test_unknown_job_is_not_found_naming_the_id(root, serve):  # type: ignore[no-untyped-def]
+    stub = control(serve(root).address)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetRebalance(pb.GetRebalanceRequest(job_id="feedface"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "rebalance job 'feedface'" in info.value.details()
+
+
+def test_finished_jobs_expire_oldest_first(root, serve, monkeypatch):  # type: ignore[no-untyped-def]
+    from weightserve.server import control_plane
+
+    monkeypatch.setattr(control_plane, "MAX_FINISHED_JOBS", 2)
+    stub = control(serve(root).address)
     report(stub, [[5, 1, 1, 1, 1, 1, 1, 9], [1, 9, 1, 1, 1, 1, 1, 5]])
     topology = pb.ExpertTopology(num_nodes=1, gpus_per_node=4)
-    first = stub.Rebalance(pb.RebalanceRequest(model=MODEL, policy="slow-test", topology=topology))
-    second = stub.Rebalance(pb.RebalanceRequest(model=MODEL, policy="slow-test", topology=topology))
-    assert second.already_running and second.job_id == first.job_id
-    with WeightClient(server.address) as client:
-        state = client.fetch_state_dict(MODEL)  # served while the job computes
-        assert stub.GetRebalance(pb.GetRebalanceRequest(job_id=first.job_id)).state == pb.JOB_STATE_RUNNING
-    assert len(state) == 3 + LAYERS * (2 + 4 + 1 + 3 * EXPERTS)  # norms, attention, router, experts
-    assert wait_job(stub, first.job_id).state == pb.JOB_STATE_SUCCEEDED
+    jobs = []
+    for _ in range(3):
+        jobs.append(stub.Rebalance(pb.RebalanceRequest(model=MODEL, topology=topology)).job_id)
+        assert wait_job(stub, jobs[-1]).state == pb.JOB_STATE_SUCCEEDED
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetRebalance(pb.GetRebalanceRequest(job_id=jobs[0]))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [stub.GetRebalance(pb.GetRebalanceRequest(job_id=j)).job_id for j in jobs[1:]] == jobs[1:]
 
 
 def test_vllm_layout_stacks_the_rank_slots(root, serve):  # type: ignore[no-untyped-def]

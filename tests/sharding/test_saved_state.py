@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.integration.faultkit import wait_until
 from tests.sharding import fixtures as fx
 from weightserve import FetchError, WeightClient
 from weightserve.atomic import atomic_write
@@ -256,11 +256,16 @@ def test_balance_parts_examples() -> None:
     assert balance_parts([], 10) == [[]]
 
 
-SLOW_FSYNC = """
+STALL_AFTER_FIRST_PART = """
 import os, sys, time
 _fsync = os.fsync
+_ready = sys.argv.pop(1)
 def fsync(fd):
-    time.sleep(0.05)  # a slow disk, so the kill lands mid-write
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    done = [n for n in os.listdir(os.path.dirname(path)) if n.startswith("model-rank-")]
+    if "model-rank-" in os.path.basename(path) and done:
+        open(_ready, "w").close()  # one part is complete, the next is written but not renamed: stall
+        time.sleep(600)
     _fsync(fd)
 os.fsync = fsync
 from weightserve.cli import main
@@ -271,14 +276,14 @@ sys.exit(main(sys.argv[1:]))
 def test_killed_shard_leaves_only_complete_files(tmp_path: Path, capsys) -> None:
     model = tmp_path / "model"
     write_llama_checkpoint(model, LlamaShape(128, 256, 4, 4, 2, 1000), num_files=1)
-    out = tmp_path / "out"
+    out, ready = tmp_path / "out", tmp_path / "stalled"
     argv = ["shard", str(model), "--world-size", "2", "--out", str(out), "--max-part-size", "40000"]
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_FSYNC, *argv], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALL_AFTER_FIRST_PART, str(ready), *argv], stdout=subprocess.DEVNULL
+    )
     try:
-        deadline = time.monotonic() + 60
-        while not (out.is_dir() and any(RANK_FILE.match(p.name) for p in out.iterdir())):
-            assert proc.poll() is None and time.monotonic() < deadline, "shard ended before writing a part"
-            time.sleep(0.005)
+        wait_until(lambda: ready.exists() or proc.poll() is not None, 60, "the first part's fsync")
+        assert proc.poll() is None, "shard ended before writing a part"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
@@ -287,6 +292,7 @@ def test_killed_shard_leaves_only_complete_files(tmp_path: Path, capsys) -> None
 
     assert not (out / METADATA_NAME).exists()
     rank_files = [p for p in out.iterdir() if RANK_FILE.match(p.name)]
+    assert rank_files and any(p.name.endswith(".part") for p in out.iterdir())  # killed between two parts
     for path in rank_files:
         with safe_open(path, "pt") as f:
             for key in f.keys():  # noqa: SIM118

@@ -8,11 +8,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from weightserve.errors import ResourceExhaustedError
 from weightserve.atomic import atomic_write_bytes
+from weightserve.errors import ResourceExhaustedError
 from weightserve.storage.disk_cache import DiskCache, open_in_this_process, slug
 
 
@@ -56,10 +57,11 @@ def test_a_failed_download_leaves_nothing(tmp_path: Path) -> None:
 
 def test_least_recently_used_models_are_evicted_first(tmp_path: Path) -> None:
     cache = DiskCache(tmp_path, budget_bytes=300)
-    for key in ("a", "b", "c"):
+    now = time.time()
+    for age, key in enumerate(("a", "b", "c")):
         cache.populate(key, 100, writer(100))
-        time.sleep(0.01)
-    os.utime(tmp_path / slug("a") / "entry.json", (time.time() + 5, time.time() + 5))  # a used last
+        os.utime(tmp_path / slug(key) / "entry.json", (now - 10 + age, now - 10 + age))  # used in this order
+    os.utime(tmp_path / slug("a") / "entry.json", (now + 5, now + 5))  # then a again: a used last
     cache.populate("d", 150, writer(150))
     assert sorted(e.key for e in cache.entries()) == ["a", "d"]
     assert cache.used_bytes() <= 300 and not any((tmp_path / ".trash").iterdir())
@@ -116,13 +118,16 @@ def test_a_crashed_download_is_cleaned_up(tmp_path: Path) -> None:
     assert not stale.exists() and cache.lookup("old") is None
 
 
-def _populate_in_child(root: str, log: str) -> None:
+def _populate_in_child(root: str, log: str, arrived: Any) -> None:
     def fill(directory: Path) -> None:
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
-        time.sleep(0.3)
+        # both processes have reached populate (the other now waits for the lock) before this download ends
+        for _ in range(2):
+            assert arrived.acquire(timeout=30)
         atomic_write_bytes(directory / "w.safetensors", b"w" * 10)
 
+    arrived.release()
     DiskCache(Path(root)).populate("shared", 10, fill)
 
 
@@ -130,7 +135,9 @@ def test_processes_sharing_a_volume_download_once(tmp_path: Path) -> None:
     # forked, not spawned: a fresh interpreter would spend seconds importing torch
     ctx = multiprocessing.get_context("fork")
     log = tmp_path / "fills.log"
-    procs = [ctx.Process(target=_populate_in_child, args=(str(tmp_path / "cache"), str(log))) for _ in range(2)]
+    arrived = ctx.Semaphore(0)
+    args = (str(tmp_path / "cache"), str(log), arrived)
+    procs = [ctx.Process(target=_populate_in_child, args=args) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -23,7 +23,7 @@ from weightserve.cache.entry import CachedChunk, ChunkKey, LoadStats, ModelEntry
 from weightserve.errors import PreconditionError
 from weightserve.loaders import loader_for
 from weightserve.loaders.base import Loader
-from weightserve.loaders.formats import ModelFiles, model_files
+from weightserve.loaders.formats import ModelFiles, files_at
 from weightserve.sharding.model_config import ModelConfig
 from weightserve.storage.base import ModelLocation
 from weightserve.storage.router import StorageRouter
@@ -41,8 +41,11 @@ def _detached(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
 
 
 def model_config_for(loader: Loader, model_dir: Path) -> ModelConfig:
-    """The directory's config.json when it has one, else the checkpoint's own (GGUF metadata)."""
-    raw = None if (model_dir / "config.json").is_file() else loader.model_config_dict()
+    """The directory's config.json when it has one, else the checkpoint's own (GGUF metadata).
+
+    A loader that owns its config (dummy weights) is the exception: its config is the model's.
+    """
+    raw = None if (model_dir / "config.json").is_file() and not loader.owns_config else loader.model_config_dict()
     return ModelConfig.from_dict(raw) if raw is not None else ModelConfig.from_dir(model_dir)
 
 
@@ -99,7 +102,7 @@ class ModelCache:
     async def acquire(self, name: str, fmt: str = "", revision: str = "") -> ModelEntry:
         """Pin and return the current entry for a model (release() it after)."""
         location = await asyncio.to_thread(self.router.resolve, name)
-        found = await asyncio.to_thread(model_files, location.model_dir, fmt, location.revision)
+        found = await asyncio.to_thread(files_at, location, fmt)
         if revision and revision != found.revision:
             raise PreconditionError(
                 f"model {name!r} is at revision {found.revision}, not the pinned {revision}; "
@@ -191,9 +194,9 @@ class ModelCache:
         """
         return await asyncio.to_thread(self.router.resolve, name)
 
-    def local_models(self) -> dict[str, Path]:
-        """Every model name under the local roots (blocking: walks the roots)."""
-        return self.router.local.list_models()
+    def local_models(self) -> dict[str, ModelLocation]:
+        """Every local model by name (blocking: walks the roots)."""
+        return self.router.list_local()
 
     def open_entries(self) -> list[ModelEntry]:
         """Entries serving now (not retired), in no particular order."""

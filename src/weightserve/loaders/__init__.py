@@ -15,10 +15,11 @@ if TYPE_CHECKING:
     from weightserve.loaders.base import Loader
 
 # Built-in formats, in the order a model directory with several is served. A saved
-# per-rank directory (sharded_state) is recognised before the canonical formats;
-# generated dummy weights come last. fastsafetensors reads safetensors files, so it is
-# no format of its own: `serve --loader fastsafetensors` puts it in place of "safetensors".
-FORMAT_PREFERENCE: tuple[str, ...] = ("sharded_state", "safetensors", "torch", "gguf", "dummy")
+# per-rank directory (sharded_state) is recognised before the canonical formats.
+# fastsafetensors reads safetensors files, so it is no format of its own: `serve
+# --loader fastsafetensors` puts it in place of "safetensors". Dummy weights are no
+# directory's format: the operator names each one (loaders/dummy.py).
+FORMAT_PREFERENCE: tuple[str, ...] = ("sharded_state", "safetensors", "torch", "gguf")
 
 LOADERS: Registry[type[Loader]] = Registry(
     "loader",

@@ -60,6 +60,8 @@ class Loader(ABC):
     name: ClassVar[str]
     sharded_state: ShardedState | None = None
     """Set by the loader of sharded_state directories; None for canonical checkpoints."""
+    owns_config: ClassVar[bool] = False
+    """Whether `model_config_dict()` is the model's config even beside a config.json (dummy)."""
 
     def __init__(self, files: list[Path]) -> None:
         self.files = files
@@ -92,6 +94,11 @@ class Loader(ABC):
 
         Used only when the model directory has no config.json.
         """
+        return None
+
+    @classmethod
+    def served_bytes(cls, files: list[Path]) -> int | None:
+        """Bytes the model serves when that is not the files' size (generated weights); else None."""
         return None
 
     def total_bytes(self) -> int:

@@ -6,23 +6,20 @@ tensor's name, mapped to [-1e-3, 1e-3] and rounded to the config's torch_dtype. 
 generator is counter-based, so any byte range is computed without the rest of the
 tensor, and every rank and every server process sees slices of the same tensors.
 
-The server writes each dummy model as a directory holding the config and a marker
-file into a private model root after the real ones; the "dummy" loader serves a
-directory that has the marker.
+A dummy model is the operator's config file and nothing else: `dummy_locations` names
+it for the storage router (after the real model roots, which win a clash), with a
+revision hashed from the config's bytes so every server process agrees on it, and the
+"dummy" loader serves it. Nothing is written to disk.
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -32,10 +29,8 @@ from weightserve.loaders import register_loader
 from weightserve.loaders.base import Loader, TensorRecord
 from weightserve.loaders.dummy_shapes import config_dtype, tensor_shapes
 from weightserve.loaders.sources import Source
+from weightserve.storage.base import ModelLocation
 from weightserve.wire import DTYPE_SIZES
-
-MARKER = "weightserve.dummy"
-"""The file that makes a directory a dummy model (its suffix is a weight suffix, so it is listed)."""
 
 BOUND = 1e-3
 BLOCK_ELEMENTS = 1 << 16
@@ -141,11 +136,13 @@ def read_config(path: Path) -> dict[str, Any]:
 
 @register_loader("dummy")
 class DummyLoader(Loader):
-    """Serves generated tensors for the config.json beside the marker file."""
+    """Serves generated tensors for one config.json (`files` is that one file)."""
+
+    owns_config: ClassVar[bool] = True
 
     def __init__(self, files: list[Path]) -> None:
         super().__init__(files)
-        self.config = read_config(files[0].parent / "config.json")
+        self.config = read_config(files[0])
         dtype = config_dtype(self.config)
         for name, shape in tensor_shapes(self.config).items():
             self.sources.append(DummySource(name, dtype, math.prod(shape)))
@@ -157,28 +154,30 @@ class DummyLoader(Loader):
 
     @classmethod
     def find_files(cls, model_dir: Path) -> list[Path]:
-        marker = model_dir / MARKER
-        return [marker] if marker.is_file() else []
+        return []  # never found by scanning a directory: dummy_locations names each model
+
+    @classmethod
+    def served_bytes(cls, files: list[Path]) -> int | None:
+        config = read_config(files[0])
+        size = DTYPE_SIZES[config_dtype(config)]
+        return sum(math.prod(shape) * size for shape in tensor_shapes(config).values())
 
 
-def write_dummy_root(models: Iterable[tuple[str, Path]]) -> Path:
-    """A private model root holding NAME/config.json and the marker for each (NAME, config).
+def dummy_locations(models: Iterable[tuple[str, Path]]) -> dict[str, ModelLocation]:
+    """Where each (NAME, config.json) dummy model is, for the storage router.
 
-    Files get an mtime derived from the config's bytes, so the revision (a hash of
-    path, size and mtime) is the same in every server process given the same config.
-    The directory is removed when the process exits.
+    The revision is a hash of the config's bytes, so it is the same in every server
+    process given the same config, and changes when the config does.
 
     Raises:
-        ValueError: a name that is not a relative path of at most 3 parts, or a bad config.
+        ValueError: a name that is not a relative path of at most 3 parts, a name given
+            twice, or a config that is unreadable or describes no supported model.
     """
-    root = Path(tempfile.mkdtemp(prefix="weightserve-dummy-"))
-    atexit.register(shutil.rmtree, root, True)
-    seen: set[str] = set()
+    found: dict[str, ModelLocation] = {}
     for name, config_path in models:
         rel = PurePosixPath(name)
-        if name in seen:
+        if name in found:
             raise ValueError(f"dummy model {name!r} is given twice")
-        seen.add(name)
         if (
             not name
             or "\\" in name
@@ -189,13 +188,12 @@ def write_dummy_root(models: Iterable[tuple[str, Path]]) -> Path:
             raise ValueError(f"dummy model name {name!r} must be a relative path of at most 3 parts, like org/model")
         try:
             read_config(config_path)
-        except CorruptCheckpointError as e:
+            text = config_path.read_bytes()
+        except (CorruptCheckpointError, OSError) as e:
             raise ValueError(f"dummy model {name!r}: {e}") from None
-        text = config_path.read_bytes()
-        model_dir = root / rel
-        model_dir.mkdir(parents=True, exist_ok=True)
-        mtime_ns = (1_000_000_000 + int(hashlib.sha256(text).hexdigest()[:7], 16)) * 10**9
-        for filename, data in (("config.json", text), (MARKER, b'{"format": "dummy", "version": 1}\n')):
-            (model_dir / filename).write_bytes(data)
-            os.utime(model_dir / filename, ns=(mtime_ns, mtime_ns))
-    return root
+        revision = "dummy-" + hashlib.sha256(text).hexdigest()[:20]
+        path = config_path.resolve()
+        found[name] = ModelLocation(
+            "dummy", name, path.parent, revision, format="dummy", files=(("config.json", path),)
+        )
+    return found

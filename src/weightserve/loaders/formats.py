@@ -7,6 +7,7 @@ from pathlib import Path
 
 from weightserve.errors import ModelNotFoundError
 from weightserve.loaders import FORMAT_PREFERENCE, loader_for
+from weightserve.storage.base import ModelLocation
 from weightserve.storage.local import local_revision
 
 CONFIG_FILES = ("config.json",)
@@ -24,7 +25,28 @@ class ModelFiles:
 
     @property
     def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files)
+        """Bytes the model serves: its weight files' size, or what its loader generates."""
+        served = loader_for(self.format).served_bytes(self.files)
+        return served if served is not None else sum(p.stat().st_size for p in self.files)
+
+
+def files_at(location: ModelLocation, fmt: str = "") -> ModelFiles:
+    """What a located model serves: its directory's files, or the files the location names.
+
+    Raises:
+        ModelNotFoundError: no weights (in that format).
+    """
+    if not location.format:
+        return model_files(location.model_dir, fmt, location.revision)
+    if fmt and fmt != location.format:
+        raise ModelNotFoundError(f"{location.name}: no {fmt} weights found (formats present: {[location.format]})")
+    files = [path for _, path in location.files]
+    return ModelFiles(location.model_dir, location.format, files, location.revision or "")
+
+
+def formats_at(location: ModelLocation) -> list[str]:
+    """Formats a located model can be served in, in preference order."""
+    return [location.format] if location.format else available_formats(location.model_dir)
 
 
 def available_formats(model_dir: Path) -> list[str]:

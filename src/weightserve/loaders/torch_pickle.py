@@ -53,17 +53,39 @@ def _load(path: Path, mmap: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        # The weights-only unpickler refuses globals it does not allow (code the pickle
-        # would run); any other complaint is about bytes that are not a valid pickle.
-        refusals = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported class" in line]
-        if not refusals:
-            raise CorruptCheckpointError(f"{path.name}: not a valid torch checkpoint ({e})") from None
-        raise UnsafeCheckpointError(
-            f"{path.name}: refusing to unpickle: it holds more than plain tensors ({refusals[0].strip()}). "
-            "Convert it to safetensors with a trusted tool first."
-        ) from None
+        raise _refusal(path, e) from None
     except Exception as e:  # torch raises many types for a damaged file
         raise CorruptCheckpointError(f"{path.name}: cannot read torch checkpoint: {e}") from None
+
+
+def _refusal(path: Path, error: pickle.UnpicklingError) -> CorruptCheckpointError | UnsafeCheckpointError:
+    """Why the weights-only unpickler refused `path`: globals it would run, or bytes that are no pickle.
+
+    torch names the offending globals itself (`get_unsafe_globals_in_checkpoint`, torch >= 2.5)
+    for files written by torch.save's zip format; only for legacy files, which that API cannot
+    read, is torch's error text the evidence.
+    """
+    unsafe = _unsafe_globals(path)
+    if unsafe is None:
+        unsafe = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported class" in line]
+    if not unsafe:
+        return CorruptCheckpointError(f"{path.name}: not a valid torch checkpoint ({error})")
+    shown = ", ".join(unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
+    return UnsafeCheckpointError(
+        f"{path.name}: refusing to unpickle: it holds more than plain tensors ({shown}). "
+        "Convert it to safetensors with a trusted tool first."
+    )
+
+
+def _unsafe_globals(path: Path) -> list[str] | None:
+    """The globals torch's API finds outside its weights-only allowlist; None where it cannot say."""
+    find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if find is None or not zipfile.is_zipfile(path):
+        return None
+    try:
+        return [str(name) for name in find(path)]
+    except Exception:  # a damaged archive: no answer from the API
+        return None
 
 
 def _storage_offsets(path: Path) -> dict[int, int]:

@@ -74,12 +74,15 @@ def header_of(plan: TensorPlan) -> bytes:
     return wire.encode_tensor_header(plan.name, plan.dtype, plan.shape, plan.nbytes)
 
 
-def read_chunk(plan: TensorPlan, sources: list[Source], index: int, offset: int, length: int) -> CachedChunk:
+def read_chunk(
+    plan: TensorPlan, sources: list[Source], index: int, offset: int, length: int, in_place: bool = True
+) -> CachedChunk:
     """Read and frame one chunk (runs on the read pool).
 
-    The file's bytes are read straight into the message that carries them; the
-    framing, whose length does not depend on the checksum (a fixed32), is written in
-    front once the payload's checksum is known.
+    The file's bytes are read straight into the message that carries them (unless
+    `in_place` is off: see message_buffer.py); the framing, whose length does not
+    depend on the checksum (a fixed32), is written in front once the payload's
+    checksum is known.
     """
     header = header_of(plan) if offset == 0 else None
 
@@ -97,7 +100,7 @@ def read_chunk(plan: TensorPlan, sources: list[Source], index: int, offset: int,
         prefix[:] = framing(crc)
 
     prefix_len = len(framing(0))
-    return CachedChunk(build_message(prefix_len, length, fill), prefix_len, crc)
+    return CachedChunk(build_message(prefix_len, length, fill, in_place=in_place), prefix_len, crc)
 
 
 def prefix_crc(plan: TensorPlan, sources: list[Source], length: int) -> int:
@@ -167,6 +170,7 @@ async def stream_chunks(
     executor: Executor,
     *,
     read_ahead: int,
+    in_place: bool = True,
 ) -> AsyncIterator[bytes]:
     """Yield framed chunks for `jobs`, fetching up to `read_ahead` chunks ahead."""
     loop = asyncio.get_running_loop()
@@ -183,7 +187,9 @@ async def stream_chunks(
         plan = plans[job.index]
 
         async def fill() -> CachedChunk:
-            return await loop.run_in_executor(executor, read_chunk, plan, sources, job.index, job.offset, job.length)
+            return await loop.run_in_executor(
+                executor, read_chunk, plan, sources, job.index, job.offset, job.length, in_place
+            )
 
         return asyncio.ensure_future(cache.chunk(entry, key, fill))
 

@@ -22,11 +22,14 @@ import torch
 
 from weightserve.cache.model_cache import ModelCache
 from weightserve.eplb import ExpertMapping, Topology, balancedness, rebalance_experts
-from weightserve.errors import InvalidRequestError, PreconditionError, TensorNotFoundError
+from weightserve.errors import InvalidRequestError, JobNotFoundError, PreconditionError
 from weightserve.sharding.experts import ExpertSlots, MoeLayout, is_expert
 from weightserve.sharding.spec import ShardSpec
 
 logger = logging.getLogger(__name__)
+
+MAX_FINISHED_JOBS = 256
+"""Finished rebalance jobs kept for GetRebalance; the oldest expire first (running ones never)."""
 
 
 class LoadWindow:
@@ -80,7 +83,7 @@ class ControlPlane:
         self.window = window
         self.windows: dict[str, LoadWindow] = {}
         self.mappings: dict[str, dict[int, ExpertMapping]] = {}
-        self.jobs: dict[str, RebalanceJob] = {}
+        self.jobs: collections.OrderedDict[str, RebalanceJob] = collections.OrderedDict()
         self.running: dict[str, str] = {}
         self._published: dict[str, asyncio.Condition] = {}
         self._wakers: set[asyncio.Task[None]] = set()
@@ -207,12 +210,27 @@ class ControlPlane:
             job.state, job.error = "failed", str(e)
             logger.warning("rebalance of %s failed: %s", job.model, e)
         job.seconds = time.perf_counter() - started
+        self._expire_jobs()
+
+    def _expire_jobs(self) -> None:
+        """Forget the oldest finished jobs beyond MAX_FINISHED_JOBS (jobs are kept in start order)."""
+        finished = [job_id for job_id, job in self.jobs.items() if job.state != "running"]
+        for job_id in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
+            del self.jobs[job_id]
 
     def job(self, job_id: str) -> RebalanceJob:
+        """The job with this id.
+
+        Raises:
+            JobNotFoundError: no such job (never started here, or finished long ago and expired).
+        """
         try:
             return self.jobs[job_id]
         except KeyError:
-            raise TensorNotFoundError(f"no rebalance job {job_id!r}") from None
+            raise JobNotFoundError(
+                f"no rebalance job {job_id[:64]!r} on this server (finished jobs expire after "
+                f"{MAX_FINISHED_JOBS} newer ones finish, and a restart forgets them)"
+            ) from None
 
     async def watch(self, model: str, after_version: int) -> AsyncIterator[ExpertMapping]:
         """Every mapping version of `model` newer than `after_version`, as published."""

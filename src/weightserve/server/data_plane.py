@@ -19,10 +19,10 @@ from weightserve.cache.manifests import Manifest
 from weightserve.cache.model_cache import CacheStatus, ModelCache
 from weightserve.config import ServerConfig
 from weightserve.errors import InvalidRequestError, PreconditionError, TensorNotFoundError, WeightserveError
-from weightserve.loaders.formats import available_formats, model_files
+from weightserve.loaders.formats import files_at, formats_at
 from weightserve.server.chunk_stream import ChunkFramer, chunk_jobs, stream_chunks
 from weightserve.server.control_plane import ControlPlane
-from weightserve.server.file_stream import FilePiece, stream_files
+from weightserve.server.file_stream import FilePiece, select_files, stream_files
 from weightserve.server.prefetch import Warmer
 from weightserve.sharding.plan import plan_shard
 from weightserve.sharding.rules import RuleSet, load_rules
@@ -89,12 +89,12 @@ class DataPlane:
 
     def _list_local(self) -> list[ModelSummary]:
         summaries = []
-        for name, model_dir in self.cache.local_models().items():
+        for name, location in self.cache.local_models().items():
             try:
-                formats = available_formats(model_dir)
+                formats = formats_at(location)
                 if not formats:
                     continue
-                found = model_files(model_dir, formats[0])
+                found = files_at(location, formats[0])
             except WeightserveError as e:  # one broken directory must not hide the others
                 logger.warning("not listing %s: %s", name, e)
                 continue
@@ -162,7 +162,14 @@ class DataPlane:
             with self.cache.stream_window(window):
                 try:
                     async for message in stream_chunks(
-                        self.cache, entry, manifest, jobs, framer, self.executor, read_ahead=self.config.prefetch_depth
+                        self.cache,
+                        entry,
+                        manifest,
+                        jobs,
+                        framer,
+                        self.executor,
+                        read_ahead=self.config.prefetch_depth,
+                        in_place=self.config.in_place_messages,
                     ):
                         sent += len(message)
                         yield message
@@ -182,12 +189,13 @@ class DataPlane:
 
     async def files(self, model: str, revision: str, patterns: list[str] | None) -> AsyncIterator[FilePiece]:
         """The model's non-weight files (config, tokenizer), chunked with checksums."""
-        location = await asyncio.to_thread(self.cache.router.resolve, model)
+        location = await self.cache.locate(model)
         if revision:
-            found = await asyncio.to_thread(model_files, location.model_dir, "", location.revision)
+            found = await asyncio.to_thread(files_at, location)
             if found.revision != revision:
                 raise PreconditionError(f"model {model!r} is at revision {found.revision}, not the pinned {revision}")
-        async for piece in stream_files(location.model_dir, patterns, self.config.chunk_bytes, location.link_root):
+        chosen = await asyncio.to_thread(select_files, location, patterns)
+        async for piece in stream_files(chosen, self.config.chunk_bytes):
             yield piece
 
     async def prefetch(self, spec: ShardSpec, ranks: list[int], wait: bool = False) -> tuple[str, int]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from weightserve import wire
 from weightserve.errors import PreconditionError
+from weightserve.storage.base import ModelLocation
 from weightserve.storage.local import WEIGHT_SUFFIXES
 
 DEFAULT_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
@@ -32,7 +33,20 @@ class FilePiece:
     data: bytes
 
 
-def select_files(model_dir: Path, patterns: list[str] | None, link_root: Path | None = None) -> list[Path]:
+def select_files(location: ModelLocation, patterns: list[str] | None) -> list[tuple[str, Path]]:
+    """(name a client sees, file) of a located model's files that match `patterns`.
+
+    A model without a directory of its own (dummy weights) has exactly the files its
+    location names; otherwise see `select_dir_files`.
+    """
+    if not location.files:
+        root = location.model_dir.resolve()
+        return [(p.relative_to(root).as_posix(), p) for p in select_dir_files(root, patterns, location.link_root)]
+    wanted = list(patterns or DEFAULT_PATTERNS)
+    return [(rel, path) for rel, path in location.files if any(fnmatch.fnmatchcase(rel, p) for p in wanted)]
+
+
+def select_dir_files(model_dir: Path, patterns: list[str] | None, link_root: Path | None = None) -> list[Path]:
     """Regular files under `model_dir` matching `patterns` (relative, '/'-separated paths).
 
     Weight files, index files, hidden files and anything resolving outside `link_root`
@@ -57,8 +71,7 @@ def select_files(model_dir: Path, patterns: list[str] | None, link_root: Path | 
     return chosen
 
 
-def _file_pieces(root: Path, path: Path, chunk_bytes: int) -> Iterator[FilePiece]:
-    rel = path.relative_to(root).as_posix()
+def _file_pieces(rel: str, path: Path, chunk_bytes: int) -> Iterator[FilePiece]:
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         offset, running = 0, 0
@@ -75,13 +88,10 @@ def _file_pieces(root: Path, path: Path, chunk_bytes: int) -> Iterator[FilePiece
                 return
 
 
-async def stream_files(
-    model_dir: Path, patterns: list[str] | None, chunk_bytes: int, link_root: Path | None = None
-) -> AsyncIterator[FilePiece]:
-    """Chunks of every selected file, in path order."""
-    root = model_dir.resolve()
-    for path in await asyncio.to_thread(select_files, root, patterns, link_root):
-        pieces = _file_pieces(root, path, chunk_bytes)
+async def stream_files(files: list[tuple[str, Path]], chunk_bytes: int) -> AsyncIterator[FilePiece]:
+    """Chunks of every (name, file), in the order given."""
+    for rel, path in files:
+        pieces = _file_pieces(rel, path, chunk_bytes)
         while True:
             piece = await asyncio.to_thread(next, pieces, None)
             if piece is None:

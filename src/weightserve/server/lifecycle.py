@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from weightserve.cache.budget import reserved_bytes
 from weightserve.cache.model_cache import ModelCache
 from weightserve.config import ServerConfig
-from weightserve.loaders.dummy import write_dummy_root
+from weightserve.loaders.dummy import dummy_locations
 from weightserve.server.control_plane import ControlPlane
 from weightserve.server.control_servicer import ControlServicer
 from weightserve.server.data_plane import DataPlane
@@ -93,16 +93,13 @@ class Server:
 
 def build_server(config: ServerConfig) -> Server:
     """An unstarted server bound to `config.listen` (port 0 picks a free port)."""
-    dummy_roots = [write_dummy_root(config.dummy)] if config.dummy else []
-    roots = LocalRoots([*config.model_roots, *dummy_roots])
+    roots = LocalRoots(config.model_roots)
     for name, where in roots.shadowed().items():
         logger.warning("model %s is under several roots; serving it from %s", name, where[0])
     remotes = {scheme: storage_for(scheme, config) for scheme in allowed_schemes(config.allow_source)}
     reserved = reserved_bytes(config.read_threads, config.chunk_bytes)
-    cache = ModelCache(
-        StorageRouter(roots, remotes, config.allow_source), config.cache_memory, reserved,
-        loaders={"safetensors": config.loader},
-    )  # fmt: skip
+    router = StorageRouter(roots, remotes, config.allow_source, dummy_locations(config.dummy))
+    cache = ModelCache(router, config.cache_memory, reserved, loaders={"safetensors": config.loader})
     executor = ThreadPoolExecutor(max_workers=config.read_threads, thread_name_prefix="weightserve-read")
     control = ControlPlane(cache, executor, config.eplb_window)
     plane = DataPlane(config, cache, executor, control)

@@ -98,7 +98,9 @@ class Warmer:
             plan = manifest.tensors[index]
 
             async def fill():  # type: ignore[no-untyped-def]
-                return await loop.run_in_executor(self.executor, read_chunk, plan, sources, index, offset, length)
+                return await loop.run_in_executor(
+                    self.executor, read_chunk, plan, sources, index, offset, length, self.config.in_place_messages
+                )
 
             async with gate:
                 await self.cache.chunk(entry, (manifest.manifest_id, index, offset, length), fill)

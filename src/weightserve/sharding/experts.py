@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from weightserve.errors import InvalidRequestError
 from weightserve.loaders.base import TensorRecord
-from weightserve.sharding.tensor_plan import TensorPlan
 from weightserve.sharding.slicing import slice_ranges
+from weightserve.sharding.tensor_plan import TensorPlan
 
 PER_EXPERT = re.compile(r"^(?P<prefix>.*?\blayers\.(?P<layer>\d+)\..*?\bexperts\.)(?P<expert>\d+)\.(?P<rest>.+)$")
 FUSED = re.compile(r"^(?P<prefix>.*?\blayers\.(?P<layer>\d+)\..*?\bexperts\.)(?P<rest>w13_weight|w2_weight)$")

@@ -28,6 +28,11 @@ class ModelLocation:
     link_root: Path | None = None
     """Where the model's symlinks may point (a Hugging Face repo folder, whose snapshot
     files link to its blobs); None means inside model_dir only."""
+    format: str = ""
+    """The loader that serves the model when no directory scan decides it ("dummy")."""
+    files: tuple[tuple[str, Path], ...] = ()
+    """The model's files by the name a client sees, for a model that is no directory of
+    its own (a dummy model is one config.json the operator named); empty otherwise."""
 
 
 @dataclass(frozen=True)

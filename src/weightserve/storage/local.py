@@ -18,7 +18,7 @@ from weightserve.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".dummy")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _MAX_DEPTH = 4
 
 

@@ -19,11 +19,24 @@ class StorageRouter:
     """
 
     def __init__(
-        self, local: LocalRoots, remotes: Mapping[str, Storage] | None = None, allow: tuple[str, ...] = ()
+        self,
+        local: LocalRoots,
+        remotes: Mapping[str, Storage] | None = None,
+        allow: tuple[str, ...] = (),
+        generated: Mapping[str, ModelLocation] | None = None,
     ) -> None:
         self.local = local
         self.remotes = dict(remotes or {})
         self.allow = allow
+        self.generated = dict(generated or {})
+        """Local names of models with no directory of their own (dummy weights); the roots win a clash."""
+
+    def list_local(self) -> dict[str, ModelLocation]:
+        """Every local model: the roots' directories, then generated models (blocking: walks the roots)."""
+        found = {name: ModelLocation("local", name, path) for name, path in self.local.list_models().items()}
+        for name, location in self.generated.items():
+            found.setdefault(name, location)
+        return dict(sorted(found.items()))
 
     def allowed(self, unversioned: str) -> bool:
         return any(fnmatch.fnmatchcase(unversioned, pattern) for pattern in self.allow)
@@ -37,7 +50,12 @@ class StorageRouter:
         """
         remote = parse_remote(name)
         if remote is None:
-            return ModelLocation("local", name, self.local.resolve(name))
+            try:
+                return ModelLocation("local", name, self.local.resolve(name))
+            except ModelNotFoundError:
+                if name in self.generated:
+                    return self.generated[name]
+                raise
         if not self.allowed(remote.unversioned):
             raise PermissionDeniedError(
                 f"{remote.unversioned} is not allowed on this server; the operator allows {list(self.allow) or 'none'}"
