@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -196,3 +197,41 @@ def test_storage_for_builds_the_s3_backend_from_config(aws_env: str, tmp_path: P
     backend = storage_for("s3", ServerConfig(disk_cache_dir=tmp_path, disk_cache_bytes=10**9))
     assert isinstance(backend, S3Storage)
     assert backend.cache.root == tmp_path / "s3" and backend.cache.budget_bytes == 10**9
+
+
+def test_one_retry_layer_a_failing_request_is_tried_attempts_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore's retries are off (make_client), so a request that keeps failing costs ATTEMPTS, not 5 x 5."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from weightserve.storage.s3 import ATTEMPTS, make_client
+
+    requests: list[str] = []
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            body = b"<Error><Code>ServiceUnavailable</Code><Message>try later</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        backend = storage(tmp_path, make_client(), backoff=0.001)
+        with pytest.raises(UnavailableError, match="ServiceUnavailable"):
+            backend.resolve(parse_remote("s3://bucket/prefix/model"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(requests) == ATTEMPTS == 5

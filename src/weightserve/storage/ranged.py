@@ -89,6 +89,7 @@ def download_files(
     part_bytes: int = 8 * MiB,
     threads: int = 8,
     attempts: int = 5,
+    backoff: float = 0.2,
     label: str = "",
 ) -> None:
     """Download every file into `dest/<name>`, each written atomically.
@@ -110,7 +111,7 @@ def download_files(
         with tqdm(total=total, unit="B", unit_scale=True, desc=label or "download", disable=None) as bar:
 
             def fetch(job: RangeJob) -> None:
-                data = with_retries(lambda: _checked(read, job), retryable, attempts)
+                data = with_retries(lambda: _checked(read, job), retryable, attempts, backoff)
                 _pwrite_all(fds[job.file.name], data, job.start)
                 bar.update(len(data))
 

@@ -30,7 +30,7 @@ from weightserve.errors import (
 from weightserve.storage import register_storage
 from weightserve.storage.base import ModelLocation, RemoteName, Storage
 from weightserve.storage.disk_cache import DiskCache, default_cache_dir
-from weightserve.storage.ranged import MiB, RangeJob, RemoteFile, download_files
+from weightserve.storage.ranged import MiB, RangeJob, RemoteFile, download_files, with_retries
 from weightserve.storage.selection import metadata_names, weight_names
 
 if TYPE_CHECKING:
@@ -38,12 +38,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+ATTEMPTS = 5
+"""Tries per S3 request (listing page, index read, ranged GET), with jittered exponential backoff."""
+
 _NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
 def make_client(threads: int = 8) -> Any:
-    """A thread-safe boto3 S3 client with botocore's standard retries.
+    """A thread-safe boto3 S3 client that makes each request once.
+
+    Retries are ours alone (`with_retries`, ATTEMPTS per request): botocore's own retries
+    stacked under ours would make 5 x 5 = 25 attempts of a failing range, and would not
+    cover a body cut short mid-read, which ours do.
 
     Raises:
         ModuleNotFoundError: boto3 is not installed.
@@ -54,7 +61,7 @@ def make_client(threads: int = 8) -> Any:
     except ImportError as e:
         raise ModuleNotFoundError("s3:// sources need boto3: pip install 'weightserve[s3]'") from e
     config = Config(
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries={"total_max_attempts": 1, "mode": "standard"},
         max_pool_connections=threads + 2,
         connect_timeout=10,
         read_timeout=60,
@@ -92,7 +99,8 @@ class S3Storage(Storage):
         *,
         part_bytes: int = 8 * MiB,
         threads: int = 8,
-        attempts: int = 5,
+        attempts: int = ATTEMPTS,
+        backoff: float = 0.2,
         refresh_seconds: float = 30.0,
     ) -> None:
         self.cache = cache
@@ -100,6 +108,7 @@ class S3Storage(Storage):
         self.part_bytes = part_bytes
         self.threads = threads
         self.attempts = attempts
+        self.backoff = backoff
         self.refresh_seconds = refresh_seconds
         self._memo: dict[str, tuple[float, str, ModelLocation]] = {}
         self._indexes: dict[tuple[str, str, str], str] = {}
@@ -146,6 +155,7 @@ class S3Storage(Storage):
                     part_bytes=self.part_bytes,
                     threads=self.threads,
                     attempts=self.attempts,
+                    backoff=self.backoff,
                     label=remote.path,
                 )
                 model_dir = self.cache.populate(key, sum(f.size for f in files), fetch)
@@ -155,7 +165,7 @@ class S3Storage(Storage):
         return location
 
     def _select(self, bucket: str, prefix: str, label: str) -> list[RemoteFile]:
-        listing = self._list(bucket, prefix)
+        listing = with_retries(partial(self._list, bucket, prefix), retryable, self.attempts, self.backoff)
         if not listing:
             raise ModelNotFoundError(f"{label}: no objects under s3://{bucket}/{prefix}/")
         chosen = set(metadata_names(listing))
@@ -178,7 +188,8 @@ class S3Storage(Storage):
     def _index_text(self, bucket: str, file: RemoteFile) -> str:
         cached = self._indexes.get((bucket, file.key, file.etag))
         if cached is None:
-            cached = self._read_range(bucket, RangeJob(file, 0, file.size)).decode()
+            read = partial(self._read_range, bucket, RangeJob(file, 0, file.size))
+            cached = with_retries(read, retryable, self.attempts, self.backoff).decode()
             self._indexes[(bucket, file.key, file.etag)] = cached
         return cached
 
