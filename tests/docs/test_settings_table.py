@@ -53,10 +53,10 @@ def test_flags_named_in_the_table_exist() -> None:
 
     serve = next(
         action
-        for action in build_parser()._actions  # noqa: SLF001 - argparse exposes subparsers only this way
+        for action in build_parser()._actions
         if hasattr(action, "choices") and isinstance(action.choices, dict) and "serve" in action.choices
     ).choices["serve"]
-    known = {option for action in serve._actions for option in action.option_strings}  # noqa: SLF001
+    known = {option for action in serve._actions for option in action.option_strings}
     for variable, row in table_rows().items():
         for flag in re.findall(r"--[a-z0-9-]+", row["flag"]):
             assert flag in known, f"{variable}: README names {flag}, which `weightserve serve` lacks"
