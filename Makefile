@@ -49,11 +49,16 @@ demo: venv $(STUBS)
 test: venv node $(STUBS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# lint-imports: the import contracts in pyproject.toml ([tool.importlinter]); --no-cache
+# keeps its cache folder out of the tree. buf breaking: proto/ against the last released
+# contract (compat/README.md says when that copy changes).
 lint: venv node $(STUBS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BUF) lint
+	$(BUF) breaking proto --against compat/released
 
 fmt: venv
 	$(BIN)/ruff format .

@@ -8,7 +8,8 @@
 // tensor_crc32c (and the manifest's digest when it has one), and prints one JSON line:
 // {name, dtype, shape, nbytes, crc32c, sha256, chunks}. Any mismatch exits 1 with a
 // message on stderr. Nothing here is weightserve code: it is what a client in another
-// language sees of the wire contract (proto/ and docs/wire.md).
+// language sees of the wire contract (compat/released, the last released .proto, and
+// docs/wire.md).
 'use strict';
 
 const crypto = require('crypto');
@@ -58,8 +59,11 @@ function main() {
   if (!tensorName) fail('usage: fetch_shard.js HOST:PORT MODEL TENSOR');
   setTimeout(() => fail(`no answer from ${address} within ${TIMEOUT_MS} ms`), TIMEOUT_MS).unref();
 
+  // The last released contract (compat/released), not today's proto/: this stands for a
+  // client built against that release, so the test shows today's server still answers
+  // it. `buf breaking` checks the .proto; this checks the bytes on the wire.
   const definition = protoLoader.loadSync('weightserve/v1/weightserve.proto', {
-    includeDirs: [path.join(REPO, 'proto')],
+    includeDirs: [path.join(REPO, 'compat', 'released')],
     keepCase: true,
     longs: String,
     enums: String,

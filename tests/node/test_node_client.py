@@ -1,7 +1,9 @@
 """A stock Node.js gRPC client (fetch_shard.js) fetches a tensor that matches the checkpoint.
 
 Only the .proto and the documented framing are shared with it: it proves that a client
-in another language can reassemble and verify a shard. Node and the repo's
+in another language can reassemble and verify a shard. It loads the last released
+contract (compat/released/), not proto/: it is a client already in the field, and
+today's server must still serve it. Node and the repo's
 node_modules are required (`make test` installs them); without them this test fails,
 it does not skip.
 """

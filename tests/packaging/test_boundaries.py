@@ -5,6 +5,9 @@ servicers is transport-free, and the leaf modules need nothing but the stdlib. A
 or package that does not exist yet has no imports, so its rule passes.
 
 Every import counts, including ones inside functions and `if TYPE_CHECKING:` blocks.
+The layers and the package-to-package rules are also import-linter contracts
+(pyproject.toml, run by test_layers.py and `make lint`); what those cannot say, "the
+standard library only", is checked here alone.
 """
 
 from __future__ import annotations
@@ -75,7 +78,14 @@ def violations(paths: list[Path], allowed: Callable[[str], bool]) -> list[str]:
     return bad
 
 
-CLIENT_MAY_IMPORT = ("weightserve.v1", "weightserve.wire", "weightserve.errors", "weightserve.atomic", "weightserve.client")
+CLIENT_MAY_IMPORT = (
+    "weightserve.v1",
+    "weightserve.wire",
+    "weightserve.errors",
+    "weightserve.config",
+    "weightserve.atomic",
+    "weightserve.client",
+)
 # grpc, and what pulls grpc in with it: the stubs and the gRPC-facing halves.
 TRANSPORT = ("weightserve.v1", "weightserve.server", "weightserve.client")
 
@@ -100,7 +110,7 @@ def test_imported_names_resolves_relative_and_from_imports() -> None:
 def test_client_imports_only_stubs_wire_and_errors() -> None:
     paths = modules_under("weightserve.client")
     bad = violations(paths, lambda n: not under(n, ("weightserve",)) or under(n, CLIENT_MAY_IMPORT))
-    assert not bad, "the client may import only v1, wire and errors:\n" + "\n".join(bad)
+    assert not bad, "the client may import only v1, wire, errors, config and atomic:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +121,19 @@ def test_below_the_servicers_never_imports_grpc(package: str) -> None:
     assert not bad, f"{package} must stay transport-free:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("module", ["weightserve.errors", "weightserve.config"])
-def test_leaf_modules_import_stdlib_only(module: str) -> None:
-    bad = violations(modules_under(module), lambda n: n.split(".", maxsplit=1)[0] in sys.stdlib_module_names)
-    assert not bad, f"{module} may import the stdlib only:\n" + "\n".join(bad)
+@pytest.mark.parametrize(
+    ("module", "also"),
+    [
+        ("weightserve.errors", ()),
+        ("weightserve.config", ()),
+        ("weightserve.atomic", ()),
+        ("weightserve.registry", ("weightserve.errors",)),
+    ],
+    ids=["errors", "config", "atomic", "registry"],
+)
+def test_leaf_modules_import_stdlib_only(module: str, also: tuple[str, ...]) -> None:
+    paths = modules_under(module)
+    assert paths, f"no source for {module} under {SRC}"
+    bad = violations(paths, lambda n: n.split(".", maxsplit=1)[0] in sys.stdlib_module_names or under(n, also))
+    may = " and ".join(("the stdlib", *also))
+    assert not bad, f"{module} may import {may} only:\n" + "\n".join(bad)

@@ -86,7 +86,12 @@ def test_wheel_contains_generated_stubs(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = [s for s in STUBS if s not in names]
     assert not missing, f"{wheel.name} lacks {missing}"
-    assert not any(n.startswith(("tests/", "proto/")) for n in names)
+    assert not any(n.startswith(("tests/", "proto/", "compat/")) for n in names)
+
+
+def test_wheel_is_marked_typed(wheel: Path) -> None:
+    # PEP 561: without the marker, mypy in a user's project ignores our annotations.
+    assert "weightserve/py.typed" in zipfile.ZipFile(wheel).namelist()
 
 
 def test_stubs_import_from_the_wheel(wheel: Path, tmp_path: Path) -> None:
