@@ -172,6 +172,15 @@ def test_wrong_revision_is_a_failed_precondition_fetch_error(client: WeightClien
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_options_are_keyword_only_and_checked(client: WeightClient) -> None:
+    with pytest.raises(TypeError, match="nmes"):
+        client.fetch_state_dict(MODEL, nmes=["model.norm.weight"])  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        client.fetch_state_dict(MODEL, 0, 1, ["model.norm.weight"])  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="device and destinations"):
+        client.load_into(torch.nn.Linear(2, 2), MODEL, device="cpu")
+
+
 # ------------------------------------------------------------------------- files
 
 

@@ -1,4 +1,4 @@
-"""Client library: fetch a rank's state dict (sync or asyncio), files and model lists."""
+"""Client library: fetch a rank's state dict (sync or asyncio), files and model lists; drive expert rebalancing."""
 
 from weightserve.client.aio import AsyncWeightClient
 from weightserve.client.assembly import FetchStats

@@ -1,34 +1,23 @@
-"""What the sync and asyncio clients share: channel options, requests, the resume loop's decisions."""
+"""What the sync and asyncio clients share: channel options, fetch arguments, the resume loop's decisions."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import grpc
 import torch
 from tqdm import tqdm
+from typing_extensions import TypedDict
 
-from weightserve.client.assembly import FetchSession
+from weightserve.client.assembly import FetchSession, FetchStats
+from weightserve.client.expert_slots import check_expert_slots
 from weightserve.client.retry import RetryPolicy
 from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
 
 FETCH_SHARD = "/weightserve.v1.WeightService/FetchShard"
-
-MANIFEST_ARGS = (
-    "rank",
-    "world_size",
-    "revision",
-    "format",
-    "layout",
-    "pp_rank",
-    "pp_size",
-    "ep_rank",
-    "ep_size",
-    "since_mapping",
-)
-"""fetch_state_dict arguments that also pick the manifest."""
 
 LAYOUTS = {"checkpoint": pb.LAYOUT_CHECKPOINT, "vllm": pb.LAYOUT_VLLM}
 
@@ -53,7 +42,7 @@ def target(address: str) -> str:
 
 @dataclass(frozen=True)
 class ShardArgs:
-    """The arguments of fetch_state_dict that pick a plan."""
+    """The arguments of fetch_state_dict that pick a plan (and so the manifest)."""
 
     model: str
     rank: int = 0
@@ -65,6 +54,7 @@ class ShardArgs:
     pp_size: int = 1
     ep_rank: int = 0
     ep_size: int = 0
+    num_redundant_experts: int = 0
     since_mapping: int | None = None
 
     def proto(self, revision: str | None = None) -> pb.ShardSpec:
@@ -81,8 +71,95 @@ class ShardArgs:
             pp_size=self.pp_size,
             ep_rank=self.ep_rank,
             ep_size=self.ep_size,
+            num_redundant_experts=self.num_redundant_experts,
             since_mapping=self.since_mapping,
         )
+
+
+class FetchOptions(TypedDict, total=False):
+    """The keyword-only options of fetch_state_dict, get_manifest and load_into.
+
+    Declared once so the sync and asyncio clients cannot drift apart; `fetch_args`
+    documents what each one means.
+    """
+
+    names: list[str] | None
+    device: str | torch.device
+    dtype: torch.dtype | None
+    revision: str | None
+    format: str | None
+    layout: str
+    pp_rank: int
+    pp_size: int
+    ep_rank: int
+    ep_size: int
+    num_redundant_experts: int
+    since_mapping: int | None
+    destinations: dict[str, torch.Tensor] | None
+
+
+_SHARD_OPTIONS = frozenset(f.name for f in fields(ShardArgs)) - {"model", "rank", "world_size"}
+
+
+@dataclass(frozen=True)
+class FetchArgs:
+    """One fetch, unpacked: the plan it asks for and what the client does with the bytes."""
+
+    shard: ShardArgs
+    names: list[str] | None
+    device: torch.device
+    dtype: torch.dtype | None
+    destinations: dict[str, torch.Tensor] | None
+
+
+def fetch_args(model: str, rank: int, world_size: int, options: FetchOptions) -> FetchArgs:
+    """Turn fetch_state_dict's arguments into the plan request and the assembly settings.
+
+    Args:
+        model: the model name ("org/llama-7b", "hf://org/name@rev", "s3://bucket/prefix").
+        rank: the tensor-parallel rank, 0 <= rank < world_size.
+        world_size: the tensor-parallel size.
+        options: the keyword-only options (FetchOptions), each optional:
+
+            - names: only these tensors (default: all of the rank's).
+            - device: where the tensors are allocated ("cpu" by default, "cuda:0", ...).
+            - dtype: convert floating tensors to this dtype after they arrive.
+            - revision: pin a revision (all ranks of one job should pin the same one).
+            - format: a loader name, when the model directory has several formats.
+            - layout: "checkpoint" (the checkpoint's names, sliced; the default) or
+              "vllm" (the tensors vLLM's parallel layers hold: fused qkv/gate_up,
+              padded vocab).
+            - pp_rank, pp_size: the pipeline stage; its decoder layers only.
+            - ep_rank, ep_size: the expert-parallel rank: the experts it holds under
+              the server's current mapping, whole, named by local slot (the
+              manifest's `experts` maps slots to experts); other tensors TP-sliced.
+            - num_redundant_experts: with ep_size, the extra slots the engine starts
+              with; it shapes version 0 (the start placement), so a worker passes the
+              same number with since_mapping=0.
+            - since_mapping: with ep_size, only the experts this rank did not hold at
+              that mapping version.
+            - destinations: tensors to write into instead of allocating (load_into
+              passes a module's parameters).
+
+    Returns:
+        The plan's ShardArgs and the names, device, dtype and destinations the resume
+        loop needs.
+
+    Raises:
+        TypeError: an option this function does not know (a misspelt keyword).
+    """
+    unknown = set(options) - FetchOptions.__optional_keys__
+    if unknown:
+        have = ", ".join(sorted(FetchOptions.__optional_keys__))
+        raise TypeError(f"unexpected fetch option(s) {', '.join(sorted(unknown))}; the options are {have}")
+    picked: dict[str, Any] = {key: value for key, value in options.items() if key in _SHARD_OPTIONS}
+    return FetchArgs(
+        shard=ShardArgs(model, rank, world_size, **picked),
+        names=options.get("names"),
+        device=torch.device(options.get("device", "cpu")),
+        dtype=options.get("dtype"),
+        destinations=options.get("destinations"),
+    )
 
 
 def fetch_error(error: grpc.RpcError, action: str) -> FetchError:
@@ -99,29 +176,29 @@ def progress_bar(total: int, desc: str) -> tqdm:
 class ResumeLoop:
     """Decides, stream after stream, what to request and whether to go on."""
 
-    def __init__(
-        self,
-        args: ShardArgs,
-        manifest: pb.GetManifestResponse,
-        names: list[str] | None,
-        device: torch.device,
-        policy: RetryPolicy,
-        destinations: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        self.args = args
+    def __init__(self, fetch: FetchArgs, manifest: pb.GetManifestResponse, policy: RetryPolicy) -> None:
+        self.args = fetch.shard
+        self.dtype = fetch.dtype
+        check_expert_slots(manifest, fetch.shard.model)
         self.manifest = manifest
-        self.names = list(names) if names else []
+        self.names = list(fetch.names) if fetch.names else []
         self.policy = policy
         wanted = set(self.names) or None
         total = sum(t.nbytes for t in manifest.tensors if wanted is None or t.name in wanted)
-        self.bar = progress_bar(total, args.model)
-        self.session = FetchSession(manifest, names, device, on_bytes=self.bar.update, destinations=destinations)
+        self.bar = progress_bar(total, self.args.model)
+        self.session = FetchSession(
+            manifest, fetch.names, fetch.device, on_bytes=self.bar.update, destinations=fetch.destinations
+        )
         self.attempt = 0
         self._integrity_failures = 0
 
     @property
-    def stats(self):  # type: ignore[no-untyped-def]
+    def stats(self) -> FetchStats:
         return self.session.stats
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The finished fetch's tensors, converted to the requested dtype."""
+        return self.session.state_dict(self.dtype)
 
     def next_request(self) -> pb.FetchShardRequest | None:
         """The request for the next stream, or None when everything has arrived."""

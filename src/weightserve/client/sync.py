@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import grpc
 import torch
+from typing_extensions import Unpack
 
+from weightserve.client import control
 from weightserve.client.assembly import FetchStats
 from weightserve.client.common import (
     FETCH_SHARD,
-    MANIFEST_ARGS,
+    FetchOptions,
     ResumeLoop,
-    ShardArgs,
     channel_options,
+    fetch_args,
     fetch_error,
     target,
 )
@@ -30,18 +32,27 @@ from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
 
 
 class WeightClient:
-    """Fetches state dicts, files and model lists from a weightserve server.
+    """Fetches state dicts, files and model lists, and drives expert rebalancing.
+
+    Args:
+        address: "host:port", "unix:/path" or a bare "/path" socket.
+        retry: how a broken FetchShard stream is resumed (the only call that retries).
+        timeout: the deadline of each unary call, in seconds. A call waits for the
+            channel to become ready within it, so a client may start before its server
+            (or ride out a restart) without retrying; a call that fails is not retried.
 
     Example:
         >>> with WeightClient("weights:50051") as client:  # doctest: +SKIP
         ...     sd = client.fetch_state_dict("org/llama-7b", device="cuda")
     """
 
-    def __init__(self, address: str, *, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, address: str, *, retry: RetryPolicy | None = None, timeout: float = 60.0) -> None:
         self.address = address
         self.retry = retry or RetryPolicy()
+        self.timeout = timeout
         self._channel = grpc.insecure_channel(target(address), options=channel_options())
         self._stub = pb_grpc.WeightServiceStub(self._channel)
+        self._control = pb_grpc.ControlServiceStub(self._channel)
         self._fetch = self._channel.unary_stream(
             FETCH_SHARD, request_serializer=pb.FetchShardRequest.SerializeToString, response_deserializer=None
         )
@@ -56,91 +67,54 @@ class WeightClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, action: str, method: Any, request: Any) -> Any:
-        """A unary call, retried with backoff while the server is unavailable."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return method(request)
-            except grpc.RpcError as e:
-                if not self.retry.should_retry(e.code(), attempt):
-                    raise fetch_error(e, action) from None
-                time.sleep(self.retry.backoff(attempt))
+    def _call(self, action: str, method: Any, request: Any, extra_seconds: float = 0.0) -> Any:
+        """A unary call that waits for a ready channel until its deadline; errors become FetchError."""
+        try:
+            return method(request, timeout=self.timeout + extra_seconds, wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise fetch_error(e, action) from None
 
     def list_models(self) -> list[pb.ModelInfo]:
         """Every model the server can serve."""
         return list(self._call("list models", self._stub.ListModels, pb.ListModelsRequest()).models)
 
-    def get_manifest(self, model: str, *, rank: int = 0, world_size: int = 1, **kw: Any) -> pb.GetManifestResponse:
-        """One rank's plan: names, shapes, dtypes, sizes, digests and the manifest id."""
-        args = ShardArgs(model, rank, world_size, **kw)
+    def get_manifest(
+        self, model: str, rank: int = 0, world_size: int = 1, **options: Unpack[FetchOptions]
+    ) -> pb.GetManifestResponse:
+        """One rank's plan: names, shapes, dtypes, sizes, digests and the manifest id.
+
+        Takes fetch_state_dict's arguments; those that do not pick the plan are ignored.
+        """
+        shard = fetch_args(model, rank, world_size, options).shard
         manifest: pb.GetManifestResponse = self._call(
-            f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto())
+            f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=shard.proto())
         )
         return manifest
 
     def fetch_state_dict(
-        self,
-        model: str,
-        rank: int = 0,
-        world_size: int = 1,
-        names: list[str] | None = None,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
-        revision: str | None = None,
-        *,
-        format: str | None = None,
-        layout: str = "checkpoint",
-        pp_rank: int = 0,
-        pp_size: int = 1,
-        ep_rank: int = 0,
-        ep_size: int = 0,
-        since_mapping: int | None = None,
-        destinations: dict[str, torch.Tensor] | None = None,
+        self, model: str, rank: int = 0, world_size: int = 1, **options: Unpack[FetchOptions]
     ) -> dict[str, torch.Tensor]:
         """This rank's tensors, verified, resuming across broken streams.
 
         Args:
             model: the model name ("org/llama-7b").
-            rank, world_size: the tensor-parallel coordinates.
-            names: only these tensors (default: all of the rank's).
-            device: where the tensors are allocated ("cpu", "cuda:0", ...).
-            dtype: convert floating tensors to this dtype after they arrive.
-            revision: pin a revision (all ranks of one job should pin the same one).
-            format: a loader name, when the model directory has several formats.
-            layout: "checkpoint" (the checkpoint's names, sliced) or "vllm" (the
-                tensors vLLM's parallel layers hold: fused qkv/gate_up, padded vocab).
-            pp_rank, pp_size: the pipeline stage; its decoder layers only.
-            ep_rank, ep_size: the expert-parallel rank: the experts it holds under the
-                server's current mapping, whole, named by local slot (the manifest's
-                `experts` maps slots to experts); other tensors TP-sliced.
-            since_mapping: with ep_size, only the experts this rank did not hold at
-                that mapping version.
-            destinations: tensors to write into instead of allocating (see load_into).
+            rank: the tensor-parallel rank.
+            world_size: the tensor-parallel size.
+            **options: keyword-only FetchOptions (names, device, dtype, revision,
+                format, layout, pp_rank/pp_size, ep_rank/ep_size, since_mapping,
+                destinations); `weightserve.client.common.fetch_args` says what each does.
 
         Raises:
             FetchError: `.code()` is the grpc.StatusCode (NOT_FOUND, INVALID_ARGUMENT,
                 FAILED_PRECONDITION when the model changed mid-fetch, DATA_LOSS, ...).
         """
-        args = ShardArgs(
-            model,
-            rank,
-            world_size,
-            revision,
-            format,
-            layout,
-            pp_rank,
-            pp_size,
-            ep_rank,
-            ep_size,
-            since_mapping,
-        )
-        manifest = self._call(f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=args.proto()))
-        loop = ResumeLoop(args, manifest, names, torch.device(device), self.retry, destinations)
+        fetch = fetch_args(model, rank, world_size, options)
+        request = pb.GetManifestRequest(shard=fetch.shard.proto())
+        manifest = self._call(f"manifest of {model}", self._stub.GetManifest, request)
+        loop = ResumeLoop(fetch, manifest, self.retry)
         self.last_stats = loop.stats
-        while (request := loop.next_request()) is not None:
-            stream = self._fetch(request)
+        while (shard_request := loop.next_request()) is not None:
+            stream = self._fetch(shard_request)
             try:
                 for message in stream:
                     loop.on_message(message)
@@ -151,22 +125,29 @@ class WeightClient:
                 time.sleep(loop.on_rpc_error(e))
             finally:
                 stream.cancel()
-        return loop.session.state_dict(dtype)
+        return loop.state_dict()
 
-    def load_into(self, module: torch.nn.Module, model: str, **kwargs: Any) -> None:
+    def load_into(
+        self, module: torch.nn.Module, model: str, rank: int = 0, world_size: int = 1, **options: Unpack[FetchOptions]
+    ) -> None:
         """Fetch into an existing module's parameters and buffers, with strict key checks.
 
         Tensors are written straight into the module's storage where dtype, shape and
-        device match; anything else is copied in after it arrives.
+        device match; anything else is copied in after it arrives. The module decides
+        the device and destinations, so those two options are refused.
 
         Raises:
             InvalidRequestError: the module's keys differ from the fetched plan's.
+            TypeError: `device` or `destinations` was given.
         """
-        manifest = self.get_manifest(model, **{k: v for k, v in kwargs.items() if k in MANIFEST_ARGS})
+        if "device" in options or "destinations" in options:
+            raise TypeError("load_into writes into the module's own tensors: drop device and destinations")
+        manifest = self.get_manifest(model, rank, world_size, **options)
         targets = module_destinations(module)
         check_keys(targets, [t.name for t in manifest.tensors], model)
         device = next(iter(targets.values())).device if targets else torch.device("cpu")
-        state = self.fetch_state_dict(model, device=device, destinations=targets, **kwargs)
+        into: FetchOptions = {**options, "device": device, "destinations": targets}
+        state = self.fetch_state_dict(model, rank, world_size, **into)
         with torch.no_grad():
             for name, tensor in state.items():
                 if tensor is not targets[name]:
@@ -202,3 +183,91 @@ class WeightClient:
     def evict(self, model: str) -> bool:
         """Ask the server to drop a model's open state."""
         return bool(self._call(f"evict {model}", self._stub.Evict, pb.EvictRequest(model=model)).evicted)
+
+    # ------------------------------------------------------------------ control
+
+    def report_expert_load(self, model: str, counts: control.ExpertLoad) -> int:
+        """Add one worker's token counts to the model's load window.
+
+        Args:
+            model: the MoE model's name.
+            counts: a [moe_layers, experts] integer tensor, numpy array or nested list.
+
+        Returns:
+            How many reports the server's window for the model now sums.
+
+        Raises:
+            InvalidRequestError: (a ValueError) the table is not 2-D integers; nothing is sent.
+            FetchError: INVALID_ARGUMENT when the shape does not match the model.
+        """
+        request = control.report_request(model, counts)
+        response = self._call(f"report load of {model}", self._control.ReportExpertLoad, request)
+        return int(response.reports_in_window)
+
+    def rebalance(
+        self,
+        model: str,
+        *,
+        policy: str | None = None,
+        num_replicas: int | None = None,
+        num_nodes: int | None = None,
+        gpus_per_node: int | None = None,
+        num_groups: int | None = None,
+    ) -> str:
+        """Start a background rebalance from the reported load; returns its job id at once.
+
+        Args:
+            model: the MoE model's name.
+            policy: "hierarchical" (the server's default), "locality-aware", "greedy",
+                or another policy registered on the server.
+            num_replicas: physical expert slots per layer (default: the current
+                mapping's, or one per expert); must divide over the GPUs.
+            num_nodes, gpus_per_node, num_groups: the topology, needed the first time
+                (default: the current mapping's).
+
+        Raises:
+            FetchError: FAILED_PRECONDITION when no load was reported, INVALID_ARGUMENT
+                for a model without experts or a first rebalance without a topology.
+        """
+        request = control.rebalance_request(
+            model,
+            policy=policy,
+            num_replicas=num_replicas,
+            num_nodes=num_nodes,
+            gpus_per_node=gpus_per_node,
+            num_groups=num_groups,
+        )
+        return control.started_job(model, self._call(f"rebalance {model}", self._control.Rebalance, request))
+
+    def get_rebalance(self, job_id: str, *, wait: float = 0.0) -> pb.GetRebalanceResponse:
+        """A job's state and, once it succeeded, its mapping, balancedness and per-rank deltas.
+
+        With `wait` > 0 a running job is waited for, up to that many seconds (the server
+        holds the call at most 300 s): the answer comes as soon as the job ends, failed
+        or not, so a caller can wait without polling.
+        """
+        job: pb.GetRebalanceResponse = self._call(
+            f"rebalance job {job_id}", self._control.GetRebalance, control.job_request(job_id, wait), wait
+        )
+        return job
+
+    def watch_mapping(
+        self, model: str, after_version: int = 0, *, timeout: float | None = None
+    ) -> Generator[pb.ExpertMapping, None, None]:
+        """Every expert mapping of `model` newer than `after_version`, as the server publishes it.
+
+        With after_version 0 the current mapping comes first. The stream never ends on
+        its own: break out of the loop (the call is cancelled when the iterator is
+        closed) or give `timeout`, the stream's deadline in seconds.
+
+        Raises:
+            FetchError: the stream failed (DEADLINE_EXCEEDED once `timeout` passes).
+        """
+        call = self._control.WatchExpertMapping(control.watch_request(model, after_version), timeout=timeout)
+        try:
+            for response in call:
+                yield response.mapping
+        except grpc.RpcError as e:
+            raise fetch_error(e, f"watch mappings of {model}") from None
+        finally:
+            call.cancel()
