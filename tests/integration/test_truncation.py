@@ -78,24 +78,36 @@ def test_truncated_mid_stream_is_data_loss(
     assert caught.value.code() == grpc.StatusCode.DATA_LOSS, caught.value
 
 
+@pytest.mark.parametrize("restore_mtime", [False, True], ids=["mtime-moves", "mtime-set-back"])
 def test_rewritten_in_place_mid_stream_is_data_loss(
     mid_root: Path,
     serve: ServeFn,
     proxy: Callable[..., FaultProxy],
     slow_client: Callable[[str], WeightClient],
+    restore_mtime: bool,
 ) -> None:
+    """Same size, same inode, other bytes; with the mtime set back too, only the ctime (which no
+    user can set) shows the change, and it must still cost the stream a DATA_LOSS, never mixed bytes."""
+
     def rewrite(path: Path) -> None:
-        size = path.stat().st_size
-        with path.open("r+b") as f:  # same size, same inode, other bytes near the end
-            f.seek(size - 65536)
+        before = path.stat()
+        with path.open("r+b") as f:
+            f.seek(before.st_size - 65536)
             old = f.read(65536)
-            f.seek(size - 65536)
+            f.seek(before.st_size - 65536)
             f.write(bytes(b ^ 0x5A for b in old))
             f.flush()
             os.fsync(f.fileno())
-        assert path.stat().st_size == size
+        if restore_mtime:
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = path.stat()
+        assert (after.st_size, after.st_ino) == (before.st_size, before.st_ino)
+        assert (after.st_mtime_ns == before.st_mtime_ns) == restore_mtime
 
-    _damage_mid_stream(mid_root, serve, proxy, slow_client, rewrite)
+    server = _damage_mid_stream(mid_root, serve, proxy, slow_client, rewrite)
+    # the next fetch sees a new revision and serves the new bytes whole
+    with WeightClient(server.address) as client:
+        assert_bit_identical(client.fetch_state_dict(MID_MODEL), load_checkpoint(mid_root / MID_MODEL))
 
 
 def test_damaged_stream_leaves_no_unretrieved_read_errors(

@@ -76,22 +76,8 @@ def report(stub: pb_grpc.ControlServiceStub, counts: list[list[int]]) -> int:
 
 
 def wait_job(stub: pb_grpc.ControlServiceStub, job_id: str, timeout: float = 60) -> pb.GetRebalanceResponse:
-    """The finished job, woken by the mapping it publishes (a failed job publishes none: then the deadline)."""
-    job = stub.GetRebalance(pb.GetRebalanceRequest(job_id=job_id))
-    if job.state != pb.JOB_STATE_RUNNING:
-        return job
-    watch = stub.WatchExpertMapping(pb.WatchExpertMappingRequest(model=job.model), timeout=timeout)
-    try:
-        for _ in watch:  # the current mapping first, then each new one
-            job = stub.GetRebalance(pb.GetRebalanceRequest(job_id=job_id))
-            if job.state != pb.JOB_STATE_RUNNING:
-                return job
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise
-    finally:
-        watch.cancel()
-    return stub.GetRebalance(pb.GetRebalanceRequest(job_id=job_id))
+    """The job once it ends: the server holds GetRebalance(wait_seconds) until then, failure included."""
+    return stub.GetRebalance(pb.GetRebalanceRequest(job_id=job_id, wait_seconds=timeout), timeout=timeout + 10)
 
 
 def test_version_zero_gives_contiguous_experts_whole_and_named_by_slot(root, serve):  # type: ignore[no-untyped-def]
@@ -119,15 +105,16 @@ def test_rebalance_then_fetch_only_the_moved_experts(root, serve):  # type: igno
     started = stub.Rebalance(pb.RebalanceRequest(model=MODEL, num_replicas=12, topology=topology))
     job = wait_job(stub, started.job_id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
-    assert job.mapping.version == 1 and job.balancedness_after > job.balancedness_before
+    assert job.mapping.version > 0 and job.balancedness_after > job.balancedness_before
     new = torch.tensor(list(job.mapping.phy2log)).view(LAYERS, 12)
     with WeightClient(server.address) as client:
         for rank in range(4):
             full = client.get_manifest(MODEL, ep_rank=rank, ep_size=4)
             held = [list(layer.logical_experts) for layer in full.experts.layers]
             assert held == new[:, rank * 3 : (rank + 1) * 3].tolist()
-            delta = client.fetch_state_dict(MODEL, ep_rank=rank, ep_size=4, since_mapping=0)
-            before = client.get_manifest(MODEL, ep_rank=rank, ep_size=4, since_mapping=0).experts
+            delta = client.fetch_state_dict(MODEL, ep_rank=rank, ep_size=4, since_mapping=0, num_redundant_experts=4)
+            before = client.get_manifest(MODEL, ep_rank=rank, ep_size=4, since_mapping=0, num_redundant_experts=4)
+            before = before.experts
             sent = [list(layer.sent_slots) for layer in before.layers]
             assert all(k.startswith("model.layers.") and ".experts." in k for k in delta)  # experts only
             for layer in range(LAYERS):
@@ -137,7 +124,9 @@ def test_rebalance_then_fetch_only_the_moved_experts(root, serve):  # type: igno
         assert job.deltas and sum(d.experts for d in job.deltas) == sum(
             len(layer.sent_slots)
             for rank in range(4)
-            for layer in client.get_manifest(MODEL, ep_rank=rank, ep_size=4, since_mapping=0).experts.layers
+            for layer in client.get_manifest(
+                MODEL, ep_rank=rank, ep_size=4, since_mapping=0, num_redundant_experts=4
+            ).experts.layers
         )
 
 
@@ -175,7 +164,7 @@ def test_watch_streams_each_new_version(root, serve):  # type: ignore[no-untyped
     second = wait_job(stub, stub.Rebalance(pb.RebalanceRequest(model=MODEL)).job_id)
     seen.append(next(watch).mapping.version)
     watch.cancel()
-    assert seen == [first.mapping.version, second.mapping.version] == [1, 2]
+    assert seen == [first.mapping.version, second.mapping.version] and 0 < seen[0] < seen[1]
 
 
 class GatedPolicy(Policy):
@@ -207,6 +196,21 @@ def test_fetch_completes_while_a_slow_rebalance_runs_and_rebalances_serialize(ro
         assert wait_job(stub, first.job_id).state == pb.JOB_STATE_SUCCEEDED
     assert "gated-test" not in POLICIES
     assert len(state) == 3 + LAYERS * (2 + 4 + 1 + 3 * EXPERTS)  # norms, attention, router, experts
+
+
+def test_get_rebalance_waits_for_the_job_to_end(root, serve):  # type: ignore[no-untyped-def]
+    GatedPolicy.gate.clear()
+    with POLICIES.registered("gated-test", GatedPolicy):
+        stub = control(serve(root).address)
+        report(stub, [[5, 1, 1, 1, 1, 1, 1, 9], [1, 9, 1, 1, 1, 1, 1, 5]])
+        topology = pb.ExpertTopology(num_nodes=1, gpus_per_node=4)
+        job_id = stub.Rebalance(pb.RebalanceRequest(model=MODEL, policy="gated-test", topology=topology)).job_id
+        # a short wait on a job that cannot end answers "running" when the wait runs out
+        assert stub.GetRebalance(pb.GetRebalanceRequest(job_id=job_id, wait_seconds=0.05)).state == pb.JOB_STATE_RUNNING
+        waiting = stub.GetRebalance.future(pb.GetRebalanceRequest(job_id=job_id, wait_seconds=60))
+        assert not waiting.done()
+        GatedPolicy.gate.set()
+        assert waiting.result(timeout=60).state == pb.JOB_STATE_SUCCEEDED
 
 
 def test_unknown_job_is_not_found_naming_the_id(root, serve):  # type: ignore[no-untyped-def]
@@ -259,3 +263,79 @@ def test_a_delta_holding_only_new_slots_sends_no_other_tensors(root):  # type: i
         spec = ShardSpec(MODEL, ep_rank=0, ep_size=4, since_mapping=0)
         names = [p.name for p in plan_shard(loader.records, spec, experts=every_slot_new)]
     assert len(names) == LAYERS * 2 * 3 and all(".experts." in n for n in names)
+
+
+def _held(client: WeightClient, rank: int, **kw: int) -> tuple[str, list[list[int]], dict[str, torch.Tensor]]:
+    manifest = client.get_manifest(MODEL, ep_rank=rank, ep_size=4, **kw)
+    held = [list(layer.logical_experts) for layer in manifest.experts.layers]
+    state = client.fetch_state_dict(MODEL, ep_rank=rank, ep_size=4, **kw)
+    return manifest.manifest_id, held, state
+
+
+def _assert_slots_hold(state: dict[str, torch.Tensor], held: list[list[int]]) -> None:
+    for layer, experts in enumerate(held):
+        for slot, expert in enumerate(experts):
+            assert expert_of(state[f"model.layers.{layer}.block_sparse_moe.experts.{slot}.w1.weight"], layer) == expert
+
+
+def test_a_version_names_one_placement_forever_even_when_the_shape_changes(root, serve):  # type: ignore[no-untyped-def]
+    """Rebalancing to another slot count used to re-publish versions 0 and 1 in place, and a
+    cached plan of the old placement was served under the new manifest."""
+    server = serve(root)
+    stub = control(server.address)
+    report(stub, [[50, 1, 1, 1, 1, 1, 1, 40], [1, 30, 1, 1, 1, 1, 60, 1]])
+    versions = []
+    with WeightClient(server.address) as client:
+        first_id, first_held, state = _held(client, 1)  # version 0, as the engine starts
+        _assert_slots_hold(state, first_held)
+        seen = {first_id}
+        for replicas in (12, 8, 12):
+            topology = pb.ExpertTopology(num_nodes=1, gpus_per_node=4)
+            job = wait_job(
+                stub, stub.Rebalance(pb.RebalanceRequest(model=MODEL, num_replicas=replicas, topology=topology)).job_id
+            )
+            assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+            versions.append(job.mapping.version)
+            manifest_id, held, state = _held(client, 1)
+            _assert_slots_hold(state, held)  # the bytes are the experts the manifest names
+            assert held == [
+                list(job.mapping.phy2log[layer * replicas + replicas // 4 : layer * replicas + 2 * replicas // 4])
+                for layer in range(LAYERS)
+            ]
+            seen.add(manifest_id)
+    assert versions == sorted(set(versions)) and 0 not in versions  # new, increasing, never 0 again
+    assert len(seen) == 4  # four placements, four manifest ids
+
+
+def test_a_restarted_server_refuses_a_version_it_never_published(root, serve):  # type: ignore[no-untyped-def]
+    topology = pb.ExpertTopology(num_nodes=1, gpus_per_node=4)
+    load = [[50, 1, 1, 1, 1, 1, 1, 40], [1, 30, 1, 1, 1, 1, 60, 1]]
+    first = serve(root)
+    stub = control(first.address)
+    report(stub, load)
+    old = wait_job(stub, stub.Rebalance(pb.RebalanceRequest(model=MODEL, topology=topology)).job_id).mapping.version
+    first.stop()
+    restarted = serve(root)  # the same checkpoint, its history gone
+    stub = control(restarted.address)
+    report(stub, load)
+    new = wait_job(stub, stub.Rebalance(pb.RebalanceRequest(model=MODEL, topology=topology)).job_id).mapping.version
+    assert new > old  # never the number a worker may still hold for another placement
+    with WeightClient(restarted.address) as client, pytest.raises(FetchError) as info:
+        client.fetch_state_dict(MODEL, ep_rank=0, ep_size=4, since_mapping=old)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "full share" in info.value.details()
+
+
+def test_workers_spelling_the_model_differently_share_one_mapping(root, serve):  # type: ignore[no-untyped-def]
+    server = serve(root)
+    stub = control(server.address)
+    report(stub, [[50, 1, 1, 1, 1, 1, 1, 40], [1, 30, 1, 1, 1, 1, 60, 1]])
+    topology = pb.ExpertTopology(num_nodes=1, gpus_per_node=4)
+    rebalance = pb.RebalanceRequest(model="org//tiny-mixtral/", topology=topology)
+    job = wait_job(stub, stub.Rebalance(rebalance).job_id)
+    with WeightClient(server.address) as client:
+        versions = {
+            client.get_manifest(name, ep_rank=0, ep_size=4).experts.mapping_version
+            for name in (MODEL, "./org/tiny-mixtral", "org/tiny-mixtral/")
+        }
+    assert versions == {job.mapping.version}

@@ -621,8 +621,9 @@ def test_corrupt_safetensors_header_is_data_loss_and_others_keep_serving(
     assemble(fetch(s, manifest_id=manifest.manifest_id), manifest)
 
 
-def test_bytes_changed_under_an_unchanged_stat_are_data_loss(model_root: Path, tmp_path: Path, serve, stub) -> None:
-    # Same size, same mtime, new bytes: the revision cannot tell, the known digests can.
+def test_bytes_changed_under_a_restored_mtime_are_a_new_revision(model_root: Path, tmp_path: Path, serve, stub) -> None:
+    # Same size, same mtime, new bytes: the ctime (which no writer can set back) still moves,
+    # so the revision does, and a fetch pinned to the old manifest is refused, never served mixed.
     model_dir = copy_model(model_root, tmp_path)
     s = stub(serve(tmp_path, chunk_bytes=4096).address)
     manifest = manifest_of(s)
@@ -633,13 +634,15 @@ def test_bytes_changed_under_an_unchanged_stat_are_data_loss(model_root: Path, t
         f.seek(st.st_size - 64)
         f.write(bytes(64 * [0xAB]))
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert manifest_of(s).revision == manifest.revision
+    fresh = manifest_of(s)
+    assert fresh.revision != manifest.revision
 
     rpc_error(
         lambda: fetch(s, manifest_id=manifest.manifest_id),
-        grpc.StatusCode.DATA_LOSS,
-        "no longer matches its digest",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "no longer matches model",
     )
+    assemble(fetch(s, manifest_id=fresh.manifest_id), fresh)  # the new bytes, whole and verified
     assert s.ListModels(pb.ListModelsRequest()).models[0].name == MODEL
 
 

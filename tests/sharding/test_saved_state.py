@@ -162,6 +162,35 @@ def test_served_saved_dir_equals_live_slicing(models: dict[str, Path], model_roo
     assert "world_size 2" in info.value.details()
 
 
+def test_a_flipped_bit_in_a_part_fails_check_and_serving(
+    models: dict[str, Path], tmp_path: Path, serve, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    saved = shard(models["llama"], tmp_path / "models" / "org" / "llama-tp2", 2)
+    meta = json.loads((saved / METADATA_NAME).read_text())
+    assert set(meta["crc32c"]) == {"0", "1"} and all(meta["crc32c"].values())
+    part = saved / "model-rank-1-part-0.safetensors"
+    with safe_open(str(part), "pt") as f:
+        victim = next(iter(f.keys()))
+    # flip one bit in the victim's bytes: same size, valid header, other weights
+    header_len = int.from_bytes(part.read_bytes()[:8], "little")
+    offsets = json.loads(part.read_bytes()[8 : 8 + header_len])[victim]["data_offsets"]
+    data = bytearray(part.read_bytes())
+    data[8 + header_len + offsets[0]] ^= 0x01
+    part.write_bytes(bytes(data))
+
+    code, text = check(str(saved), capsys=capsys)
+    assert code == 1 and f"{victim} does not match its recorded crc32c" in text
+    server = serve(tmp_path / "models")
+    with WeightClient(server.address) as client:
+        manifest = client.get_manifest("org/llama-tp2", rank=1, world_size=2)
+        assert all(t.HasField("crc32c") for t in manifest.tensors)  # recorded digests are in the manifest
+        assert client.fetch_state_dict("org/llama-tp2", rank=0, world_size=2)  # rank 0 is intact
+        with pytest.raises(FetchError) as info:
+            client.fetch_state_dict("org/llama-tp2", rank=1, world_size=2)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    assert victim in info.value.details() and "recorded" in info.value.details()
+
+
 def test_check_names_a_deleted_rank_and_a_missing_tensor(models: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = shard(models["llama"], tmp_path / "out", 2)
     (part,) = out.glob("model-rank-0-part-*.safetensors")

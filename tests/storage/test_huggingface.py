@@ -14,7 +14,7 @@ import torch
 from weightserve.client import WeightClient
 from weightserve.config import ServerConfig
 from weightserve.errors import CorruptCheckpointError, FetchError, ModelNotFoundError, UnavailableError
-from weightserve.loaders.formats import model_files
+from weightserve.loaders.formats import files_at
 from weightserve.storage import storage_for
 from weightserve.storage.base import parse_remote
 from weightserve.storage.huggingface import HuggingFaceStorage
@@ -40,7 +40,7 @@ def test_offline_resolves_a_branch_from_the_cache(
 
     location = backend.resolve(parse_remote(f"hf://{TINY}"))
     assert (location.source, location.model_dir, location.revision) == ("hf", snapshot, f"hf-{COMMIT}")
-    found = model_files(location.model_dir, "", location.revision)
+    found = files_at(location)
     assert found.format == "safetensors" and len(found.files) == 2 and found.revision == f"hf-{COMMIT}"
     assert backend.resolve(parse_remote(f"hf://{TINY}@{COMMIT}")).model_dir == snapshot
 

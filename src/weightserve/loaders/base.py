@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
@@ -48,6 +48,8 @@ class ShardedState:
     world_size: int
     layout: str
     records_by_rank: tuple[tuple[TensorRecord, ...], ...]
+    digests: dict[int, dict[str, int]] = field(default_factory=dict)
+    """rank -> tensor name -> crc32c, as `weightserve shard` recorded them (empty for vLLM's own saves)."""
 
 
 class Loader(ABC):

@@ -43,6 +43,36 @@ def files_from_index(model_dir: Path, index_name: str) -> list[Path] | None:
     return sorted(files, key=natural_key)
 
 
+def check_index(model_dir: Path, index_name: str, placed: dict[str, str]) -> None:
+    """Every tensor the index's weight_map names is in the file it names.
+
+    `placed` maps each tensor the loader found to its file's name. A tensor the index
+    names but no file holds would otherwise be missing from every plan without a word.
+
+    Raises:
+        CorruptCheckpointError: names the first tensor that is missing or elsewhere.
+    """
+    index = model_dir / index_name
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        expected = {str(name): PurePosixPath(str(file)).name for name, file in weight_map.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptCheckpointError(f"{index.name}: not a valid index json ({e})") from None
+    missing = sorted(name for name in expected if name not in placed)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CorruptCheckpointError(
+            f"{index.name} names tensor {missing[0]!r}{more} in {expected[missing[0]]}, but no weight file holds it"
+        )
+    moved = sorted(name for name, file in expected.items() if placed[name] != file)
+    if moved:
+        raise CorruptCheckpointError(
+            f"{index.name} puts tensor {moved[0]!r} in {expected[moved[0]]}, but it is in {placed[moved[0]]}"
+        )
+
+
 def files_by_suffix(model_dir: Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Weight files in `model_dir` (not recursive) with one of `suffixes`, naturally sorted."""
     found = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,16 @@ class ModelFiles:
         return served if served is not None else sum(p.stat().st_size for p in self.files)
 
 
+def _check_inside(model_dir: Path, files: list[Path], root: Path) -> None:
+    allowed = root.resolve()
+    for path in files:
+        real = path.resolve()
+        if os.path.commonpath([real, allowed]) != str(allowed):
+            raise ModelNotFoundError(
+                f"{model_dir.name}: weight file {path.name} resolves outside the model's directory; not served"
+            )
+
+
 def files_at(location: ModelLocation, fmt: str = "") -> ModelFiles:
     """What a located model serves: its directory's files, or the files the location names.
 
@@ -37,7 +48,7 @@ def files_at(location: ModelLocation, fmt: str = "") -> ModelFiles:
         ModelNotFoundError: no weights (in that format).
     """
     if not location.format:
-        return model_files(location.model_dir, fmt, location.revision)
+        return model_files(location.model_dir, fmt, location.revision, location.link_root)
     if fmt and fmt != location.format:
         raise ModelNotFoundError(f"{location.name}: no {fmt} weights found (formats present: {[location.format]})")
     files = [path for _, path in location.files]
@@ -54,19 +65,23 @@ def available_formats(model_dir: Path) -> list[str]:
     return [fmt for fmt in FORMAT_PREFERENCE if loader_for(fmt).find_files(model_dir)]
 
 
-def model_files(model_dir: Path, fmt: str = "", remote_revision: str | None = None) -> ModelFiles:
+def model_files(
+    model_dir: Path, fmt: str = "", remote_revision: str | None = None, link_root: Path | None = None
+) -> ModelFiles:
     """The files and revision for a directory, in `fmt` or the preferred format.
 
     The revision is the remote one (a commit) when the files came from a remote
-    source, else a hash of path, size and mtime of every file served.
+    source, else a hash of every served file's identity (see local_revision).
 
     Raises:
-        ModelNotFoundError: the directory has no weights (in that format).
+        ModelNotFoundError: the directory has no weights (in that format), or a weight
+            file resolves outside `link_root` (default: the directory), as a symlink out would.
     """
     formats = [fmt] if fmt else list(FORMAT_PREFERENCE)
     for candidate in formats:
         files = loader_for(candidate).find_files(model_dir)
         if files:
+            _check_inside(model_dir, files, link_root or model_dir)
             extra = [model_dir / c for c in CONFIG_FILES if (model_dir / c).is_file()]
             revision = remote_revision or local_revision(model_dir, files + extra)
             return ModelFiles(model_dir, candidate, files, revision)

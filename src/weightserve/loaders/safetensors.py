@@ -17,7 +17,7 @@ from typing import Any
 from weightserve.errors import CorruptCheckpointError
 from weightserve.loaders import register_loader
 from weightserve.loaders.base import Loader, TensorRecord
-from weightserve.loaders.discovery import files_by_suffix, files_from_index
+from weightserve.loaders.discovery import check_index, files_by_suffix, files_from_index
 from weightserve.loaders.sources import FileSource
 from weightserve.storage.selection import SAFETENSORS_INDEX
 from weightserve.wire import DTYPE_SIZES
@@ -148,6 +148,7 @@ class SafetensorsLoader(Loader):
     def __init__(self, files: list[Path]) -> None:
         super().__init__(files)
         self.metadata: dict[str, dict[str, str]] = {}
+        file_of: dict[str, str] = {}
         try:
             for path in files:
                 source = FileSource(path)
@@ -157,7 +158,10 @@ class SafetensorsLoader(Loader):
                 self.records += [
                     TensorRecord(e.name, e.dtype, e.shape, index, e.begin, e.end - e.begin) for e in entries
                 ]
+                file_of.update(dict.fromkeys((e.name for e in entries), path.name))
             self._check_unique_names()
+            if files:
+                check_index(files[0].parent, INDEX_NAME, file_of)
         except BaseException:
             self.close()
             raise

@@ -2,8 +2,10 @@
 
 This is the file pattern vLLM's ShardedStateLoader reads and `weightserve shard`
 writes. The server serves rank r's files as they are, to the world size they were
-saved for. `weightserve-sharded.json` records that size and the tensor layout; a
-directory without it (saved by vLLM) is taken as vLLM's run-time layout.
+saved for. `weightserve-sharded.json` records that size, the tensor layout and each
+tensor's crc32c (the manifest reports them and a stream that reads other bytes ends
+in DATA_LOSS naming the tensor); a directory without it (saved by vLLM) is taken as
+vLLM's run-time layout, with no checksums.
 """
 
 from __future__ import annotations
@@ -25,19 +27,33 @@ INCOMPLETE_NAME = ".weightserve-sharded.incomplete"
 RANK_FILE = re.compile(r"^model-rank-(\d+)-part-(\d+)\.safetensors$")
 
 
-def read_metadata(model_dir: Path, ranks_found: int) -> tuple[int, str]:
-    """(world_size, layout) from the metadata file, or inferred from the files."""
+Digests = dict[int, dict[str, int]]
+"""rank -> tensor name -> crc32c."""
+
+
+def read_metadata(model_dir: Path, ranks_found: int) -> tuple[int, str, Digests]:
+    """(world_size, layout, digests) from the metadata file, or inferred from the files (no digests)."""
     path = model_dir / METADATA_NAME
     if not path.is_file():
         if (model_dir / INCOMPLETE_NAME).exists():
             raise CorruptCheckpointError(f"{model_dir.name}: `weightserve shard` did not finish writing it")
-        return ranks_found, "vllm"
+        return ranks_found, "vllm", {}
     try:
         meta = json.loads(path.read_text())
         world_size, layout = int(meta["world_size"]), str(meta["layout"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        digests = {
+            int(rank): {str(name): _crc(value) for name, value in tensors.items()}
+            for rank, tensors in meta.get("crc32c", {}).items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CorruptCheckpointError(f"{path.name}: not valid sharded-state metadata ({e})") from None
-    return world_size, layout
+    return world_size, layout, digests
+
+
+def _crc(value: object) -> int:
+    if type(value) is not int or not 0 <= value < 2**32:
+        raise ValueError(f"crc32c {value!r} is not a 32-bit unsigned integer")
+    return value
 
 
 @register_loader("sharded_state")
@@ -58,7 +74,7 @@ class ShardedStateLoader(Loader):
                 by_rank.setdefault(int(match.group(1)), []).extend(
                     TensorRecord(e.name, e.dtype, e.shape, index, e.begin, e.end - e.begin) for e in entries
                 )
-            world_size, layout = read_metadata(files[0].parent, len(by_rank))
+            world_size, layout, digests = read_metadata(files[0].parent, len(by_rank))
             if sorted(by_rank) != list(range(world_size)):
                 raise CorruptCheckpointError(
                     f"{files[0].parent}: saved for world_size {world_size} but has files for ranks {sorted(by_rank)}"
@@ -68,7 +84,15 @@ class ShardedStateLoader(Loader):
                 if len(set(names)) != len(names):
                     raise CorruptCheckpointError(f"rank {rank}'s files repeat a tensor name")
             self.records = [r for rank in sorted(by_rank) for r in by_rank[rank]]
-            self.sharded_state = ShardedState(world_size, layout, tuple(tuple(by_rank[r]) for r in sorted(by_rank)))
+            for rank, named in digests.items():
+                unknown = set(named) - {r.name for r in by_rank.get(rank, [])}
+                if unknown:
+                    raise CorruptCheckpointError(
+                        f"{METADATA_NAME}: rank {rank} has checksums for tensors its files lack: {sorted(unknown)[:3]}"
+                    )
+            self.sharded_state = ShardedState(
+                world_size, layout, tuple(tuple(by_rank[r]) for r in sorted(by_rank)), digests
+            )
         except BaseException:
             self.close()
             raise

@@ -2,9 +2,10 @@
 
 A source is read with pread into caller-owned buffers, never mapped: a file that is
 truncated under a mapping turns the next page touch into SIGBUS, which would kill the
-server and every stream with it. A short read, or a file whose size or mtime changed
-since it was opened, raises CorruptCheckpointError, which costs only the stream that
-hit it.
+server and every stream with it. A short read, or a file whose identity changed since
+it was opened, raises CorruptCheckpointError, which costs only the stream that hit it.
+The identity is (size, mtime, inode, ctime): a writer can set the mtime back, but not
+the ctime, which the kernel moves on every write.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def _span_buffer(size: int) -> bytearray:
     if buf is None or len(buf) < size:
         buf = _spans.buf = bytearray(max(size, 1))
     return buf
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes whenever a file's bytes do: (size, mtime, inode, ctime), in ns."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 class Source(ABC):
@@ -76,7 +82,7 @@ class FileSource(Source):
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         st = os.fstat(self._fd)
         self.size = st.st_size
-        self._identity = (st.st_size, st.st_mtime_ns, st.st_ino)
+        self._identity = file_identity(st)
         self.bytes_read = 0
 
     def read_into(self, offset: int, dest: memoryview, check: bool = True) -> None:
@@ -147,7 +153,7 @@ class FileSource(Source):
     def check_unchanged(self) -> None:
         """Raise if the file was truncated or rewritten in place since it was opened."""
         st = os.fstat(self._fd)
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != self._identity:
+        if file_identity(st) != self._identity:
             raise CorruptCheckpointError(
                 f"{self.label}: file changed while being served "
                 f"(size {self._identity[0]} -> {st.st_size}); fetch again to get the new revision"

@@ -22,7 +22,7 @@ import torch
 from weightserve.errors import CorruptCheckpointError, UnsafeCheckpointError
 from weightserve.loaders import register_loader
 from weightserve.loaders.base import Loader, TensorRecord
-from weightserve.loaders.discovery import files_by_suffix, files_from_index
+from weightserve.loaders.discovery import check_index, files_by_suffix, files_from_index
 from weightserve.loaders.sources import FileSource, MemorySource
 from weightserve.storage.selection import TORCH_INDEX
 from weightserve.wire import dtype_name
@@ -130,13 +130,18 @@ class TorchLoader(Loader):
 
     def __init__(self, files: list[Path]) -> None:
         super().__init__(files)
+        file_of: dict[str, str] = {}
         try:
             for path in files:
+                first = len(self.records)
                 if zipfile.is_zipfile(path):
                     self._add_zip(path)
                 else:
                     self._add_legacy(path)
+                file_of.update(dict.fromkeys((r.name for r in self.records[first:]), path.name))
             self._check_unique_names()
+            if files:
+                check_index(files[0].parent, INDEX_NAME, file_of)
         except BaseException:
             self.close()
             raise

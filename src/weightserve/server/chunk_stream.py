@@ -146,7 +146,8 @@ class ChunkFramer:
             tensor_crc = self._running if self._running is not None else expected or 0
             if expected is not None and expected != tensor_crc:
                 raise CorruptCheckpointError(
-                    f"tensor {self.plans[job.index].name!r} no longer matches its digest; its file changed while served"
+                    f"tensor {self.plans[job.index].name!r}: its bytes have crc32c {tensor_crc:#010x}, not the "
+                    f"{expected:#010x} recorded for it; the file is damaged or changed while served"
                 )
             self.finished[job.index] = tensor_crc
         prefix = wire.encode_chunk_prefix(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import time
@@ -25,30 +26,16 @@ from weightserve.eplb import ExpertMapping, Topology, balancedness, rebalance_ex
 from weightserve.errors import InvalidRequestError, JobNotFoundError, PreconditionError
 from weightserve.sharding.experts import ExpertSlots, MoeLayout, is_expert
 from weightserve.sharding.spec import ShardSpec
+from weightserve.state.load import LoadWindow
+from weightserve.state.mappings import MappingHistory, start_placement
 
 logger = logging.getLogger(__name__)
 
+MAX_JOB_WAIT_SECONDS = 300.0
+"""The longest GetRebalance(wait_seconds) holds a call before answering with the job still running."""
+
 MAX_FINISHED_JOBS = 256
 """Finished rebalance jobs kept for GetRebalance; the oldest expire first (running ones never)."""
-
-
-class LoadWindow:
-    """The element-wise sum of the last `size` load reports of one model."""
-
-    def __init__(self, size: int) -> None:
-        self.reports: collections.deque[torch.Tensor] = collections.deque()
-        self.size = size
-        self.total: torch.Tensor | None = None
-
-    def add(self, counts: torch.Tensor) -> int:
-        if self.total is None or self.total.shape != counts.shape:
-            self.reports.clear()
-            self.total = torch.zeros_like(counts)
-        self.reports.append(counts)
-        self.total += counts
-        if len(self.reports) > self.size:
-            self.total -= self.reports.popleft()
-        return len(self.reports)
 
 
 @dataclass
@@ -64,6 +51,8 @@ class RebalanceJob:
     after: float = 0.0
     deltas: list[tuple[int, int, int]] = field(default_factory=list)  # (ep_rank, experts, bytes)
     seconds: float = 0.0
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the job stops running, whether it succeeded or failed."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +71,7 @@ class ControlPlane:
         self.executor = executor
         self.window = window
         self.windows: dict[str, LoadWindow] = {}
-        self.mappings: dict[str, dict[int, ExpertMapping]] = {}
+        self.histories: dict[str, MappingHistory] = {}
         self.jobs: collections.OrderedDict[str, RebalanceJob] = collections.OrderedDict()
         self.running: dict[str, str] = {}
         self._published: dict[str, asyncio.Condition] = {}
@@ -118,18 +107,32 @@ class ControlPlane:
         return self.windows.setdefault(model, LoadWindow(self.window)).add(table)
 
     def current(self, model: str) -> ExpertMapping | None:
-        versions = self.mappings.get(model)
-        return versions[max(versions)] if versions else None
+        """The latest published mapping of `model`; None while version 0 (not stored) applies."""
+        history = self.histories.get(model)
+        return history.latest() if history else None
 
-    def mapping(self, model: str, version: int) -> ExpertMapping:
-        found = self.mappings.get(model, {}).get(version)
+    def mapping(self, model: str, version: int, layout: MoeLayout, spec: ShardSpec) -> ExpertMapping:
+        """Mapping `version` of `model`: version 0 for the spec's shape, else a kept published one.
+
+        Raises:
+            PreconditionError: the server cannot prove it knows that version (a restart
+                forgot it, or it is older than the kept history): fetch the full share.
+        """
+        if version == 0:
+            return start_placement(layout, spec.ep_size, spec.num_redundant_experts)
+        history = self.histories.get(model)
+        found = history.get(version) if history else None
         if found is None:
-            have = sorted(self.mappings.get(model, {}))
-            raise PreconditionError(f"model {model!r} has no expert mapping version {version} (have {have})")
+            known = history.known() if history else []
+            raise PreconditionError(
+                f"model {model!r} has no expert mapping version {version} on this server (known: "
+                f"{known[-5:] or 'none'}; it restarted or the version expired): fetch the rank's full share"
+            )
         return found
 
-    def _publish(self, model: str, mapping: ExpertMapping) -> None:
-        self.mappings.setdefault(model, {})[mapping.version] = mapping
+    def _publish(self, model: str, mapping: ExpertMapping) -> ExpertMapping:
+        """Give `mapping` the next version number, keep it and wake the watchers."""
+        published = self.histories.setdefault(model, MappingHistory()).publish(mapping)
         condition = self._published.setdefault(model, asyncio.Condition())
 
         async def wake() -> None:
@@ -139,11 +142,7 @@ class ControlPlane:
         task = asyncio.ensure_future(wake())
         self._wakers.add(task)
         task.add_done_callback(self._wakers.discard)
-
-    def _initial(self, model: str, layout: MoeLayout, physical: int, topology: Topology) -> ExpertMapping:
-        mapping = ExpertMapping.initial(len(layout.layers), layout.num_experts, physical, topology)
-        self._publish(model, mapping)
-        return mapping
+        return published
 
     async def rebalance(self, model: str, policy: str, replicas: int, topology: Topology | None) -> tuple[str, bool]:
         """Start a job (or return the running one's id)."""
@@ -159,7 +158,10 @@ class ControlPlane:
             raise InvalidRequestError(f"model {model!r} has no mapping yet: give the topology")
         replicas = replicas or (previous.num_physical if previous else info.layout.num_experts)
         if previous is None or previous.topology.num_gpus != topology.num_gpus or previous.num_physical != replicas:
-            previous = self._initial(model, info.layout, replicas, topology)
+            # another shape: start from that shape's version 0 (computed, never re-published)
+            previous = ExpertMapping.initial(
+                len(info.layout.layers), info.layout.num_experts, replicas, Topology(1, topology.num_gpus)
+            )
         job = RebalanceJob(uuid.uuid4().hex[:16], model)
         self.jobs[job.job_id] = job
         self.running[model] = job.job_id
@@ -197,8 +199,8 @@ class ControlPlane:
             for gpu in range(topology.num_gpus):
                 moved = sum(len(slots) for slots in mapping.delta(previous, gpu))
                 job.deltas.append((gpu, moved, moved * info.bytes_per_expert))
+            mapping = self._publish(job.model, mapping)
             job.mapping, job.state = mapping, "succeeded"
-            self._publish(job.model, mapping)
             logger.info(
                 "rebalanced %s to v%d: balancedness %.3f -> %.3f",
                 job.model,
@@ -210,6 +212,7 @@ class ControlPlane:
             job.state, job.error = "failed", str(e)
             logger.warning("rebalance of %s failed: %s", job.model, e)
         job.seconds = time.perf_counter() - started
+        job.ended.set()
         self._expire_jobs()
 
     def _expire_jobs(self) -> None:
@@ -217,6 +220,19 @@ class ControlPlane:
         finished = [job_id for job_id, job in self.jobs.items() if job.state != "running"]
         for job_id in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
             del self.jobs[job_id]
+
+    async def wait_job(self, job_id: str, seconds: float) -> RebalanceJob:
+        """The job once it ends, or as it stands after `seconds` (at most MAX_JOB_WAIT_SECONDS).
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        job = self.job(job_id)
+        wait = min(seconds, MAX_JOB_WAIT_SECONDS)
+        if job.state == "running" and wait > 0:  # NaN and negatives wait not at all
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(job.ended.wait()), wait)
+        return job
 
     def job(self, job_id: str) -> RebalanceJob:
         """The job with this id.
@@ -233,29 +249,31 @@ class ControlPlane:
             ) from None
 
     async def watch(self, model: str, after_version: int) -> AsyncIterator[ExpertMapping]:
-        """Every mapping version of `model` newer than `after_version`, as published."""
+        """Every published mapping of `model` newer than `after_version` (0: the current one on)."""
         await self.experts_of(model)
         condition = self._published.setdefault(model, asyncio.Condition())
+        history = self.histories.setdefault(model, MappingHistory())
         if after_version:
             sent = after_version
         else:  # start from the current version
-            current = self.current(model)
+            current = history.latest()
             sent = current.version - 1 if current else -1
         for _ in itertools.count():
-            newer = sorted(v for v in self.mappings.get(model, {}) if v > sent)
-            for version in newer:
-                sent = version
-                yield self.mappings[model][version]
+            for mapping in history.newer_than(sent):
+                sent = mapping.version
+                yield mapping
             async with condition:
-                if not any(v > sent for v in self.mappings.get(model, {})):
+                if not history.newer_than(sent):
                     await condition.wait()
 
     def slots(self, spec: ShardSpec, layout: MoeLayout) -> ExpertSlots:
-        """The slots EP rank `spec.ep_rank` holds now, and the delta since `spec.since_mapping`."""
-        current = self.current(spec.model)
-        if current is None:
-            topology = Topology(num_nodes=1, gpus_per_node=spec.ep_size)
-            current = self._initial(spec.model, layout, layout.num_experts + spec.num_redundant_experts, topology)
+        """The slots EP rank `spec.ep_rank` holds now, and the delta since `spec.since_mapping`.
+
+        Raises:
+            InvalidRequestError: the mapping in force is for another number of EP ranks.
+            PreconditionError: `since_mapping` names a version this server cannot vouch for.
+        """
+        current = self.current(spec.model) or start_placement(layout, spec.ep_size, spec.num_redundant_experts)
         if current.topology.num_gpus != spec.ep_size:
             raise InvalidRequestError(
                 f"model {spec.model!r} expert mapping v{current.version} is for ep_size "
@@ -267,7 +285,13 @@ class ControlPlane:
         if spec.since_mapping is None:
             send = tuple(tuple(range(len(slots))) for _ in layout.layers)
         else:
-            old = self.mapping(spec.model, spec.since_mapping)
+            old = self.mapping(spec.model, spec.since_mapping, layout, spec)
+            if (old.num_physical, old.topology.num_gpus) != (current.num_physical, current.topology.num_gpus):
+                raise PreconditionError(
+                    f"model {spec.model!r}: mapping v{spec.since_mapping} has {old.num_physical} slots on "
+                    f"{old.topology.num_gpus} ranks, v{current.version} has {current.num_physical} on "
+                    f"{current.topology.num_gpus}: fetch the rank's full share"
+                )
             fresh = current.delta(old, spec.ep_rank)
             send = tuple(tuple(p - slots.start for p in layer) for layer in fresh)
         return ExpertSlots(current.version, layout.layers, physical, logical, send, spec.since_mapping is not None)

@@ -8,6 +8,7 @@ import grpc
 
 from weightserve.eplb import ExpertMapping, Topology
 from weightserve.server.control_plane import ControlPlane, RebalanceJob
+from weightserve.server.proto_convert import model_name
 from weightserve.server.status_codes import stream_errors, unary_errors
 from weightserve.v1 import weightserve_pb2 as pb
 
@@ -60,24 +61,26 @@ class ControlServicer:
         self, request: pb.ReportExpertLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportExpertLoadResponse:
         load = request.load
-        count = await self.control.report(request.model, list(load.counts), load.moe_layers, load.experts)
+        count = await self.control.report(model_name(request.model), list(load.counts), load.moe_layers, load.experts)
         return pb.ReportExpertLoadResponse(reports_in_window=count)
 
     @unary_errors
     async def Rebalance(self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext) -> pb.RebalanceResponse:
         topology = topology_from(request.topology) if request.HasField("topology") else None
-        job_id, running = await self.control.rebalance(request.model, request.policy, request.num_replicas, topology)
+        job_id, running = await self.control.rebalance(
+            model_name(request.model), request.policy, request.num_replicas, topology
+        )
         return pb.RebalanceResponse(job_id=job_id, already_running=running)
 
     @unary_errors
     async def GetRebalance(
         self, request: pb.GetRebalanceRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetRebalanceResponse:
-        return job_to(self.control.job(request.job_id))
+        return job_to(await self.control.wait_job(request.job_id, request.wait_seconds))
 
     @stream_errors
     async def WatchExpertMapping(
         self, request: pb.WatchExpertMappingRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchExpertMappingResponse]:
-        async for mapping in self.control.watch(request.model, request.after_version):
+        async for mapping in self.control.watch(model_name(request.model), request.after_version):
             yield pb.WatchExpertMappingResponse(mapping=mapping_to(mapping))

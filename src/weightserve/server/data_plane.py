@@ -118,6 +118,7 @@ class DataPlane:
                 raise InvalidRequestError(f"model {spec.model!r} has no experts to spread over ep_size {spec.ep_size}")
             slots = self.control.slots(spec, layout)
             params["mapping_version"] = slots.version
+            params["expert_slots"] = slots.fingerprint()
         mid = wire.manifest_id(entry.revision, params)
 
         def build() -> Manifest:
@@ -126,7 +127,9 @@ class DataPlane:
             for plan in plans:
                 if len(plan.name.encode()) > MAX_NAME_BYTES:
                     raise InvalidRequestError(f"tensor name of {len(plan.name)} characters is too long to serve")
-            return Manifest(mid, entry.revision, entry.format, plans, self.config.chunk_bytes, slots)
+            recorded = loader.sharded_state.digests.get(spec.rank, {}) if loader.sharded_state else {}
+            digests = {i: recorded[p.name] for i, p in enumerate(plans) if p.name in recorded}
+            return Manifest(mid, entry.revision, entry.format, plans, self.config.chunk_bytes, slots, digests)
 
         return entry.manifests.get_or_build(mid, build)
 

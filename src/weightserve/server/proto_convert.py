@@ -6,6 +6,7 @@ from weightserve.cache.manifests import Manifest
 from weightserve.server.data_plane import ModelSummary, ResumeFrom
 from weightserve.server.file_stream import FilePiece
 from weightserve.sharding.spec import ShardSpec
+from weightserve.storage.base import canonical_name
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.wire import WIRE_VERSION
 
@@ -21,10 +22,15 @@ def layout_name(layout: int) -> str:
     return _LAYOUTS.get(int(layout), f"layout-{layout}")
 
 
+def model_name(text: str) -> str:
+    """A request's model name in its one canonical spelling (see storage.base.canonical_name)."""
+    return canonical_name(text)
+
+
 def shard_spec(shard: pb.ShardSpec) -> ShardSpec:
     """A validated ShardSpec; zero sizes mean 1 (ep_size 0 means no expert parallelism)."""
     return ShardSpec(
-        model=shard.model,
+        model=model_name(shard.model),
         revision=shard.revision,
         format=shard.format,
         rank=shard.rank,

@@ -49,13 +49,15 @@ class WeightServicer:
     async def FetchFiles(
         self, request: pb.FetchFilesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.FileChunk]:
-        async for piece in self.plane.files(request.model, request.revision, list(request.patterns)):
+        async for piece in self.plane.files(
+            convert.model_name(request.model), request.revision, list(request.patterns)
+        ):
             yield convert.file_chunk(piece)
 
     @unary_errors
     async def Prefetch(self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext) -> pb.PrefetchResponse:
         spec = ShardSpec(
-            model=request.model,
+            model=convert.model_name(request.model),
             revision=request.revision,
             format=request.format,
             world_size=request.world_size or 1,
@@ -66,4 +68,4 @@ class WeightServicer:
 
     @unary_errors
     async def Evict(self, request: pb.EvictRequest, context: grpc.aio.ServicerContext) -> pb.EvictResponse:
-        return pb.EvictResponse(evicted=self.plane.evict(request.model))
+        return pb.EvictResponse(evicted=self.plane.evict(convert.model_name(request.model)))

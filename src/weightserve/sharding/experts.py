@@ -14,6 +14,7 @@ Fused checkpoints (`experts.w13_weight [E, 2I, H]`) are served per slot as
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,6 +75,12 @@ class ExpertSlots:
     """Local slots whose weights are sent: all of them, or the delta since a version."""
     delta_only: bool = False
     """True for a delta (since a mapping version): only those experts, no other tensors."""
+
+    def fingerprint(self) -> str:
+        """A digest of what the slots hold and send: part of the manifest id, so two placements
+        (even under one version number) never share a manifest or its cached chunks."""
+        blob = repr((self.layers, self.physical, self.logical, self.send, self.delta_only)).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
 
 
 def expert_plans(records: Sequence[TensorRecord], layout: MoeLayout, slots: ExpertSlots) -> list[TensorPlan]:

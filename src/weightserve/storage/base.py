@@ -48,6 +48,23 @@ class RemoteName:
         return f"{self.scheme}://{self.path}"
 
 
+def canonical_name(name: str) -> str:
+    """The one spelling of a model name: `llama//small`, `./llama/small` and `llama/small/`
+    are all `llama/small` (and `hf://org//m/@main` is `hf://org/m@main`).
+
+    Only empty and `.` segments are dropped; anything that could escape a root (`..`, a
+    leading `/`, a backslash) is kept as it is, so the resolver still refuses it.
+    Every request's model name goes through this at the edge, so one model is one cache
+    entry, one set of open files and one expert mapping whoever spells it.
+    """
+    match = _SCHEME.match(name)
+    scheme, rest = (match["scheme"] + "://", match["rest"]) if match else ("", name)
+    path, at, revision = rest.partition("@") if match else (rest, "", "")
+    leading = "/" if path.startswith("/") and not match else ""
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    return f"{scheme}{leading}{'/'.join(parts)}{at}{revision}"
+
+
 def parse_remote(name: str) -> RemoteName | None:
     """Split a remote model name; None for a local name."""
     match = _SCHEME.match(name)

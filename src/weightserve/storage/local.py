@@ -87,9 +87,16 @@ class LocalRoots:
 
 
 def local_revision(model_dir: Path, files: Iterable[Path]) -> str:
-    """A revision for local files: a hash of path, size and mtime of every file served."""
+    """A revision for local files: a hash of path, size, mtime, inode and ctime of every file served.
+
+    The inode and ctime make a rewrite whose mtime was set back a new revision. They also
+    make the revision, and so manifest ids, differ between two copies of a model: replicas
+    agree on a local model's manifest ids only when they read the same files (a shared
+    volume), and a resume against another replica then starts the fetch again.
+    """
     digest = hashlib.sha256()
     for path in sorted(files):
         st = path.stat()
-        digest.update(f"{path.relative_to(model_dir).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        identity = f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}"
+        digest.update(f"{path.relative_to(model_dir).as_posix()}\0{identity}\n".encode())
     return "local-" + digest.hexdigest()[:20]

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from weightserve import wire
 from weightserve.errors import CorruptCheckpointError, InvalidRequestError
 from weightserve.loaders.base import TensorRecord
 from weightserve.loaders.safetensors import read_header
@@ -66,7 +67,7 @@ def check_sharded_state(
         check.problems.append(f"{saved_dir} is not a directory")
         return check
     meta = _read_metadata(saved_dir, check)
-    files = _read_ranks(saved_dir, check)
+    files = _read_ranks(saved_dir, check, meta.digests if meta else {})
     found = max(check.tensors) + 1 if check.tensors else 0
     check.world_size, check.layout = (meta.world_size, meta.layout) if meta else (found, "vllm")
     for rank in range(check.world_size):
@@ -91,6 +92,7 @@ class _Metadata:
     world_size: int
     layout: str
     files: dict[str, list[str]]
+    digests: dict[str, dict[str, object]]
 
 
 def _read_metadata(saved_dir: Path, check: ShardedStateCheck) -> _Metadata | None:
@@ -117,11 +119,16 @@ def _read_metadata(saved_dir: Path, check: ShardedStateCheck) -> _Metadata | Non
     if not isinstance(files, dict) or not all(isinstance(v, list) for v in files.values()):
         check.problems.append(f"{METADATA_NAME}: 'files' must map each rank to its file names")
         files = {}
-    return _Metadata(world_size, layout, {str(k): [str(n) for n in v] for k, v in files.items()})
+    digests = meta.get("crc32c", {})
+    if not isinstance(digests, dict) or not all(isinstance(v, dict) for v in digests.values()):
+        check.problems.append(f"{METADATA_NAME}: 'crc32c' must map each rank to its tensors' checksums")
+        digests = {}
+    return _Metadata(world_size, layout, {str(k): [str(n) for n in v] for k, v in files.items()}, digests)
 
 
-def _read_ranks(saved_dir: Path, check: ShardedStateCheck) -> set[str]:
-    """Parse every rank file's header into `check.tensors`; return the rank files' names."""
+def _read_ranks(saved_dir: Path, check: ShardedStateCheck, digests: dict[str, dict[str, object]]) -> set[str]:
+    """Parse every rank file's header into `check.tensors`, verify each tensor's recorded
+    crc32c where the metadata has one; return the rank files' names."""
     names = set()
     for path in sorted(saved_dir.iterdir()):
         if path.name.startswith(".") and "model-rank-" in path.name:
@@ -130,10 +137,14 @@ def _read_ranks(saved_dir: Path, check: ShardedStateCheck) -> set[str]:
         if not match:
             continue
         names.add(path.name)
+        recorded = digests.get(str(int(match.group(1))), {})
         try:
             source = FileSource(path)
             try:
                 entries, _ = read_header(source)
+                for entry in entries:
+                    if entry.name in recorded and _crc_of(source, entry.begin, entry.end) != recorded[entry.name]:
+                        check.problems.append(f"{path.name}: {entry.name} does not match its recorded crc32c")
             finally:
                 source.close()
         except (OSError, CorruptCheckpointError) as e:
@@ -145,6 +156,20 @@ def _read_ranks(saved_dir: Path, check: ShardedStateCheck) -> set[str]:
                 check.problems.append(f"{path.name}: {entry.name} is also in another part of rank {match.group(1)}")
             tensors[entry.name] = (entry.dtype, entry.shape)
     return names
+
+
+_CRC_BUFFER = 16 * 1024 * 1024
+
+
+def _crc_of(source: FileSource, begin: int, end: int) -> int:
+    """crc32c of bytes [begin, end) of a file, read a bounded buffer at a time."""
+    buffer = memoryview(bytearray(min(_CRC_BUFFER, max(1, end - begin))))
+    crc = 0
+    for at in range(begin, end, len(buffer)):
+        piece = buffer[: min(len(buffer), end - at)]
+        source.read_into(at, piece)
+        crc = wire.crc32c(piece, crc)
+    return crc
 
 
 def _names(names: list[str]) -> str:

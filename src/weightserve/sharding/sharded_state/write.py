@@ -6,7 +6,8 @@ each tensor's plan), so memory stays at one buffer whatever the size of the mode
 
 Every file is written atomically (weightserve.atomic), readable by all (workers may
 run as another user), and
-`weightserve-sharded.json` is written last: a directory without it is incomplete.
+`weightserve-sharded.json` is written last: a directory without it is incomplete. It
+records every tensor's crc32c per rank, so `--check` and the server find a flipped bit.
 While the writer runs, an in-progress marker tells the server not to take such a
 directory for one saved by vLLM (which writes no metadata file).
 """
@@ -20,6 +21,7 @@ import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from weightserve import wire
 from weightserve._version import __version__
 from weightserve.atomic import atomic_write, fsync_dir
 from weightserve.errors import InvalidRequestError
@@ -67,18 +69,25 @@ def write_part(
     sources: list[Source],
     buffer: bytearray,
     on_bytes: OnBytes | None,
+    digests: dict[str, int],
 ) -> None:
-    """Write one safetensors file, each tensor read from its sources `len(buffer)` bytes at a time."""
+    """Write one safetensors file, each tensor read from its sources `len(buffer)` bytes at a time.
+
+    Each tensor's crc32c, computed from the bytes as written, goes into `digests`.
+    """
     view = memoryview(buffer)
     with path.open("wb") as f:
         f.write(safetensors_header(plans))
         for plan in plans:
+            crc = 0
             for start in range(0, plan.nbytes, len(view)):
                 chunk = view[: min(len(view), plan.nbytes - start)]
                 read_range(plan, sources, start, chunk)
+                crc = wire.crc32c(chunk, crc)
                 f.write(chunk)
                 if on_bytes is not None:
                     on_bytes(len(chunk))
+            digests[plan.name] = crc
 
 
 def write_sharded_state(
@@ -110,10 +119,14 @@ def write_sharded_state(
     written = []
     largest = max((t.nbytes for rank in plan.parts for part in rank for t in part), default=0)
     buffer = bytearray(max(1, min(BUFFER_BYTES, largest)))
+    digests: dict[str, dict[str, int]] = {}
     for rank, parts in enumerate(plan.parts):
+        rank_digests = digests.setdefault(str(rank), {})
         for part, plans in enumerate(parts):
             path = out_dir / part_name(rank, part)
-            write = functools.partial(write_part, plans=plans, sources=loader.sources, buffer=buffer, on_bytes=on_bytes)
+            write = functools.partial(
+                write_part, plans=plans, sources=loader.sources, buffer=buffer, on_bytes=on_bytes, digests=rank_digests
+            )
             atomic_write(path, write, mode=0o644)
             written.append(path)
     for rel, source in sorted((extra_files or {}).items()):
@@ -131,6 +144,7 @@ def write_sharded_state(
         "max_part_size": plan.max_part_size,
         "files": {str(rank): [part_name(rank, p) for p in range(len(parts))] for rank, parts in enumerate(plan.parts)},
         "total_bytes": plan.total_bytes,
+        "crc32c": digests,
         "writer": f"weightserve {__version__}",
     }
     fsync_dir(out_dir)  # every part is on disk before the metadata says the directory is complete

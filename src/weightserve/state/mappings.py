@@ -1,0 +1,76 @@
+"""Expert-mapping versions: a version number names one placement forever.
+
+Version 0 is not stored: it is the placement an engine starts with, a pure function of
+the model's MoE layout, `ep_size` and `num_redundant_experts` (`start_placement`), so
+every server and every restart agree on it. Every published placement gets a new
+number, `max(last + 1, Unix time in ms)`: numbers only grow, so a watcher's
+`after_version` keeps its meaning, and a restarted server (which forgot its history)
+never hands out a number a worker may still hold for another placement. A version the
+server no longer knows is refused, never guessed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable
+
+from weightserve.eplb import ExpertMapping, Topology
+from weightserve.sharding.experts import MoeLayout
+
+MAX_VERSIONS = 64
+"""Published versions kept per model; a delta since an older one is refused (FAILED_PRECONDITION)."""
+
+
+def next_version(last: int, now_ms: int) -> int:
+    """The number of the next published version: larger than every earlier one, and than a
+    restarted server's numbers as long as the clock does not run backwards by more than
+    the time between two publishes."""
+    return max(last + 1, now_ms)
+
+
+def start_placement(layout: MoeLayout, ep_size: int, num_redundant: int) -> ExpertMapping:
+    """Version 0: contiguous blocks of slots, redundant slot p >= E holding expert (p - E) % E.
+
+    Raises:
+        InvalidRequestError: the slots do not divide over `ep_size` ranks.
+    """
+    topology = Topology(num_nodes=1, gpus_per_node=ep_size)
+    return ExpertMapping.initial(len(layout.layers), layout.num_experts, layout.num_experts + num_redundant, topology)
+
+
+class MappingHistory:
+    """The published mapping versions of one model, newest last, at most `limit` of them."""
+
+    def __init__(self, limit: int = MAX_VERSIONS, clock: Callable[[], float] = time.time) -> None:
+        self.limit = limit
+        self._clock = clock
+        self._versions: collections.OrderedDict[int, ExpertMapping] = collections.OrderedDict()
+        self._last = 0
+
+    def latest(self) -> ExpertMapping | None:
+        """The mapping in force, or None when nothing was published (version 0 applies)."""
+        return next(reversed(self._versions.values()), None)
+
+    def get(self, version: int) -> ExpertMapping | None:
+        """The published mapping with this number, if it is still kept."""
+        return self._versions.get(version)
+
+    def publish(self, mapping: ExpertMapping) -> ExpertMapping:
+        """Keep `mapping` under a new version number and return it so numbered."""
+        version = next_version(self._last, int(self._clock() * 1000))
+        numbered = dataclasses.replace(mapping, version=version)
+        self._versions[version] = numbered
+        self._last = version
+        while len(self._versions) > self.limit:
+            self._versions.popitem(last=False)
+        return numbered
+
+    def newer_than(self, version: int) -> list[ExpertMapping]:
+        """Kept versions newer than `version`, oldest first."""
+        return [m for v, m in self._versions.items() if v > version]
+
+    def known(self) -> list[int]:
+        """The kept version numbers, oldest first."""
+        return list(self._versions)
