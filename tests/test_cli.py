@@ -221,3 +221,13 @@ def test_rebalance_without_load_is_a_failed_precondition(root: Path, serve, caps
     assert main(["rebalance", MOE_MODEL, "--server", address, "--nodes", "1", "--gpus-per-node", "4"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("weightserve rebalance: ") and "FAILED_PRECONDITION" in err
+
+
+def test_an_unknown_variable_stops_serve_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("WEIGHTSERVE_CHUNK_BYTE", "65536")
+    assert main(["serve", "--model-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "unknown setting WEIGHTSERVE_CHUNK_BYTE; did you mean WEIGHTSERVE_CHUNK_BYTES?" in err

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from weightserve.config import LOADERS, parse_dummy, parse_size
+from weightserve.config import LOADERS, ServerConfig, parse_dummy, parse_size
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,10 +38,24 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from weightserve.config import ServerConfig
     from weightserve.server.lifecycle import main as serve_main
 
-    config = ServerConfig.from_env(
+    try:
+        config = _config(args)
+    except ValueError as e:  # a bad or unknown setting: one line, not a traceback
+        sys.stderr.write(f"weightserve serve: {e}\n")
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not config.model_roots and not config.dummy:
+        sys.stderr.write("weightserve serve: give at least one --model-root or --dummy (or WEIGHTSERVE_MODEL_ROOTS)\n")
+        return 2
+    serve_main(config)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    """The configuration: WEIGHTSERVE_* variables, overridden by the flags given."""
+    return ServerConfig.from_env(
         model_roots=tuple(args.model_root) if args.model_root else None,
         listen=args.listen,
         read_threads=args.read_threads,
@@ -58,9 +72,3 @@ def run_serve(args: argparse.Namespace) -> int:
         loader=args.loader,
         dummy=tuple(args.dummy) if args.dummy else None,
     )
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not config.model_roots and not config.dummy:
-        sys.stderr.write("weightserve serve: give at least one --model-root or --dummy (or WEIGHTSERVE_MODEL_ROOTS)\n")
-        return 2
-    serve_main(config)
-    return 0
