@@ -26,11 +26,11 @@ def demo_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "weightserve" / "demo"
 
 
-def ensure_demo_checkpoint(root: Path) -> Path:
+def ensure_demo_checkpoint(root: Path, shape: LlamaShape | None = None) -> Path:
     """Generate the checkpoint on first run; later runs reuse it (the marker is written last)."""
     model_dir = root / DEMO_MODEL
     if not (model_dir / _READY).is_file():
-        write_llama_checkpoint(model_dir, LlamaShape(), num_files=2)
+        write_llama_checkpoint(model_dir, shape or LlamaShape(), num_files=2)
         (model_dir / _READY).write_text("complete\n")
     return model_dir
 
@@ -63,10 +63,13 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-def run_demo(root: Path | None = None) -> DemoResult:
-    """Serve the demo checkpoint on a free loopback port, fetch it, verify it."""
+def run_demo(root: Path | None = None, shape: LlamaShape | None = None) -> DemoResult:
+    """Serve the demo checkpoint on a free loopback port, fetch it, verify it.
+
+    `shape` (default: a ~300 MB Llama) lets a test run the same path on a tiny model.
+    """
     root = root or demo_root()
-    model_dir = ensure_demo_checkpoint(root)
+    model_dir = ensure_demo_checkpoint(root, shape)
     config = ServerConfig(model_roots=(root,), listen="127.0.0.1:0")
     with BackgroundServer(config) as server, WeightClient(server.address) as client:
         started = time.perf_counter()
