@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from weightserve.atomic import atomic_write_text
 from weightserve.client import WeightClient
 from weightserve.config import ServerConfig
 from weightserve.testing import BackgroundServer, LlamaShape, write_llama_checkpoint
@@ -31,7 +32,7 @@ def ensure_demo_checkpoint(root: Path, shape: LlamaShape | None = None) -> Path:
     model_dir = root / DEMO_MODEL
     if not (model_dir / _READY).is_file():
         write_llama_checkpoint(model_dir, shape or LlamaShape(), num_files=2)
-        (model_dir / _READY).write_text("complete\n")
+        atomic_write_text(model_dir / _READY, "complete\n")
     return model_dir
 
 

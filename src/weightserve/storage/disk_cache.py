@@ -32,7 +32,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from weightserve.atomic import atomic_write_bytes, fsync_dir
+from weightserve.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
 from weightserve.errors import ResourceExhaustedError
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class DiskCache:
                 self._make_room(expected_bytes, keep=name)
                 shutil.rmtree(partial, ignore_errors=True)  # a crashed download's leftovers
                 (partial / "files").mkdir(parents=True)
-                (partial / _RESERVED).write_text(str(expected_bytes))
+                atomic_write_text(partial / _RESERVED, str(expected_bytes))
             try:
                 fill(partial / "files")
                 self._publish(key, partial, self.root / name)

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
-from weightserve.atomic import fsync_dir
+from weightserve.atomic import commit_temp, fsync_dir, temp_path_beside
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +100,12 @@ def download_files(
     Raises:
         Whatever `read` raised on a range's last attempt (the first such failure).
     """
-    temps = {f.name: dest / f".{f.name}.tmp-{os.getpid()}" for f in files}
+    temps: dict[str, Path] = {}
     fds = {}
     try:
         for f in files:
-            fds[f.name] = os.open(temps[f.name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            temps[f.name] = temp_path_beside(dest / f.name)
+            fds[f.name] = os.open(temps[f.name], os.O_WRONLY)
             os.ftruncate(fds[f.name], f.size)
         jobs = [job for f in files for job in split_ranges(f, part_bytes)]
         total = sum(f.size for f in files)
@@ -124,9 +125,8 @@ def download_files(
                         fut.cancel()
                     raise failed.exception()  # type: ignore[misc]
         for f in files:
-            os.fsync(fds[f.name])
             os.close(fds.pop(f.name))
-            os.replace(temps[f.name], dest / f.name)
+            commit_temp(temps[f.name], dest / f.name, mode=0o644, sync_dir=False)
         fsync_dir(dest)
     finally:
         for fd in fds.values():
