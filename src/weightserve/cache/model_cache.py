@@ -182,6 +182,11 @@ class ModelCache:
             entry.keep(key, chunk)
         return chunk
 
+    @property
+    def keeps_chunks(self) -> bool:
+        """Whether chunks are kept in memory (a --cache-memory budget), or pass through the page cache."""
+        return self.budget.enabled
+
     def loading(self) -> list[EntryKey]:
         """Entries being opened right now."""
         return list(self._loads)

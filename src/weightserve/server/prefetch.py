@@ -78,7 +78,7 @@ class Warmer:
 
     async def _warm(self, entry: ModelEntry, manifests: list[Manifest], total: int) -> None:
         try:
-            if self.cache.budget.enabled:
+            if self.cache.keeps_chunks:
                 await self._warm_chunks(entry, manifests, total)
             else:
                 self._advise(entry, manifests)
