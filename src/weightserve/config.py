@@ -65,6 +65,19 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean (use true or false)")
 
 
+PROCESS_RESERVE = 8 * MiB
+"""Growth of a serving process that no cache entry accounts for (gRPC buffers, plans)."""
+
+MAX_EPLB_WINDOW = 2**14
+"""Load reports a window may sum; with counts <= 2^48 (state/load.py) an int64 sum cannot overflow."""
+
+
+def reserved_bytes(read_threads: int, chunk_bytes: int) -> int:
+    """What a memory budget sets aside before caching anything: the read pool's buffers and
+    PROCESS_RESERVE, so the process's growth, not just the cache's, stays in budget."""
+    return PROCESS_RESERVE + read_threads * chunk_bytes
+
+
 LOADERS = ("safetensors", "fastsafetensors")
 """Readers of safetensors files a server may use (`--loader`)."""
 
@@ -112,20 +125,37 @@ class ServerConfig:
     dummy: tuple[tuple[str, Path], ...] = ()
     in_place_messages: bool = True
     """Read chunk payloads straight into the outgoing message (server/message_buffer.py)."""
+    max_streams: int = 256
+    max_streams_per_peer: int = 64
+    stream_idle_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if self.loader not in LOADERS:
             raise ValueError(f"loader {self.loader!r} must be one of {LOADERS}")
         if not 4096 <= self.chunk_bytes <= 4 * MiB - 16 * 1024:
             raise ValueError(f"chunk_bytes {self.chunk_bytes} must be within [4096, 4 MiB - 16 KiB]")
+        if self.max_streams < 1 or self.max_streams_per_peer < 1:
+            raise ValueError(
+                f"max_streams {self.max_streams} and max_streams_per_peer {self.max_streams_per_peer} must be >= 1"
+            )
+        if not self.stream_idle_seconds > 0:
+            raise ValueError(f"stream_idle_seconds {self.stream_idle_seconds} must be > 0")
         if self.read_threads < 1:
             raise ValueError(f"read_threads {self.read_threads} must be >= 1")
-        if self.eplb_window < 1:
-            raise ValueError(f"eplb_window {self.eplb_window} must be >= 1")
+        if not 1 <= self.eplb_window <= MAX_EPLB_WINDOW:
+            raise ValueError(f"eplb_window {self.eplb_window} must be within [1, {MAX_EPLB_WINDOW}]")
         if self.prefetch_depth < 1:
             raise ValueError(f"prefetch_depth {self.prefetch_depth} must be >= 1")
         if self.cache_memory < 0 or self.disk_cache_bytes < 0:
             raise ValueError("cache_memory and disk_cache_bytes must be >= 0")
+        least = reserved_bytes(self.read_threads, self.chunk_bytes) + self.prefetch_depth * self.chunk_bytes
+        if 0 < self.cache_memory < least:
+            raise ValueError(
+                f"cache_memory {self.cache_memory} is below the {least} bytes the read pool ({self.read_threads} "
+                f"threads x chunk_bytes {self.chunk_bytes}, plus {PROCESS_RESERVE} for the process) and one "
+                f"stream's window (prefetch_depth {self.prefetch_depth} x chunk_bytes) need: every fetch would "
+                "fail; give at least that, or 0 to stream through the page cache"
+            )
         # `not x >= 0` rather than `x < 0`: NaN fails every comparison and must be refused
         if not self.grace_seconds >= 0 or not self.keepalive_seconds > 0 or not self.keepalive_timeout_seconds > 0:
             raise ValueError("grace_seconds must be >= 0 and keepalive times > 0 (and not NaN)")

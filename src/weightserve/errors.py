@@ -54,7 +54,19 @@ class PermissionDeniedError(WeightserveError, PermissionError):
 
 
 class ResourceExhaustedError(WeightserveError, MemoryError):
-    """Serving the request would exceed a configured budget."""
+    """Serving the request would exceed a configured budget or a concurrency limit.
+
+    `retry_after` (seconds) is how long a client should wait before trying again; the
+    server sends it as `retry-after-ms` trailing metadata. None: retrying will not help.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StreamStalledError(WeightserveError, TimeoutError):
+    """A stream made no progress (its client read nothing) for the configured idle time."""
 
 
 class UnavailableError(WeightserveError, ConnectionError):

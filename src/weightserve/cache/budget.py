@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from weightserve.config import PROCESS_RESERVE, reserved_bytes
 from weightserve.errors import ResourceExhaustedError
 
 logger = logging.getLogger(__name__)
@@ -34,14 +35,11 @@ class Evictable(Protocol):
         """Drop every cached chunk; return the bytes freed."""
 
 
-PROCESS_RESERVE = 8 * 1024 * 1024
-"""Growth of a serving process that no cache entry accounts for (gRPC buffers, plans)."""
+WINDOW_RETRY_SECONDS = 1.0
+"""The retry-after hint of a refused window: streams end, or go idle and are cut, within seconds."""
 
-
-def reserved_bytes(read_threads: int, chunk_bytes: int) -> int:
-    """What the budget sets aside before caching anything: the read pool's buffers and
-    PROCESS_RESERVE, so the process's growth, not just the cache's, stays in budget."""
-    return PROCESS_RESERVE + read_threads * chunk_bytes
+# The reserve is computed in config, which refuses a budget too small to serve anything.
+__all__ = ["PROCESS_RESERVE", "MemoryBudget", "reserved_bytes"]
 
 
 class MemoryBudget:
@@ -90,7 +88,8 @@ class MemoryBudget:
                 f"cache memory budget {self.limit} bytes: {self.resident()} held by models being streamed, "
                 f"{self.windows} by stream windows and {self.reserved} reserved for read buffers leave less "
                 f"than the {nbytes}-byte window a stream needs; "
-                "retry when streams finish, or raise --cache-memory"
+                "retry when streams finish, or raise --cache-memory",
+                retry_after=WINDOW_RETRY_SECONDS,
             )
         self.windows += nbytes
 

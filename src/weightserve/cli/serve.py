@@ -34,6 +34,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--dummy", action="append", type=parse_dummy, metavar="NAME=CONFIG.json",
         help="serve generated random weights for CONFIG.json as model NAME (repeatable)",
     )  # fmt: skip
+    serve.add_argument("--max-streams", type=int, help="data streams served at once (default 256)")
+    serve.add_argument("--max-streams-per-peer", type=int, help="data streams from one IP or process (default 64)")
+    serve.add_argument(
+        "--stream-idle-seconds", type=float, help="cut a stream whose client reads nothing this long (default 60)"
+    )
     serve.set_defaults(run=run_serve)
 
 
@@ -71,4 +76,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         disk_cache_bytes=args.disk_cache_bytes,
         loader=args.loader,
         dummy=tuple(args.dummy) if args.dummy else None,
+        max_streams=args.max_streams,
+        max_streams_per_peer=args.max_streams_per_peer,
+        stream_idle_seconds=args.stream_idle_seconds,
     )

@@ -26,8 +26,8 @@ from weightserve.eplb import ExpertMapping, Topology, balancedness, rebalance_ex
 from weightserve.errors import InvalidRequestError, JobNotFoundError, PreconditionError
 from weightserve.sharding.experts import ExpertSlots, MoeLayout, is_expert
 from weightserve.sharding.spec import ShardSpec
-from weightserve.state.load import LoadWindow
-from weightserve.state.mappings import MappingHistory, start_placement
+from weightserve.state.load import LoadWindow, ReportSequences, check_counts
+from weightserve.state.mappings import MappingHistory, check_placement_size, start_placement
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class ControlPlane:
         self.window = window
         self.windows: dict[str, LoadWindow] = {}
         self.histories: dict[str, MappingHistory] = {}
+        self.sequences: dict[str, ReportSequences] = {}
         self.jobs: collections.OrderedDict[str, RebalanceJob] = collections.OrderedDict()
         self.running: dict[str, str] = {}
         self._published: dict[str, asyncio.Condition] = {}
@@ -92,8 +93,21 @@ class ControlPlane:
             known = self._experts[key] = ModelExperts(layout, expert_bytes // (len(layout.layers) * layout.num_experts))
             return known
 
-    async def report(self, model: str, counts: list[int], layers: int, experts: int) -> int:
-        """Add one report; INVALID_ARGUMENT (changing nothing) if it does not fit the model."""
+    async def report(
+        self,
+        model: str,
+        counts: list[int],
+        layers: int,
+        experts: int,
+        ep_rank: int | None = None,
+        sequence: int | None = None,
+    ) -> tuple[int, bool]:
+        """Add one report; returns (reports in the window, whether it was a retry already counted).
+
+        Raises:
+            InvalidRequestError: the report does not fit the model, or a count is out of bounds
+                (nothing changes).
+        """
         info = await self.experts_of(model)
         want = (len(info.layout.layers), info.layout.num_experts)
         if (layers, experts) != want or len(counts) != layers * experts:
@@ -101,10 +115,11 @@ class ControlPlane:
                 f"load for {model!r} must be [{want[0]} MoE layers, {want[1]} experts] "
                 f"({want[0] * want[1]} counts); got [{layers}, {experts}] with {len(counts)} counts"
             )
-        table = torch.tensor(counts, dtype=torch.int64).view(layers, experts)
-        if bool((table < 0).any()):
-            raise InvalidRequestError("expert load counts must be non-negative")
-        return self.windows.setdefault(model, LoadWindow(self.window)).add(table)
+        check_counts(counts)
+        window = self.windows.setdefault(model, LoadWindow(self.window))
+        if self.sequences.setdefault(model, ReportSequences()).is_retry(ep_rank, sequence):
+            return len(window.reports), True
+        return window.add(torch.tensor(counts, dtype=torch.int64).view(layers, experts)), False
 
     def current(self, model: str) -> ExpertMapping | None:
         """The latest published mapping of `model`; None while version 0 (not stored) applies."""
@@ -157,6 +172,11 @@ class ControlPlane:
         if topology is None:
             raise InvalidRequestError(f"model {model!r} has no mapping yet: give the topology")
         replicas = replicas or (previous.num_physical if previous else info.layout.num_experts)
+        check_placement_size(info.layout.num_experts, replicas, topology.num_gpus)
+        if topology.num_groups > info.layout.num_experts:
+            raise InvalidRequestError(
+                f"{topology.num_groups} expert groups for {info.layout.num_experts} experts: groups divide the experts"
+            )
         if previous is None or previous.topology.num_gpus != topology.num_gpus or previous.num_physical != replicas:
             # another shape: start from that shape's version 0 (computed, never re-published)
             previous = ExpertMapping.initial(

@@ -9,7 +9,8 @@ import grpc
 from weightserve.eplb import ExpertMapping, Topology
 from weightserve.server.control_plane import ControlPlane, RebalanceJob
 from weightserve.server.proto_convert import model_name
-from weightserve.server.status_codes import stream_errors, unary_errors
+from weightserve.server.request_limits import MAX_JOB_ID_BYTES, MAX_POLICY_BYTES, check_text
+from weightserve.server.status_codes import call_errors, stream_errors
 from weightserve.v1 import weightserve_pb2 as pb
 
 _JOB_STATES = {
@@ -56,27 +57,36 @@ class ControlServicer:
     def __init__(self, control: ControlPlane) -> None:
         self.control = control
 
-    @unary_errors
+    @call_errors
     async def ReportExpertLoad(
         self, request: pb.ReportExpertLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportExpertLoadResponse:
         load = request.load
-        count = await self.control.report(model_name(request.model), list(load.counts), load.moe_layers, load.experts)
-        return pb.ReportExpertLoadResponse(reports_in_window=count)
+        ep_rank = request.ep_rank if request.HasField("ep_rank") else None
+        sequence = request.sequence if request.HasField("sequence") else None
+        model = model_name(request.model)
+        count, duplicate = await self.control.report(
+            model, list(load.counts), load.moe_layers, load.experts, ep_rank, sequence
+        )
+        return pb.ReportExpertLoadResponse(reports_in_window=count, duplicate=duplicate)
 
-    @unary_errors
+    @call_errors
     async def Rebalance(self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext) -> pb.RebalanceResponse:
         topology = topology_from(request.topology) if request.HasField("topology") else None
         job_id, running = await self.control.rebalance(
-            model_name(request.model), request.policy, request.num_replicas, topology
+            model_name(request.model),
+            check_text("policy", request.policy, MAX_POLICY_BYTES),
+            request.num_replicas,
+            topology,
         )
         return pb.RebalanceResponse(job_id=job_id, already_running=running)
 
-    @unary_errors
+    @call_errors
     async def GetRebalance(
         self, request: pb.GetRebalanceRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetRebalanceResponse:
-        return job_to(await self.control.wait_job(request.job_id, request.wait_seconds))
+        job_id = check_text("job id", request.job_id, MAX_JOB_ID_BYTES)
+        return job_to(await self.control.wait_job(job_id, request.wait_seconds))
 
     @stream_errors
     async def WatchExpertMapping(

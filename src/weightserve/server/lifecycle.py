@@ -25,6 +25,8 @@ from weightserve.loaders.dummy import dummy_locations
 from weightserve.server.control_plane import ControlPlane
 from weightserve.server.control_servicer import ControlServicer
 from weightserve.server.data_plane import DataPlane
+from weightserve.server.memory import MemoryTrimmer
+from weightserve.server.stream_gate import StreamGate
 from weightserve.server.weight_servicer import PREENCODED_RESPONSES, WeightServicer
 from weightserve.storage import allowed_schemes, storage_for
 from weightserve.storage.local import LocalRoots
@@ -76,6 +78,7 @@ class Server:
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped in grpc-stubs)
     cache: ModelCache
     executor: ThreadPoolExecutor
+    gate: StreamGate
 
     async def start(self) -> None:
         await self.grpc_server.start()
@@ -103,10 +106,12 @@ def build_server(config: ServerConfig) -> Server:
     executor = ThreadPoolExecutor(max_workers=config.read_threads, thread_name_prefix="weightserve-read")
     control = ControlPlane(cache, executor, config.eplb_window)
     plane = DataPlane(config, cache, executor, control)
+    trimmer = MemoryTrimmer(executor)
+    gate = StreamGate(config.max_streams, config.max_streams_per_peer, config.stream_idle_seconds, trimmer.after_stream)
     server = grpc.aio.server(options=server_options(config))
     server.add_generic_rpc_handlers(
         [
-            _handlers(WeightServicer(plane), SERVICE_NAME, PREENCODED_RESPONSES),
+            _handlers(WeightServicer(plane, gate), SERVICE_NAME, PREENCODED_RESPONSES),
             _handlers(ControlServicer(control), CONTROL_SERVICE_NAME, frozenset()),
         ]
     )
@@ -118,7 +123,7 @@ def build_server(config: ServerConfig) -> Server:
     port = server.add_insecure_port(config.listen)
     if port == 0 and not config.listen.startswith("unix:"):
         raise OSError(f"could not bind {config.listen}")
-    return Server(server, port, health_servicer, cache, executor)
+    return Server(server, port, health_servicer, cache, executor, gate)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -24,6 +24,7 @@ from weightserve.cache.model_cache import ModelCache
 from weightserve.config import ServerConfig
 from weightserve.loaders.sources import FileSource
 from weightserve.server.chunk_stream import chunk_jobs, read_chunk
+from weightserve.server.request_limits import check_prefetch_ranks
 from weightserve.sharding.spec import ShardSpec
 
 logger = logging.getLogger(__name__)
@@ -58,12 +59,13 @@ class Warmer:
         Raises:
             InvalidRequestError: a rank outside the world size, or an impossible split.
         """
+        chosen = check_prefetch_ranks(ranks, spec.world_size)
         entry = await self.cache.acquire(spec.model, spec.format, spec.revision)
         try:
-            manifests = [
-                self.plan(entry, ShardSpec(**{**spec.plan_params(), "rank": rank}))
-                for rank in (ranks or range(spec.world_size))
-            ]
+            manifests = []
+            for rank in chosen:
+                manifests.append(self.plan(entry, ShardSpec(**{**spec.plan_params(), "rank": rank})))
+                await asyncio.sleep(0)  # one plan at a time: other requests run between them
         except BaseException:
             self.cache.release(entry)
             raise

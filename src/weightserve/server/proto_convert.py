@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from weightserve.cache.manifests import Manifest
+from weightserve.errors import InvalidRequestError
+from weightserve.server import request_limits as limits
 from weightserve.server.data_plane import ModelSummary, ResumeFrom
 from weightserve.server.file_stream import FilePiece
+from weightserve.server.stream_gate import peer_key
 from weightserve.sharding.spec import ShardSpec
 from weightserve.storage.base import canonical_name
 from weightserve.v1 import weightserve_pb2 as pb
@@ -23,16 +28,16 @@ def layout_name(layout: int) -> str:
 
 
 def model_name(text: str) -> str:
-    """A request's model name in its one canonical spelling (see storage.base.canonical_name)."""
-    return canonical_name(text)
+    """A request's model name, within its limits, in its one canonical spelling (storage.base.canonical_name)."""
+    return canonical_name(limits.check_model_name(text))
 
 
 def shard_spec(shard: pb.ShardSpec) -> ShardSpec:
     """A validated ShardSpec; zero sizes mean 1 (ep_size 0 means no expert parallelism)."""
     return ShardSpec(
         model=model_name(shard.model),
-        revision=shard.revision,
-        format=shard.format,
+        revision=limits.check_text("revision", shard.revision, limits.MAX_REVISION_BYTES),
+        format=limits.check_text("format", shard.format, limits.MAX_FORMAT_BYTES),
         rank=shard.rank,
         world_size=shard.world_size or 1,
         pp_rank=shard.pp_rank,
@@ -49,7 +54,32 @@ def resume_from(request: pb.FetchShardRequest) -> ResumeFrom | None:
     """The request's resume point, if it has one."""
     if not request.HasField("resume_from"):
         return None
-    return ResumeFrom(request.resume_from.tensor, request.resume_from.offset)
+    tensor = limits.check_text("resume tensor name", request.resume_from.tensor, limits.MAX_TENSOR_NAME_BYTES)
+    return ResumeFrom(tensor, request.resume_from.offset)
+
+
+_TRANSPORTS = frozenset({pb.TRANSPORT_UNSPECIFIED, pb.TRANSPORT_GRPC_CHUNKS})
+
+
+def fetch_names(request: pb.FetchShardRequest) -> list[str]:
+    """The tensors a FetchShard asks for (all when empty), after the request's static checks.
+
+    Raises:
+        InvalidRequestError: too many or too long names, or a transport this server does not speak.
+    """
+    if request.transport not in _TRANSPORTS:
+        raise InvalidRequestError(
+            f"transport {request.transport} is not one this server speaks "
+            f"({', '.join(pb.Transport.Name(t) for t in sorted(_TRANSPORTS))})"
+        )
+    limits.check_text("manifest id", request.manifest_id, limits.MAX_REVISION_BYTES)
+    return limits.check_names(request.names)
+
+
+def file_patterns(request: pb.FetchFilesRequest) -> list[str]:
+    """FetchFiles' patterns after their static checks (and its revision's)."""
+    limits.check_text("revision", request.revision, limits.MAX_REVISION_BYTES)
+    return limits.check_patterns(request.patterns)
 
 
 def manifest_response(manifest: Manifest) -> pb.GetManifestResponse:
@@ -122,3 +152,8 @@ def file_chunk(piece: FilePiece) -> pb.FileChunk:
         file_crc32c=piece.file_crc,
         data=piece.data,
     )
+
+
+def peer_of(context: Any) -> str:
+    """The per-peer limit's key for a call (see stream_gate.peer_key)."""
+    return peer_key(context.peer(), context.invocation_metadata())

@@ -25,31 +25,53 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.StreamStalledError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+RETRY_AFTER_KEY = "retry-after-ms"
+"""Trailing metadata that tells a client when a RESOURCE_EXHAUSTED is worth retrying (docs/wire.md)."""
+
+
+MAX_MESSAGE = 1024
+"""Longest status message sent: it travels in trailing metadata, which gRPC caps at 8 KiB."""
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` cut to `limit` characters, saying how much was cut."""
+    return text if len(text) <= limit else f"{text[: limit - 40]}... ({len(text) - limit + 40} more characters)"
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status and message a client sees for `exc`.
 
-    Known errors keep their message; anything else is INTERNAL with a generic message
-    (the traceback goes to the log, not to the client).
+    Known errors keep their message (at most MAX_MESSAGE characters); anything else is
+    INTERNAL with a generic message (the traceback goes to the log, not to the client).
     """
     for cls in type(exc).__mro__:
         code = STATUS_BY_ERROR.get(cls)
         if code is not None:
-            return code, str(exc)
+            return code, shorten(str(exc))
     logger.error("internal error", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal server error; the server log has the details"
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the call with `exc`'s status, and a retry-after hint when the error carries one."""
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(1, round(retry_after * 1000)))),))
+    await context.abort(*status_for(exc))
 
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 
-def unary_errors(
+def call_errors(
     method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]],
 ) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
-    """Decorate a unary servicer method so raised errors become statuses."""
+    """Decorate a servicer coroutine (a unary call, or a stream written with context.write) so
+    raised errors become statuses."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
@@ -58,7 +80,7 @@ def unary_errors(
         except grpc.aio.AbortError:
             raise
         except Exception as e:
-            await context.abort(*status_for(e))
+            await abort_with(context, e)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     return wrapper
@@ -77,6 +99,6 @@ def stream_errors(
         except grpc.aio.AbortError:
             raise
         except Exception as e:
-            await context.abort(*status_for(e))
+            await abort_with(context, e)
 
     return wrapper

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
 
 from weightserve.server import proto_convert as convert
+from weightserve.server import request_limits as limits
 from weightserve.server.data_plane import DataPlane
-from weightserve.server.status_codes import stream_errors, unary_errors
+from weightserve.server.status_codes import call_errors
+from weightserve.server.stream_gate import StreamGate
 from weightserve.sharding.spec import ShardSpec
 from weightserve.v1 import weightserve_pb2 as pb
 
@@ -19,53 +19,51 @@ PREENCODED_RESPONSES = frozenset({"FetchShard"})
 class WeightServicer:
     """Implements weightserve.v1.WeightService over a DataPlane."""
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, gate: StreamGate) -> None:
         self.plane = plane
+        self.gate = gate
 
-    @unary_errors
+    @call_errors
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         models = await self.plane.list_models()
         return pb.ListModelsResponse(models=[convert.model_info(m) for m in models])
 
-    @unary_errors
+    @call_errors
     async def GetManifest(
         self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetManifestResponse:
         manifest = await self.plane.manifest(convert.shard_spec(request.shard))
         return convert.manifest_response(manifest)
 
-    @stream_errors
-    async def FetchShard(
-        self, request: pb.FetchShardRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
-        spec = convert.shard_spec(request.shard)
+    @call_errors
+    async def FetchShard(self, request: pb.FetchShardRequest, context: grpc.aio.ServicerContext) -> None:
+        spec, names = convert.shard_spec(request.shard), convert.fetch_names(request)
         resume = convert.resume_from(request)
-        async for message in self.plane.fetch(spec, list(request.names), request.manifest_id, resume):
-            yield message
+        with self.gate.admit(convert.peer_of(context)):
+            async for message in self.plane.fetch(spec, names, request.manifest_id, resume):
+                await self.gate.write(context, message)
 
-    @stream_errors
-    async def FetchFiles(
-        self, request: pb.FetchFilesRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.FileChunk]:
-        async for piece in self.plane.files(
-            convert.model_name(request.model), request.revision, list(request.patterns)
-        ):
-            yield convert.file_chunk(piece)
+    @call_errors
+    async def FetchFiles(self, request: pb.FetchFilesRequest, context: grpc.aio.ServicerContext) -> None:
+        patterns = convert.file_patterns(request)
+        with self.gate.admit(convert.peer_of(context)):
+            async for piece in self.plane.files(convert.model_name(request.model), request.revision, patterns):
+                await self.gate.write(context, convert.file_chunk(piece))
 
-    @unary_errors
+    @call_errors
     async def Prefetch(self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext) -> pb.PrefetchResponse:
         spec = ShardSpec(
             model=convert.model_name(request.model),
-            revision=request.revision,
-            format=request.format,
+            revision=limits.check_text("revision", request.revision, limits.MAX_REVISION_BYTES),
+            format=limits.check_text("format", request.format, limits.MAX_FORMAT_BYTES),
             world_size=request.world_size or 1,
             layout=convert.layout_name(request.layout),
         )
         revision, nbytes = await self.plane.prefetch(spec, list(request.ranks), request.wait)
         return pb.PrefetchResponse(revision=revision, bytes=nbytes)
 
-    @unary_errors
+    @call_errors
     async def Evict(self, request: pb.EvictRequest, context: grpc.aio.ServicerContext) -> pb.EvictResponse:
         return pb.EvictResponse(evicted=self.plane.evict(convert.model_name(request.model)))

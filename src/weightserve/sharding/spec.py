@@ -9,6 +9,10 @@ from weightserve.errors import InvalidRequestError
 
 LAYOUTS = ("checkpoint", "vllm")
 
+MAX_PARALLEL = 1 << 16
+"""Largest world_size, pp_size or ep_size a request may name; the model's own dimensions
+(heads, layers, experts) bound them further where each is used."""
+
 
 @dataclass(frozen=True)
 class ShardSpec:
@@ -49,7 +53,7 @@ class ShardSpec:
 
 
 def _check_rank(rank_name: str, rank: int, size_name: str, size: int) -> None:
-    if size < 1:
-        raise InvalidRequestError(f"{size_name} {size} must be >= 1")
+    if not 1 <= size <= MAX_PARALLEL:
+        raise InvalidRequestError(f"{size_name} {size} must be within [1, {MAX_PARALLEL}]")
     if not 0 <= rank < size:
         raise InvalidRequestError(f"{rank_name} {rank} must satisfy 0 <= {rank_name} < {size_name} {size}")

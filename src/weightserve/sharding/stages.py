@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import TypeVar
 
+from weightserve.errors import InvalidRequestError
 from weightserve.loaders.base import TensorRecord
 from weightserve.sharding.model_config import ModelConfig
 from weightserve.sharding.spec import ShardSpec
@@ -66,6 +67,10 @@ def in_stage(records: list[TensorRecord], spec: ShardSpec, config: ModelConfig) 
         return records
     layers = [i for r in records if (i := layer_of(r.name)) is not None]
     num_layers = max(layers) + 1 if layers else config.num_hidden_layers
+    if spec.pp_size > num_layers:
+        raise InvalidRequestError(
+            f"pp_size {spec.pp_size} exceeds the model's {num_layers} decoder layers: a stage needs at least one"
+        )
     mine = stage_layers(num_layers, spec.pp_rank, spec.pp_size)
     first, last = spec.pp_rank == 0, spec.pp_rank == spec.pp_size - 1
     has_head = any(_HEAD.search(r.name) and "lm_head" in r.name for r in records)

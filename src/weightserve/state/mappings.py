@@ -17,10 +17,33 @@ import time
 from collections.abc import Callable
 
 from weightserve.eplb import ExpertMapping, Topology
+from weightserve.errors import InvalidRequestError
 from weightserve.sharding.experts import MoeLayout
 
 MAX_VERSIONS = 64
 """Published versions kept per model; a delta since an older one is refused (FAILED_PRECONDITION)."""
+
+MAX_REPLICAS_PER_EXPERT = 4
+"""Physical slots per layer are at most this many times the experts (DeepSeek-V3 uses 288 for 256)."""
+MAX_EP_RANKS = 4096
+
+
+def check_placement_size(num_logical: int, num_physical: int, num_gpus: int) -> None:
+    """Refuse a placement larger than any model needs, before anything is allocated for it.
+
+    Raises:
+        InvalidRequestError: names the numbers and the limit they break.
+    """
+    if not 1 <= num_gpus <= MAX_EP_RANKS:
+        raise InvalidRequestError(f"{num_gpus} expert-parallel ranks; the limit is {MAX_EP_RANKS}")
+    limit = min(MAX_REPLICAS_PER_EXPERT * num_logical, num_logical * num_gpus)
+    if num_physical > limit:
+        raise InvalidRequestError(
+            f"{num_physical} expert slots per layer for {num_logical} experts on {num_gpus} ranks; the limit is "
+            f"{limit} (at most {MAX_REPLICAS_PER_EXPERT} replicas of an expert, one per rank)"
+        )
+    if num_physical < num_gpus:
+        raise InvalidRequestError(f"{num_physical} expert slots per layer cannot give each of {num_gpus} ranks one")
 
 
 def next_version(last: int, now_ms: int) -> int:
@@ -34,8 +57,9 @@ def start_placement(layout: MoeLayout, ep_size: int, num_redundant: int) -> Expe
     """Version 0: contiguous blocks of slots, redundant slot p >= E holding expert (p - E) % E.
 
     Raises:
-        InvalidRequestError: the slots do not divide over `ep_size` ranks.
+        InvalidRequestError: too many slots or ranks, or slots that do not divide over them.
     """
+    check_placement_size(layout.num_experts, layout.num_experts + num_redundant, ep_size)
     topology = Topology(num_nodes=1, gpus_per_node=ep_size)
     return ExpertMapping.initial(len(layout.layers), layout.num_experts, layout.num_experts + num_redundant, topology)
 
