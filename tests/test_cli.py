@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -231,3 +233,26 @@ def test_an_unknown_variable_stops_serve_with_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "unknown setting WEIGHTSERVE_CHUNK_BYTE; did you mean WEIGHTSERVE_CHUNK_BYTES?" in err
+
+
+@pytest.mark.parametrize(
+    ("code", "said"), [(errno.ENOSPC, "no space left on the device of"), (errno.EROFS, "cannot write")]
+)
+def test_shard_out_of_space_is_one_line_naming_the_directory(
+    model_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    code: int,
+    said: str,
+) -> None:
+    from weightserve.sharding.sharded_state import write
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(write, "write_part", full_disk)
+    out = tmp_path / "out"
+    assert main(["shard", str(model_root / "org" / "tiny-llama"), "--world-size", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"weightserve shard: {said} {out}")

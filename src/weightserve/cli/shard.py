@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,9 +87,24 @@ def run_shard(args: argparse.Namespace) -> int:
             layout=args.layout, max_part_size=args.max_part_size, rules=rules,
         )  # fmt: skip
         tty = sys.stderr.isatty()
-        with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="shard", disable=not tty) as bar:
-            written = write_sharded_state(
-                plan, loader, args.out, revision=found.revision, extra_files=extra, on_bytes=bar.update
-            )
+        try:
+            with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="shard", disable=not tty) as bar:
+                written = write_sharded_state(
+                    plan, loader, args.out, revision=found.revision, extra_files=extra, on_bytes=bar.update
+                )
+        except OSError as e:  # the output side: a full disk, a read-only or forbidden directory
+            sys.stderr.write(f"weightserve shard: {write_failure(e, args.out, plan.total_bytes)}\n")
+            return 1
     sys.stdout.write(f"wrote {len(written)} files ({plan.total_bytes:,} tensor bytes) to {args.out}\n")
     return 0
+
+
+def write_failure(error: OSError, out: Path, nbytes: int) -> str:
+    """One line saying why writing `out` failed and what to do (nothing partial was published)."""
+    if error.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device of {out} ({nbytes:,} tensor bytes to write); free space or give "
+            "another --out, and remove what the interrupted run left there"
+        )
+    reason = error.strerror or str(error)
+    return f"cannot write {out}: {reason}; give another --out, and remove what the interrupted run left there"
