@@ -238,6 +238,7 @@ def test_file_writer_commits_only_whole_verified_files(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
+@pytest.mark.fault("bad FileChunk (crc, size, offset, path)", cases=6)
 def test_file_writer_refuses_bad_chunks_and_leaves_nothing_behind(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -263,6 +264,7 @@ def test_file_writer_refuses_bad_chunks_and_leaves_nothing_behind(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
 
 
+@pytest.mark.fault("bad FileChunk (crc, size, offset, path)")
 def test_file_writer_abort_drops_a_half_written_file(tmp_path: Path) -> None:
     writer = FileWriter(tmp_path)
     writer.accept(file_chunk("a.json", b"abc", size=6, last=False))

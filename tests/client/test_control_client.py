@@ -52,6 +52,13 @@ def test_report_expert_load_takes_tensors_arrays_and_lists(client: WeightClient)
     assert client.report_expert_load(MODEL, HOT) == 3
 
 
+def test_a_resent_report_with_its_rank_and_sequence_counts_once(client: WeightClient) -> None:
+    first = client.report_expert_load(MODEL, HOT, ep_rank=3, sequence=100)
+    assert client.report_expert_load(MODEL, HOT, ep_rank=3, sequence=100) == first  # the answer was lost: resent
+    assert client.report_expert_load(MODEL, HOT, ep_rank=3, sequence=101) == first + 1
+    assert client.report_expert_load(MODEL, HOT) == first + 2  # unnamed reports always count
+
+
 @pytest.mark.parametrize(
     ("counts", "message"),
     [

@@ -434,6 +434,15 @@ class ServerProcess:
         wait_serving(self.address, timeout, alive=self._why_dead)
         return self
 
+    def start_after(self, gap: float, timeout: float = 30.0) -> Background:
+        """Start the server `gap` seconds from now, on a thread: a restart that takes that long.
+
+        The gap is the fault being injected (how long the server is away), not a wait for
+        something to happen. `.result(timeout)` of the returned call re-raises a failed start.
+        """
+        away = threading.Event()  # never set: wait() is the gap
+        return Background(lambda: (away.wait(gap), self.start(timeout)))
+
     def _why_dead(self) -> str | None:
         assert self.proc is not None
         rc = self.proc.poll()

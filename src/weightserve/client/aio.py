@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from types import TracebackType
@@ -14,18 +15,22 @@ from typing_extensions import Unpack
 
 from weightserve.client import control
 from weightserve.client.assembly import FetchStats
+from weightserve.client.call_metadata import AsyncIdentityInterceptor, is_unix
 from weightserve.client.common import (
     FETCH_SHARD,
     FetchOptions,
+    Pause,
     ResumeLoop,
+    ShardArgs,
     channel_options,
     fetch_args,
     fetch_error,
     target,
 )
 from weightserve.client.files import FileWriter
+from weightserve.client.manifest_pages import ManifestPages
 from weightserve.client.retry import RetryPolicy
-from weightserve.errors import IntegrityError
+from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
 
@@ -44,7 +49,8 @@ class AsyncWeightClient:
         self.address = address
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target(address), options=channel_options())
+        interceptors: Any = [AsyncIdentityInterceptor()] if is_unix(target(address)) else None
+        self._channel = grpc.aio.insecure_channel(target(address), options=channel_options(), interceptors=interceptors)
         self._stub = pb_grpc.WeightServiceStub(self._channel)
         self._control = pb_grpc.ControlServiceStub(self._channel)
         self._fetch = self._channel.unary_stream(
@@ -76,23 +82,27 @@ class AsyncWeightClient:
         self, model: str, rank: int = 0, world_size: int = 1, **options: Unpack[FetchOptions]
     ) -> pb.GetManifestResponse:
         """See WeightClient.get_manifest."""
-        shard = fetch_args(model, rank, world_size, options).shard
-        manifest: pb.GetManifestResponse = await self._call(
-            f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=shard.proto())
-        )
-        return manifest
+        return await self._manifest(fetch_args(model, rank, world_size, options).shard)
+
+    async def _manifest(self, shard: ShardArgs) -> pb.GetManifestResponse:
+        """See WeightClient._manifest."""
+        pages = ManifestPages(shard.model, shard.proto())
+        while (request := pages.next_request()) is not None:
+            try:
+                pages.on_page(await self._call(f"manifest of {shard.model}", self._stub.GetManifest, request))
+            except FetchError as e:
+                pages.on_error(e)
+        return pages.result()
 
     async def fetch_state_dict(
         self, model: str, rank: int = 0, world_size: int = 1, **options: Unpack[FetchOptions]
     ) -> dict[str, torch.Tensor]:
         """See WeightClient.fetch_state_dict."""
         fetch = fetch_args(model, rank, world_size, options)
-        request = pb.GetManifestRequest(shard=fetch.shard.proto())
-        manifest = await self._call(f"manifest of {model}", self._stub.GetManifest, request)
-        loop = ResumeLoop(fetch, manifest, self.retry)
+        loop = ResumeLoop(fetch, await self._manifest(fetch.shard), self.retry)
         self.last_stats = loop.stats
         while (shard_request := loop.next_request()) is not None:
-            stream = self._fetch(shard_request)
+            stream = self._fetch(shard_request, wait_for_ready=loop.resuming)
             try:
                 async for message in stream:
                     loop.on_message(message)
@@ -100,10 +110,20 @@ class AsyncWeightClient:
             except IntegrityError as e:
                 loop.on_integrity_error(e)
             except grpc.RpcError as e:
-                await asyncio.sleep(loop.on_rpc_error(e))
+                loop.after_pause(await self._pause(loop.on_rpc_error(e)))
             finally:
                 stream.cancel()
         return loop.state_dict()
+
+    async def _pause(self, pause: Pause) -> bool:
+        """See WeightClient._pause."""
+        started = time.monotonic()
+        await asyncio.sleep(pause.floor)
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), pause.ready_timeout(time.monotonic() - started))
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def fetch_files(
         self, model: str, dest: str | Path, patterns: list[str] | None = None, revision: str | None = None
@@ -133,9 +153,11 @@ class AsyncWeightClient:
 
     # ------------------------------------------------------------------ control
 
-    async def report_expert_load(self, model: str, counts: control.ExpertLoad) -> int:
+    async def report_expert_load(
+        self, model: str, counts: control.ExpertLoad, *, ep_rank: int | None = None, sequence: int | None = None
+    ) -> int:
         """See WeightClient.report_expert_load."""
-        request = control.report_request(model, counts)
+        request = control.report_request(model, counts, ep_rank, sequence)
         response = await self._call(f"report load of {model}", self._control.ReportExpertLoad, request)
         return int(response.reports_in_window)
 

@@ -44,6 +44,8 @@ class FetchStats:
     integrity_retries: int = 0
     bytes_after_reconnect: int = 0
     reconnects: int = 0
+    retry_wait_seconds: float = 0.0
+    """Time spent waiting to resume (backoff and waiting for the server), over all breaks."""
 
 
 class _DeviceWriter:

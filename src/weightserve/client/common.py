@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -13,7 +14,7 @@ from typing_extensions import TypedDict
 
 from weightserve.client.assembly import FetchSession, FetchStats
 from weightserve.client.expert_slots import check_expert_slots
-from weightserve.client.retry import RetryPolicy
+from weightserve.client.retry import RetryPolicy, retry_after
 from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
 
@@ -191,6 +192,8 @@ class ResumeLoop:
         )
         self.attempt = 0
         self._integrity_failures = 0
+        self._last_error: grpc.RpcError | None = None
+        self._pause_started = 0.0
 
     @property
     def stats(self) -> FetchStats:
@@ -239,10 +242,63 @@ class ResumeLoop:
                 grpc.StatusCode.DATA_LOSS,
             ) from error
 
-    def on_rpc_error(self, error: grpc.RpcError) -> float:
-        """Seconds to wait before resuming; raises FetchError when not worth retrying."""
-        if not self.policy.should_retry(error.code(), self.attempt):
+    @property
+    def resuming(self) -> bool:
+        """True once a stream broke: later streams wait for a ready channel (wait_for_ready)."""
+        return self.session.stats.reconnects > 0
+
+    def on_rpc_error(self, error: grpc.RpcError) -> Pause:
+        """How to wait before resuming; raises FetchError when the error cannot change or time is up.
+
+        A RESOURCE_EXHAUSTED is retried only when the server hinted when (retry-after-ms);
+        the hinted delay is then the least wait.
+        """
+        hint = retry_after(_trailing_metadata(error))
+        if not self.policy.should_retry(error.code(), self.attempt, hinted=hint is not None):
             self.bar.close()
             raise fetch_error(error, f"fetch {self.args.model} (attempt {self.attempt})") from None
+        self._last_error = error
+        left = self.policy.retry_deadline - self.session.stats.retry_wait_seconds
+        if left <= 0:
+            raise self._gave_up(error) from None
         self.session.stats.reconnects += 1
-        return self.policy.backoff(self.attempt)
+        self._pause_started = time.monotonic()
+        floor = max(self.policy.backoff(self.attempt), hint or 0.0)
+        return Pause(floor=min(floor, left), limit=left)
+
+    def after_pause(self, ready: bool) -> None:
+        """Count the wait that on_rpc_error's Pause asked for; raises FetchError if the channel never got ready."""
+        self.session.stats.retry_wait_seconds += time.monotonic() - self._pause_started
+        if not ready:
+            assert self._last_error is not None
+            raise self._gave_up(self._last_error) from None
+
+    def _gave_up(self, error: grpc.RpcError) -> FetchError:
+        self.bar.close()
+        waited = self.session.stats.retry_wait_seconds
+        code = error.code()
+        return FetchError(
+            f"fetch {self.args.model}: {code.name}: gave up after waiting {waited:.1f}s in all for the server "
+            f"(RetryPolicy.retry_deadline {self.policy.retry_deadline:g}s; streams opened: {self.attempt}): "
+            f"{error.details()}",
+            code,
+        )
+
+
+@dataclass(frozen=True)
+class Pause:
+    """The wait between two streams: at least `floor` seconds, then until the channel is
+    ready, `limit` seconds at most in all."""
+
+    floor: float
+    limit: float
+
+    def ready_timeout(self, waited: float) -> float:
+        """Seconds left to wait for a ready channel after `waited` (a moment at least, to look)."""
+        return max(self.limit - waited, 0.05)
+
+
+def _trailing_metadata(error: grpc.RpcError) -> Any:
+    """A failed call's trailing metadata (sync and asyncio errors alike), or None."""
+    trailing = getattr(error, "trailing_metadata", None)
+    return trailing() if callable(trailing) else None

@@ -50,9 +50,16 @@ def expert_counts(counts: ExpertLoad) -> pb.ExpertCounts:
     return pb.ExpertCounts(moe_layers=layers, experts=experts, counts=flat)
 
 
-def report_request(model: str, counts: ExpertLoad) -> pb.ReportExpertLoadRequest:
-    """A ReportExpertLoad request; see expert_counts for what `counts` may be."""
-    return pb.ReportExpertLoadRequest(model=model, load=expert_counts(counts))
+def report_request(
+    model: str, counts: ExpertLoad, ep_rank: int | None = None, sequence: int | None = None
+) -> pb.ReportExpertLoadRequest:
+    """A ReportExpertLoad request; see expert_counts for what `counts` may be.
+
+    With `ep_rank` and `sequence` (a number that grows with each report of that rank,
+    such as the step), a report the server already counted is not counted again, so a
+    worker may resend a report whose answer it lost.
+    """
+    return pb.ReportExpertLoadRequest(model=model, load=expert_counts(counts), ep_rank=ep_rank, sequence=sequence)
 
 
 def rebalance_request(

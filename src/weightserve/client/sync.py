@@ -14,19 +14,23 @@ from typing_extensions import Unpack
 
 from weightserve.client import control
 from weightserve.client.assembly import FetchStats
+from weightserve.client.call_metadata import IdentityInterceptor, is_unix
 from weightserve.client.common import (
     FETCH_SHARD,
     FetchOptions,
+    Pause,
     ResumeLoop,
+    ShardArgs,
     channel_options,
     fetch_args,
     fetch_error,
     target,
 )
 from weightserve.client.files import FileWriter
+from weightserve.client.manifest_pages import ManifestPages
 from weightserve.client.modules import check_keys, module_destinations
 from weightserve.client.retry import RetryPolicy
-from weightserve.errors import IntegrityError
+from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
 
@@ -51,6 +55,8 @@ class WeightClient:
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
         self._channel = grpc.insecure_channel(target(address), options=channel_options())
+        if is_unix(target(address)):  # name this process for the server's per-peer limits
+            self._channel = grpc.intercept_channel(self._channel, IdentityInterceptor())
         self._stub = pb_grpc.WeightServiceStub(self._channel)
         self._control = pb_grpc.ControlServiceStub(self._channel)
         self._fetch = self._channel.unary_stream(
@@ -85,11 +91,17 @@ class WeightClient:
 
         Takes fetch_state_dict's arguments; those that do not pick the plan are ignored.
         """
-        shard = fetch_args(model, rank, world_size, options).shard
-        manifest: pb.GetManifestResponse = self._call(
-            f"manifest of {model}", self._stub.GetManifest, pb.GetManifestRequest(shard=shard.proto())
-        )
-        return manifest
+        return self._manifest(fetch_args(model, rank, world_size, options).shard)
+
+    def _manifest(self, shard: ShardArgs) -> pb.GetManifestResponse:
+        """The whole plan, read page by page (see ManifestPages)."""
+        pages = ManifestPages(shard.model, shard.proto())
+        while (request := pages.next_request()) is not None:
+            try:
+                pages.on_page(self._call(f"manifest of {shard.model}", self._stub.GetManifest, request))
+            except FetchError as e:
+                pages.on_error(e)
+        return pages.result()
 
     def fetch_state_dict(
         self, model: str, rank: int = 0, world_size: int = 1, **options: Unpack[FetchOptions]
@@ -109,12 +121,10 @@ class WeightClient:
                 FAILED_PRECONDITION when the model changed mid-fetch, DATA_LOSS, ...).
         """
         fetch = fetch_args(model, rank, world_size, options)
-        request = pb.GetManifestRequest(shard=fetch.shard.proto())
-        manifest = self._call(f"manifest of {model}", self._stub.GetManifest, request)
-        loop = ResumeLoop(fetch, manifest, self.retry)
+        loop = ResumeLoop(fetch, self._manifest(fetch.shard), self.retry)
         self.last_stats = loop.stats
         while (shard_request := loop.next_request()) is not None:
-            stream = self._fetch(shard_request)
+            stream = self._fetch(shard_request, wait_for_ready=loop.resuming)
             try:
                 for message in stream:
                     loop.on_message(message)
@@ -122,10 +132,23 @@ class WeightClient:
             except IntegrityError as e:
                 loop.on_integrity_error(e)
             except grpc.RpcError as e:
-                time.sleep(loop.on_rpc_error(e))
+                loop.after_pause(self._pause(loop.on_rpc_error(e)))
             finally:
                 stream.cancel()
         return loop.state_dict()
+
+    def _pause(self, pause: Pause) -> bool:
+        """Sleep the pause's floor, then wait for the channel to be ready; False if it was not in time."""
+        started = time.monotonic()
+        time.sleep(pause.floor)
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=pause.ready_timeout(time.monotonic() - started))
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            ready.cancel()
+        return True
 
     def load_into(
         self, module: torch.nn.Module, model: str, rank: int = 0, world_size: int = 1, **options: Unpack[FetchOptions]
@@ -186,12 +209,17 @@ class WeightClient:
 
     # ------------------------------------------------------------------ control
 
-    def report_expert_load(self, model: str, counts: control.ExpertLoad) -> int:
+    def report_expert_load(
+        self, model: str, counts: control.ExpertLoad, *, ep_rank: int | None = None, sequence: int | None = None
+    ) -> int:
         """Add one worker's token counts to the model's load window.
 
         Args:
             model: the MoE model's name.
-            counts: a [moe_layers, experts] integer tensor, numpy array or nested list.
+            counts: a [moe_layers, experts] integer tensor, numpy array or nested list
+                (each count at most 2^48).
+            ep_rank, sequence: identify the report (the reporting EP rank and a number that
+                grows with each of its reports): a resent report is then counted once.
 
         Returns:
             How many reports the server's window for the model now sums.
@@ -200,7 +228,7 @@ class WeightClient:
             InvalidRequestError: (a ValueError) the table is not 2-D integers; nothing is sent.
             FetchError: INVALID_ARGUMENT when the shape does not match the model.
         """
-        request = control.report_request(model, counts)
+        request = control.report_request(model, counts, ep_rank, sequence)
         response = self._call(f"report load of {model}", self._control.ReportExpertLoad, request)
         return int(response.reports_in_window)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from weightserve.cache.manifests import Manifest
 from weightserve.errors import InvalidRequestError
+from weightserve.server import manifest_pages as pages
 from weightserve.server import request_limits as limits
 from weightserve.server.data_plane import ModelSummary, ResumeFrom
 from weightserve.server.file_stream import FilePiece
@@ -82,13 +84,16 @@ def file_patterns(request: pb.FetchFilesRequest) -> list[str]:
     return limits.check_patterns(request.patterns)
 
 
-def manifest_response(manifest: Manifest) -> pb.GetManifestResponse:
-    tensors = []
-    for plan, digest in zip(manifest.tensors, manifest.digest_list(), strict=True):
-        info = pb.TensorInfo(name=plan.name, dtype=plan.dtype, shape=plan.shape, nbytes=plan.nbytes)
-        if digest is not None:
-            info.crc32c = digest
-        tensors.append(info)
+def manifest_response(manifest: Manifest, page: pages.PageRequest | None = None) -> pb.GetManifestResponse:
+    """One page of a plan (the whole plan when `page` is None or unpaged); see manifest_pages.
+
+    Raises:
+        PreconditionError: unpaged over 4 MiB, or a page token of another manifest.
+        InvalidRequestError: a page token past the plan's end.
+    """
+    page = page or pages.PageRequest()
+    plans, digests = manifest.tensors, manifest.digests
+    start = page.start_in(manifest.manifest_id, len(plans))
     experts = None
     if manifest.experts is not None:
         slots = manifest.experts
@@ -101,16 +106,26 @@ def manifest_response(manifest: Manifest) -> pb.GetManifestResponse:
                 )
             ],
         )
-    return pb.GetManifestResponse(
+    response = pb.GetManifestResponse(
         experts=experts,
         manifest_id=manifest.manifest_id,
         revision=manifest.revision,
         format=manifest.format,
-        tensors=tensors,
         total_bytes=manifest.total_bytes,
         wire_version=WIRE_VERSION,
         max_chunk_bytes=manifest.chunk_bytes,
     )
+    longest_token = len(pages.encode_token(manifest.manifest_id, len(plans)))
+    infos = (
+        pb.TensorInfo(name=p.name, dtype=p.dtype, shape=p.shape, nbytes=p.nbytes, crc32c=digests.get(i))
+        for i, p in enumerate(itertools.islice(plans, start, None), start)
+    )
+    what = f"the manifest of {manifest.manifest_id} ({len(plans)} tensors)"
+    response.tensors.extend(pages.take(page, infos, response.ByteSize() + 2 + longest_token, what))
+    end = start + len(response.tensors)
+    if end < len(plans):
+        response.next_page_token = pages.encode_token(manifest.manifest_id, end)
+    return response
 
 
 _CACHE_STATES = {

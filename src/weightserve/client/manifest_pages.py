@@ -1,0 +1,92 @@
+"""GetManifest page by page, assembled into one response so the rest of the client sees one plan.
+
+The client always pages: a plan of 100k tensors is larger than gRPC's default 4 MiB
+message limit (and than this client's own receive limit). A server that predates paging
+ignores the fields and answers with one whole response, which is then the only page.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from weightserve.errors import FetchError
+from weightserve.v1 import weightserve_pb2 as pb
+
+PAGE_SIZE = 10_000
+"""Tensors asked for per page; the server sends fewer when they would not fit in its page bound (3 MiB)."""
+
+
+class ManifestPages:
+    """Decides, page after page, what to request and when the plan is whole.
+
+    The model may change between two pages. The server then refuses the next page's
+    token (FAILED_PRECONDITION), or, if it does not check tokens, answers with another
+    manifest id. Either way the pages so far are dropped and the plan is read again
+    from the first page, once; a second change is FAILED_PRECONDITION.
+
+    Example (the sync client's loop):
+        >>> pages = ManifestPages("org/x", shard)  # doctest: +SKIP
+        >>> while (request := pages.next_request()) is not None:  # doctest: +SKIP
+        ...     try:
+        ...         pages.on_page(call(request))
+        ...     except FetchError as e:
+        ...         pages.on_error(e)
+        >>> manifest = pages.result()  # doctest: +SKIP
+    """
+
+    RESTARTS = 1
+
+    def __init__(self, model: str, shard: pb.ShardSpec) -> None:
+        self.model = model
+        self.shard = shard
+        self.restarts = 0
+        self.pages = 0
+        self._manifest: pb.GetManifestResponse | None = None
+        self._token = ""
+        self._done = False
+
+    def next_request(self) -> pb.GetManifestRequest | None:
+        """The request for the next page, or None when the plan is whole."""
+        if self._done:
+            return None
+        return pb.GetManifestRequest(shard=self.shard, page_size=PAGE_SIZE, page_token=self._token)
+
+    def on_page(self, page: pb.GetManifestResponse) -> None:
+        """Add a page's tensors to the plan."""
+        self.pages += 1
+        if self._manifest is None:
+            self._manifest = page
+        elif page.manifest_id != self._manifest.manifest_id:
+            self._start_over(f"its manifest id went from {self._manifest.manifest_id} to {page.manifest_id}")
+            return
+        else:
+            self._manifest.tensors.extend(page.tensors)
+        if page.next_page_token and not page.tensors:
+            raise FetchError(
+                f"manifest of {self.model}: INTERNAL: the server sent an empty page that is not the last",
+                grpc.StatusCode.INTERNAL,
+            )
+        self._token = page.next_page_token
+        self._done = not self._token
+
+    def on_error(self, error: FetchError) -> None:
+        """Start over when a later page finds the model changed; re-raise anything else."""
+        if error.code() != grpc.StatusCode.FAILED_PRECONDITION or not self._token:
+            raise error
+        self._start_over(str(error))
+
+    def result(self) -> pb.GetManifestResponse:
+        """The whole plan, as one unpaged GetManifestResponse."""
+        assert self._done and self._manifest is not None, "result() before the last page"
+        self._manifest.next_page_token = ""
+        return self._manifest
+
+    def _start_over(self, why: str) -> None:
+        if self.restarts >= self.RESTARTS:
+            raise FetchError(
+                f"manifest of {self.model}: FAILED_PRECONDITION: the model changed while its manifest was read in "
+                f"pages, {self.restarts + 1} times ({why}); try again once it is stable",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        self.restarts += 1
+        self._manifest, self._token = None, ""
