@@ -202,3 +202,17 @@ def _no_retry():  # type: ignore[no-untyped-def]
     from weightserve.client import RetryPolicy
 
     return RetryPolicy(max_attempts=1)
+
+
+def test_a_model_whose_own_chunks_fill_the_budget_still_streams(root, serve):  # type: ignore[no-untyped-def]
+    """Prefetch fills the budget with the model's chunks; a fetch then needs a window. The model's
+    chunks used to be untouchable once a stream pinned it, so every fetch of it was refused."""
+    budget = reserved_bytes(read_threads=2, chunk_bytes=CHUNK) + 2 * CHUNK + model_bytes(root) // 2
+    server = serve(root, cache_memory=budget, chunk_bytes=CHUNK, read_threads=2)
+    ref = reference(root)
+    with WeightClient(server.address, retry=_no_retry()) as client:
+        client.prefetch(MODEL, wait=True)
+        assert server.server.cache.status(MODEL).resident_bytes > model_bytes(root) // 4  # no room for a window
+        for _ in range(2):  # the model larger than its share of the budget streams, twice
+            state = client.fetch_state_dict(MODEL)
+            assert all(torch.equal(state[k].view(torch.uint8), ref[k].view(torch.uint8)) for k in ref)

@@ -131,3 +131,40 @@ def test_the_memory_of_cancelled_streams_is_given_back(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_unix_socket_peers_are_limited_per_process(mid_root: Path, tmp_path: Path) -> None:
+    from weightserve.config import ServerConfig
+
+    socket_path = tmp_path / "ws.sock"
+    config = ServerConfig(
+        model_roots=(mid_root,), listen=f"unix:{socket_path}", chunk_bytes=CHUNK, max_streams_per_peer=1
+    )
+    with BackgroundServer(config) as server, WeightClient(f"unix:{socket_path}") as client:
+        manifest = client.get_manifest(MID_MODEL)
+        request = pb.FetchShardRequest(shard=pb.ShardSpec(model=MID_MODEL), manifest_id=manifest.manifest_id)
+        held = client._fetch(request)  # the client's own channel: it names this process
+        next(iter(held))
+        try:
+            assert dict(server.server.gate.by_peer) == {f"unix:pid={os.getpid()}": 1}
+            second = client._fetch(request)
+            with pytest.raises(grpc.RpcError) as info:
+                next(iter(second))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"from unix:pid={os.getpid()} of at most 1" in info.value.details()
+            # another process on the same socket is another peer
+            other = subprocess.run(
+                [sys.executable, "-c", OTHER_PROCESS, f"unix:{socket_path}", MID_MODEL],
+                capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            assert other.returncode == 0, other.stderr
+        finally:
+            held.cancel()
+
+
+OTHER_PROCESS = """
+import sys
+from weightserve.client import WeightClient
+with WeightClient(sys.argv[1]) as client:
+    assert client.fetch_state_dict(sys.argv[2])
+"""

@@ -1,9 +1,11 @@
 """The cache's memory budget: cached chunks plus the windows of streams in flight.
 
 Cached chunks of entries no stream is reading are evicted least recently used first.
-A stream's window (its read-ahead) is reserved for as long as it runs. A request is
-refused with RESOURCE_EXHAUSTED only when pinned entries and other windows leave less
-than one window free.
+A stream's window (its read-ahead) is reserved for as long as it runs; to make room for
+one, the chunks of entries being streamed are dropped too (after the idle ones), since a
+cached chunk is only a copy of file bytes. A request is refused with RESOURCE_EXHAUSTED
+only when the other streams' windows (and what cannot be dropped) leave less than one
+window free.
 """
 
 from __future__ import annotations
@@ -62,15 +64,27 @@ class MemoryBudget:
     def used(self) -> int:
         return self.reserved + self.resident() + self.windows
 
-    def _evict_until(self, needed: int) -> bool:
-        """Evict unpinned entries, least recently used first, until `needed` bytes fit."""
+    def _evict_until(self, needed: int, *, pinned_too: bool = False) -> bool:
+        """Evict entries' cached chunks, least recently used first, until `needed` bytes fit.
+
+        Unpinned entries go first. With `pinned_too`, the chunks of entries being streamed
+        go next: a cached chunk is only a copy of file bytes (a stream reads it again from
+        the file), while a stream refused its window cannot run at all. Without that, a
+        model whose own cached chunks filled the budget could never be fetched again.
+        """
         if self.used() + needed <= self.limit:
             return True
-        for entry in sorted((e for e in self._entries() if not e.pinned), key=lambda e: e.last_used):
+        entries = sorted(self._entries(), key=lambda e: (e.pinned, e.last_used))
+        for entry in entries:
+            if entry.pinned and not pinned_too:
+                break
             if entry.resident_bytes:
                 freed = entry.drop_chunks()
                 self.evictions += 1
-                logger.info("evicted %d cached bytes to make room for %d", freed, needed)
+                logger.info(
+                    "dropped %d cached bytes of a %s model to make room for %d",
+                    freed, "streamed" if entry.pinned else "idle", needed,
+                )  # fmt: skip
             if self.used() + needed <= self.limit:
                 return True
         return False
@@ -83,11 +97,11 @@ class MemoryBudget:
         """
         if not self.enabled:
             return
-        if not self._evict_until(nbytes):
+        if not self._evict_until(nbytes, pinned_too=True):
             raise ResourceExhaustedError(
-                f"cache memory budget {self.limit} bytes: {self.resident()} held by models being streamed, "
-                f"{self.windows} by stream windows and {self.reserved} reserved for read buffers leave less "
-                f"than the {nbytes}-byte window a stream needs; "
+                f"cache memory budget {self.limit} bytes: {self.windows} held by the windows of streams in flight, "
+                f"{self.resident()} by manifests and chunks and {self.reserved} reserved for read buffers leave "
+                f"less than the {nbytes}-byte window a stream needs; "
                 "retry when streams finish, or raise --cache-memory",
                 retry_after=WINDOW_RETRY_SECONDS,
             )
