@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -27,6 +29,39 @@ BENCH_SHAPE = LlamaShape(
     vocab_size=32000,
 )
 """About 1.07 GB of bf16."""
+
+
+LOAD_SHAPES = (
+    LlamaShape(hidden_size=256, intermediate_size=688, num_hidden_layers=1, num_attention_heads=8,
+               num_key_value_heads=4, vocab_size=2048),
+    LlamaShape(hidden_size=1024, intermediate_size=2816, num_hidden_layers=1, num_attention_heads=16,
+               num_key_value_heads=4, vocab_size=16000),
+)  # fmt: skip
+"""Llama families that `llama_shape_of_size` scales by layer count: ~2 MB + 1.45 MB a layer, ~66 MB + 22.5 MB."""
+
+
+def llama_bytes(shape: LlamaShape) -> int:
+    """Bytes of a bf16 checkpoint of `shape`."""
+    from weightserve.testing import llama_tensor_shapes
+
+    return 2 * sum(math.prod(size) for size in llama_tensor_shapes(shape).values())
+
+
+def llama_shape_of_size(nbytes: int) -> LlamaShape:
+    """A Llama shape of about `nbytes` of bf16 (splittable up to world size 8): the largest family
+    whose one-layer model fits, with as many layers as bring it closest."""
+    family = next((s for s in reversed(LOAD_SHAPES) if llama_bytes(s) <= nbytes), LOAD_SHAPES[0])
+    fixed = llama_bytes(replace(family, num_hidden_layers=0))
+    per_layer = llama_bytes(family) - fixed
+    return replace(family, num_hidden_layers=max(1, round((nbytes - fixed) / per_layer)))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The `q`-th percentile (0-100) of `values`, nearest rank; NaN when there are none."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 def bench_root() -> Path:

@@ -58,6 +58,7 @@ def test_other_variables_are_ignored() -> None:
     assert ServerConfig.from_env(env) == ServerConfig()
 
 
+@pytest.mark.fault("bad or unknown server setting")
 @pytest.mark.parametrize(
     ("name", "hint"),
     [
@@ -128,6 +129,7 @@ def test_an_override_wins_over_an_out_of_range_variable() -> None:
     assert config.read_threads == 4
 
 
+@pytest.mark.fault("bad or unknown server setting")
 @pytest.mark.parametrize(
     ("name", "value", "pattern"),
     [
@@ -153,6 +155,7 @@ def test_bad_values_raise_value_error(name: str, value: str, pattern: str) -> No
         ServerConfig.from_env({f"WEIGHTSERVE_{name}": value})
 
 
+@pytest.mark.fault("bad or unknown server setting")
 @pytest.mark.parametrize("name", ["GRACE_SECONDS", "KEEPALIVE_SECONDS", "KEEPALIVE_TIMEOUT_SECONDS"])
 def test_nan_durations_are_refused(name: str) -> None:
     # NaN compares false with everything, so `x < 0` alone lets it through; a NaN
@@ -178,6 +181,7 @@ def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
+@pytest.mark.fault("bad or unknown server setting")
 @pytest.mark.parametrize("text", ["", "GiB", "1e9", "-5", "5 GiBs", "five", "1.2.3G"])
 def test_parse_size_refuses_what_is_not_a_size(text: str) -> None:
     with pytest.raises(ValueError, match=r"is not a size"):

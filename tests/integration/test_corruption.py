@@ -28,6 +28,7 @@ LARGE = CHUNK // 2
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.mark.fault("byte flipped in flight")
 def test_one_flipped_byte_is_refetched(mid_root: Path, serve: ServeFn, proxy: Callable[..., FaultProxy]) -> None:
     server = serve(mid_root, chunk_bytes=CHUNK)
     corruptor = Corruptor.once(after=30, min_length=LARGE)
@@ -42,6 +43,7 @@ def test_one_flipped_byte_is_refetched(mid_root: Path, serve: ServeFn, proxy: Ca
     assert_bit_identical(state, load_checkpoint(mid_root / MID_MODEL))
 
 
+@pytest.mark.fault("every stream corrupted in flight")
 def test_corruption_on_every_stream_is_data_loss(
     mid_root: Path, serve: ServeFn, proxy: Callable[..., FaultProxy]
 ) -> None:

@@ -39,6 +39,7 @@ def _list_models_code(address: str) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+@pytest.mark.fault("SIGTERM with a stream in flight")
 def test_sigterm_drains_streams_in_flight(
     mid_root: Path,
     server_process: Callable[..., ServerProcess],

@@ -62,6 +62,7 @@ def _damage_mid_stream(
     return server
 
 
+@pytest.mark.fault("checkpoint file truncated while served")
 def test_truncated_mid_stream_is_data_loss(
     mid_root: Path,
     serve: ServeFn,
@@ -78,6 +79,7 @@ def test_truncated_mid_stream_is_data_loss(
     assert caught.value.code() == grpc.StatusCode.DATA_LOSS, caught.value
 
 
+@pytest.mark.fault("checkpoint file rewritten in place while served")
 @pytest.mark.parametrize("restore_mtime", [False, True], ids=["mtime-moves", "mtime-set-back"])
 def test_rewritten_in_place_mid_stream_is_data_loss(
     mid_root: Path,
@@ -110,6 +112,7 @@ def test_rewritten_in_place_mid_stream_is_data_loss(
         assert_bit_identical(client.fetch_state_dict(MID_MODEL), load_checkpoint(mid_root / MID_MODEL))
 
 
+@pytest.mark.fault("checkpoint file truncated while served")
 def test_damaged_stream_leaves_no_unretrieved_read_errors(
     mid_root: Path,
     serve: ServeFn,

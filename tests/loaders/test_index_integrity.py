@@ -38,6 +38,7 @@ def open_model(model_dir: Path) -> None:
         pass
 
 
+@pytest.mark.fault("malformed or lying index json")
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_an_index_naming_a_tensor_no_file_holds_fails_naming_it(tmp_path: Path, fmt: str) -> None:
     model_dir = tmp_path / "m"
@@ -51,6 +52,7 @@ def test_an_index_naming_a_tensor_no_file_holds_fails_naming_it(tmp_path: Path, 
         open_model(model_dir)
 
 
+@pytest.mark.fault("malformed or lying index json")
 def test_an_index_placing_a_tensor_in_the_wrong_file_fails(tmp_path: Path) -> None:
     model_dir = tmp_path / "m"
     weight_map = write_indexed(model_dir)
@@ -67,6 +69,7 @@ def test_a_consistent_index_opens(tmp_path: Path) -> None:
     open_model(tmp_path / "m")
 
 
+@pytest.mark.fault("model name or symlink escaping the roots")
 @pytest.mark.parametrize("indexed", [True, False])
 def test_a_weight_file_symlinked_out_of_the_model_is_not_found(tmp_path: Path, indexed: bool) -> None:
     model_dir = tmp_path / "root" / "m"

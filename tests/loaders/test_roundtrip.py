@@ -165,12 +165,14 @@ def test_safetensors_sharded_with_index_ignores_a_stray_consolidated_file(tmp_pa
     assert_same(load_dir("safetensors", tmp_path), reference)
 
 
+@pytest.mark.fault("malformed or lying index json")
 def test_index_naming_a_missing_file_is_corrupt(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
     with pytest.raises(CorruptCheckpointError, match=r"names 'gone.safetensors', which does not exist"):
         SafetensorsLoader.find_files(tmp_path)
 
 
+@pytest.mark.fault("malformed or lying index json")
 @pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors"])
 def test_index_naming_a_path_outside_the_model_is_corrupt(tmp_path: Path, target: str) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": target}}))
@@ -178,6 +180,7 @@ def test_index_naming_a_path_outside_the_model_is_corrupt(tmp_path: Path, target
         SafetensorsLoader.find_files(tmp_path)
 
 
+@pytest.mark.fault("malformed or lying index json")
 @pytest.mark.parametrize("text", ["not json", "[]", '{"weight_map": 3}', '{"nothing": {}}'])
 def test_malformed_index_is_corrupt(tmp_path: Path, text: str) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(text)
@@ -213,6 +216,7 @@ def test_find_files_orders_indexed_shards_naturally(tmp_path: Path) -> None:
     assert found == [f"model-{i}-of-10.safetensors" for i in (1, 2, 7, 10)]
 
 
+@pytest.mark.fault("malformed or lying index json")
 def test_same_tensor_name_in_two_files_is_corrupt(tmp_path: Path) -> None:
     save_file({"w": torch.arange(2.0)}, str(tmp_path / "a.safetensors"))
     save_file({"w": torch.arange(3.0)}, str(tmp_path / "b.safetensors"))
@@ -220,6 +224,7 @@ def test_same_tensor_name_in_two_files_is_corrupt(tmp_path: Path) -> None:
         SafetensorsLoader(SafetensorsLoader.find_files(tmp_path))
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_safetensors_corrupt_header_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     header = b'{"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}'
@@ -228,6 +233,7 @@ def test_safetensors_corrupt_header_names_the_file(tmp_path: Path) -> None:
         SafetensorsLoader([path])
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize("blob", [b"", b"\x01\x02", (10**9).to_bytes(8, "little") + b"{}"])
 def test_safetensors_too_short_or_lying_length_is_corrupt(tmp_path: Path, blob: bytes) -> None:
     path = tmp_path / "model.safetensors"
@@ -239,6 +245,7 @@ def test_safetensors_too_short_or_lying_length_is_corrupt(tmp_path: Path, blob: 
 # ------------------------------------------------------------- truncated/rewritten
 
 
+@pytest.mark.fault("checkpoint file truncated while served")
 def test_file_truncated_after_open_raises_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     tensors = {"a": pattern(torch.float32, 64), "b": pattern(torch.float32, 64)}
@@ -255,6 +262,7 @@ def test_file_truncated_after_open_raises_corrupt(tmp_path: Path) -> None:
             source.read_into(first.offset, memoryview(bytearray(first.nbytes)))
 
 
+@pytest.mark.fault("checkpoint file rewritten in place while served")
 def test_file_rewritten_in_place_same_size_new_mtime_raises_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     save_file({"a": pattern(torch.float32, 64)}, str(path))
@@ -414,6 +422,7 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.fault("malicious pickle checkpoint")
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, zip_format: bool) -> None:
     marker = tmp_path / "PWNED"
@@ -425,6 +434,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, zip_format: 
     assert not marker.exists()
 
 
+@pytest.mark.fault("malicious pickle checkpoint")
 def test_malicious_plain_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
     import pickle
 
@@ -436,6 +446,7 @@ def test_malicious_plain_pickle_is_refused_and_never_runs(tmp_path: Path) -> Non
     assert not marker.exists()
 
 
+@pytest.mark.fault("corrupt or truncated .bin/.pt")
 def test_truncated_zip_bin_is_corrupt(tmp_path: Path) -> None:
     good = tmp_path / "good.bin"
     torch.save({"w": torch.arange(1000, dtype=torch.float32)}, good)
@@ -447,6 +458,7 @@ def test_truncated_zip_bin_is_corrupt(tmp_path: Path) -> None:
             TorchLoader([path])
 
 
+@pytest.mark.fault("corrupt or truncated .bin/.pt")
 def test_truncated_legacy_bin_is_corrupt(tmp_path: Path) -> None:
     good = tmp_path / "good.bin"
     torch.save({"w": torch.arange(1000, dtype=torch.float32)}, good, _use_new_zipfile_serialization=False)
@@ -456,6 +468,7 @@ def test_truncated_legacy_bin_is_corrupt(tmp_path: Path) -> None:
         TorchLoader([path])
 
 
+@pytest.mark.fault("corrupt or truncated .bin/.pt")
 def test_empty_bin_is_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "pytorch_model.bin"
     path.write_bytes(b"")
@@ -463,6 +476,7 @@ def test_empty_bin_is_corrupt(tmp_path: Path) -> None:
         TorchLoader([path])
 
 
+@pytest.mark.fault("corrupt or truncated .bin/.pt")
 @pytest.mark.parametrize(
     "garbage", [b"this is not a checkpoint at all\n" * 8, b"not a checkpoint" * 8, bytes(range(256))]
 )
@@ -476,6 +490,7 @@ def test_garbage_bin_is_corrupt_not_unsafe(tmp_path: Path, garbage: bytes) -> No
         TorchLoader([path])
 
 
+@pytest.mark.fault("corrupt or truncated .bin/.pt")
 def test_zip_bin_with_corrupted_bytes_is_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "pytorch_model.bin"
     torch.save({"w": torch.arange(1000, dtype=torch.float32)}, path)
@@ -486,6 +501,7 @@ def test_zip_bin_with_corrupted_bytes_is_corrupt(tmp_path: Path) -> None:
         TorchLoader([path])
 
 
+@pytest.mark.fault("corrupt or truncated .bin/.pt")
 def test_torch_file_truncated_after_open_raises_corrupt_on_read(tmp_path: Path) -> None:
     path = tmp_path / "pytorch_model.bin"
     torch.save({"w": torch.arange(4096, dtype=torch.float32)}, path)

@@ -54,31 +54,37 @@ def corrupt(prefix: bytes, file_size: int, match: str) -> CorruptCheckpointError
 # ------------------------------------------------------------------ framing / length
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_header_length_over_the_100_mb_bound() -> None:
     prefix = struct.pack("<Q", MAX_HEADER_BYTES + 1)
     corrupt(prefix, 10 * MAX_HEADER_BYTES, r"header length 104857601 exceeds the 104857600-byte bound")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_header_length_of_2_to_the_64_minus_1() -> None:
     corrupt(struct.pack("<Q", 2**64 - 1), 2**62, r"exceeds")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_header_length_exactly_at_the_bound_is_only_limited_by_the_file() -> None:
     # At the bound the length is acceptable; the 16-byte file is what is wrong.
     corrupt(struct.pack("<Q", MAX_HEADER_BYTES), 16, r"runs past the end of a 16-byte file")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_header_length_past_the_end_of_the_file() -> None:
     header = json.dumps({"t": entry()}).encode()
     prefix = struct.pack("<Q", len(header) + 100) + header
     corrupt(prefix, len(prefix), rf"header length {len(header) + 100} runs past the end")
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize("size", [0, 1, 7])
 def test_file_too_short_for_the_length_field(size: int) -> None:
     corrupt(b"\x00" * size, size, rf"file of {size} bytes is too short")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_prefix_cut_short_before_the_header_ends() -> None:
     prefix, size = frame_json({"t": entry()}, 8)
     corrupt(prefix[:-5], size, r"cut short")
@@ -87,6 +93,7 @@ def test_prefix_cut_short_before_the_header_ends() -> None:
 # ---------------------------------------------------------------------------- JSON
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize(
     "header",
     [
@@ -102,20 +109,24 @@ def test_invalid_json(header: bytes) -> None:
     corrupt(*frame(header), match=r"not valid JSON")
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize("header", [b'{"\xff\xfe": 1}', b'{"t": "\xc3\x28"}', b"\xed\xa0\x80", b"\x80{}"])
 def test_invalid_utf8(header: bytes) -> None:
     corrupt(*frame(header), match=r"not valid JSON")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_deeply_nested_json_is_refused_not_a_recursion_crash() -> None:
     corrupt(*frame(b"[" * 200_000 + b"]" * 200_000), match=r"not valid JSON")
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize("header", ["[]", "[1, 2]", '"text"', "1", "null", "true", "1.5"])
 def test_non_object_json(header: str) -> None:
     corrupt(*frame(header.encode()), match=r"not a JSON object")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_integer_too_long_for_python_int_parsing() -> None:
     # CPython refuses to parse integers of more than 4300 digits with a plain
     # ValueError; a header holding one is corrupt, not an internal error.
@@ -126,27 +137,32 @@ def test_integer_too_long_for_python_int_parsing() -> None:
 # -------------------------------------------------------------------------- entries
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize("spec", ["F32", 3, None, [1, 2], True])
 def test_entry_not_an_object(spec: Any) -> None:
     corrupt(*frame_json({"w": spec}, 0), match=r"tensor 'w': header entry is not an object")
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize("dtype", ["F128", "f32", "float32", "", None, 4, 4.0, True])
 def test_unknown_dtype(dtype: Any) -> None:
     corrupt(*frame_json({"w": entry(dtype=dtype)}, 8), match=r"tensor 'w': unknown dtype")
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize("dtype", [["F32"], {"F32": 1}, []])
 def test_unhashable_dtype_is_an_unknown_dtype(dtype: Any) -> None:
     corrupt(*frame_json({"w": entry(dtype=dtype)}, 8), match=r"tensor 'w': unknown dtype")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_missing_dtype() -> None:
     spec = entry()
     del spec["dtype"]
     corrupt(*frame_json({"w": spec}, 8), match=r"tensor 'w': unknown dtype None")
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize(
     "shape",
     [[-1], [2, -1], [2.0], [1.5], [True], [False, 2], ["2"], [None], [[2]], "2", 2, None, {"0": 2}],
@@ -158,6 +174,7 @@ def test_bad_shape(shape: Any) -> None:
     )
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize(
     "offsets",
     [[0], [0, 8, 8], [], "0,8", None, [0.0, 8.0], [0, 8.0], [True, 8], [0, "8"], {"begin": 0, "end": 8}],
@@ -169,6 +186,7 @@ def test_malformed_data_offsets(offsets: Any) -> None:
     )
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_begin_after_end() -> None:
     corrupt(
         *frame_json({"w": entry(offsets=(8, 0))}, 8),
@@ -176,10 +194,12 @@ def test_begin_after_end() -> None:
     )
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_negative_begin() -> None:
     corrupt(*frame_json({"w": entry(offsets=(-8, 0), shape=(2,))}, 8), match=r"tensor 'w': data_offsets \[-8, 0\]")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_end_past_the_data_section() -> None:
     corrupt(
         *frame_json({"w": entry(offsets=(0, 8))}, 4),
@@ -187,10 +207,12 @@ def test_end_past_the_data_section() -> None:
     )
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_huge_end_offset() -> None:
     corrupt(*frame_json({"w": entry(offsets=(0, 2**70))}, 8), match=r"past the data section")
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize(
     ("dtype", "shape", "offsets", "detail"),
     [
@@ -208,26 +230,31 @@ def test_shape_times_dtype_differs_from_the_byte_range(
     corrupt(*frame_json({"w": entry(dtype, shape, offsets)}, 8), match=rf"tensor 'w': .*{detail}")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_overlapping_ranges() -> None:
     header = {"a": entry("F32", (2,), (0, 8)), "b": entry("F32", (2,), (4, 12))}
     corrupt(*frame_json(header, 12), match=r"tensor 'b': byte range overlaps the previous tensor")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_identical_ranges_overlap() -> None:
     header = {"a": entry("F32", (2,), (0, 8)), "b": entry("F32", (2,), (0, 8))}
     corrupt(*frame_json(header, 8), match=r"overlaps the previous tensor")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_empty_tensor_inside_another_overlaps() -> None:
     header = {"a": entry("F32", (2,), (0, 8)), "e": entry("F32", (0,), (4, 4))}
     corrupt(*frame_json(header, 8), match=r"tensor 'e': byte range overlaps")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_hole_between_tensors() -> None:
     header = {"a": entry("F32", (2,), (0, 8)), "b": entry("F32", (2,), (12, 20))}
     corrupt(*frame_json(header, 20), match=r"tensor 'b': 4 unindexed bytes before it")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_hole_before_the_first_tensor() -> None:
     corrupt(
         *frame_json({"a": entry("F32", (2,), (16, 24))}, 24),
@@ -235,31 +262,37 @@ def test_hole_before_the_first_tensor() -> None:
     )
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_trailing_bytes_after_the_last_tensor() -> None:
     # The reference implementation refuses a data section longer than its tensors
     # (MetadataIncompleteBuffer): unindexed trailing bytes are a hole too.
     corrupt(*frame_json({"a": entry("F32", (2,), (0, 8))}, 12), match=r"unindexed|trailing|hole|4 bytes")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_data_section_without_any_tensor() -> None:
     corrupt(*frame_json({}, 8), match=r"unindexed|trailing|hole|8 bytes")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_duplicated_tensor_key() -> None:
     header = b'{"w": %s, "w": %s}' % (json.dumps(entry()).encode(), json.dumps(entry()).encode())
     corrupt(*frame(header, 8), match=r"header repeats the key 'w'")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_duplicated_key_inside_an_entry() -> None:
     header = b'{"w": {"dtype": "F32", "dtype": "F16", "shape": [2], "data_offsets": [0, 8]}}'
     corrupt(*frame(header, 8), match=r"header repeats the key 'dtype'")
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_duplicated_metadata_key() -> None:
     header = b'{"__metadata__": {"a": "1"}, "__metadata__": {"a": "2"}}'
     corrupt(*frame(header), match=r"header repeats the key '__metadata__'")
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize(
     "metadata",
     [
@@ -278,6 +311,7 @@ def test_bad_metadata(metadata: Any) -> None:
     corrupt(*frame_json(header, 8), match=r"__metadata__ must map strings to strings")
 
 
+@pytest.mark.fault("hostile safetensors header")
 @pytest.mark.parametrize("metadata", [[], "", 0, False, 0.0])
 def test_falsy_but_wrong_metadata(metadata: Any) -> None:
     # An empty list or a zero is no more a string map than a non-empty one.
@@ -292,6 +326,7 @@ def test_metadata_is_returned_and_not_a_tensor() -> None:
     assert [e.name for e in entries] == ["w"]
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_error_names_the_tensor_even_among_many() -> None:
     header = {f"ok.{i}": entry("U8", (1,), (i, i + 1)) for i in range(5)}
     header["model.layers.3.bad"] = entry("NOPE", (1,), (5, 6))
@@ -301,6 +336,7 @@ def test_error_names_the_tensor_even_among_many() -> None:
 # -------------------------------------------------------------------- fuzzing: bytes
 
 
+@pytest.mark.fault("fuzzed safetensors header (arbitrary bytes or JSON)")
 @FUZZ
 @given(blob=st.binary(max_size=256), extra=st.integers(min_value=-16, max_value=4096))
 def test_arbitrary_bytes_raise_only_corrupt_checkpoint_error(blob: bytes, extra: int) -> None:
@@ -313,6 +349,7 @@ def test_arbitrary_bytes_raise_only_corrupt_checkpoint_error(blob: bytes, extra:
         assert all(isinstance(e, HeaderEntry) for e in entries)
 
 
+@pytest.mark.fault("fuzzed safetensors header (arbitrary bytes or JSON)")
 @FUZZ
 @given(body=st.binary(max_size=256), data_len=st.integers(min_value=0, max_value=64))
 def test_arbitrary_header_bodies_raise_only_corrupt_checkpoint_error(body: bytes, data_len: int) -> None:
@@ -354,6 +391,7 @@ hostile_header = (
 )
 
 
+@pytest.mark.fault("fuzzed safetensors header (arbitrary bytes or JSON)")
 @FUZZ
 @given(header=hostile_header, data_len=st.integers(min_value=0, max_value=300))
 def test_hostile_json_headers_raise_only_corrupt_checkpoint_error(header: Any, data_len: int) -> None:

@@ -298,6 +298,7 @@ def test_names_filter_returns_only_those_in_manifest_order(model_root: Path, ser
     assert all(tensors[n] == raw(ref[n]) for n in wanted)
 
 
+@pytest.mark.fault("unknown tensor or format")
 def test_unknown_tensor_name_is_not_found(model_root: Path, serve, stub) -> None:
     s = stub(serve(model_root).address)
     rpc_error(
@@ -307,6 +308,7 @@ def test_unknown_tensor_name_is_not_found(model_root: Path, serve, stub) -> None
     )
 
 
+@pytest.mark.fault("model name or symlink escaping the roots")
 @pytest.mark.parametrize(
     "name", ["org/nope", "../models", "org/../../etc", "/etc", "/etc/passwd", "org\\tiny-llama", ""]
 )
@@ -319,6 +321,7 @@ def test_unknown_or_escaping_models_are_not_found(model_root: Path, serve, stub,
         rpc_error(lambda: list(s.FetchFiles(pb.FetchFilesRequest(model=name))), grpc.StatusCode.NOT_FOUND)
 
 
+@pytest.mark.fault("model name or symlink escaping the roots")
 def test_symlink_out_of_the_root_is_not_found(model_root: Path, tmp_path: Path, serve, stub) -> None:
     root = tmp_path / "root"
     (root / "org").mkdir(parents=True)
@@ -331,6 +334,7 @@ def test_symlink_out_of_the_root_is_not_found(model_root: Path, tmp_path: Path, 
     rpc_error(lambda: list(s.FetchFiles(pb.FetchFilesRequest(model="org/link"))), grpc.StatusCode.NOT_FOUND)
 
 
+@pytest.mark.fault("impossible rank or world size")
 @pytest.mark.parametrize(
     ("rank", "world_size", "pattern"),
     [
@@ -348,12 +352,14 @@ def test_bad_ranks_are_invalid_argument(
     rpc_error(lambda: fetch(s, rank=rank, world_size=world_size), grpc.StatusCode.INVALID_ARGUMENT, pattern)
 
 
+@pytest.mark.fault("unknown tensor or format")
 def test_torch_format_on_a_safetensors_only_model_is_not_found(model_root: Path, serve, stub) -> None:
     s = stub(serve(model_root).address)
     rpc_error(lambda: manifest_of(s, format="torch"), grpc.StatusCode.NOT_FOUND, r"no torch weights")
     rpc_error(lambda: fetch(s, format="torch"), grpc.StatusCode.NOT_FOUND)
 
 
+@pytest.mark.fault("unknown tensor or format")
 def test_unknown_format_is_invalid_argument(model_root: Path, serve, stub) -> None:
     s = stub(serve(model_root).address)
     rpc_error(lambda: manifest_of(s, format="onnx"), grpc.StatusCode.INVALID_ARGUMENT, r"no loader 'onnx'")
@@ -388,6 +394,7 @@ def test_safetensors_is_served_by_default_and_bin_on_request(tmp_path: Path, ser
     assert got == {name: raw(t) for name, t in bin_tensors.items()}
 
 
+@pytest.mark.fault("stale revision or manifest id")
 def test_pinned_wrong_revision_is_failed_precondition(model_root: Path, serve, stub) -> None:
     s = stub(serve(model_root).address)
     current = manifest_of(s).revision
@@ -396,6 +403,7 @@ def test_pinned_wrong_revision_is_failed_precondition(model_root: Path, serve, s
     assert manifest_of(s, revision=current).revision == current  # the right pin works
 
 
+@pytest.mark.fault("stale revision or manifest id")
 def test_stale_manifest_id_is_failed_precondition(model_root: Path, tmp_path: Path, serve, stub) -> None:
     model_dir = copy_model(model_root, tmp_path)
     s = stub(serve(tmp_path).address)
@@ -467,6 +475,7 @@ def test_resume_at_the_end_of_a_tensor_sends_one_empty_last_chunk(model_root: Pa
     assert chunk.tensor_crc32c == wire.crc32c(whole)
 
 
+@pytest.mark.fault("bad resume point", cases=4)
 def test_resume_errors(model_root: Path, serve, stub) -> None:
     s = stub(serve(model_root).address)
     manifest = manifest_of(s)
@@ -585,6 +594,7 @@ def test_reflection_lists_the_service(model_root: Path, serve, channels) -> None
 # ------------------------------------------------------- bad models, others serve
 
 
+@pytest.mark.fault("malicious pickle checkpoint")
 def test_malicious_pickle_is_refused_and_others_keep_serving(model_root: Path, tmp_path: Path, serve, stub) -> None:
     root = tmp_path / "root"
     copy_model(model_root, root)
@@ -603,6 +613,7 @@ def test_malicious_pickle_is_refused_and_others_keep_serving(model_root: Path, t
     assert {m.name for m in s.ListModels(pb.ListModelsRequest()).models} == {MODEL, "org/evil"}
 
 
+@pytest.mark.fault("hostile safetensors header")
 def test_corrupt_safetensors_header_is_data_loss_and_others_keep_serving(
     model_root: Path, tmp_path: Path, serve, stub
 ) -> None:
@@ -621,6 +632,7 @@ def test_corrupt_safetensors_header_is_data_loss_and_others_keep_serving(
     assemble(fetch(s, manifest_id=manifest.manifest_id), manifest)
 
 
+@pytest.mark.fault("checkpoint file rewritten in place while served")
 def test_bytes_changed_under_a_restored_mtime_are_a_new_revision(model_root: Path, tmp_path: Path, serve, stub) -> None:
     # Same size, same mtime, new bytes: the ctime (which no writer can set back) still moves,
     # so the revision does, and a fetch pinned to the old manifest is refused, never served mixed.
@@ -646,6 +658,7 @@ def test_bytes_changed_under_a_restored_mtime_are_a_new_revision(model_root: Pat
     assert s.ListModels(pb.ListModelsRequest()).models[0].name == MODEL
 
 
+@pytest.mark.fault("checkpoint file truncated while served")
 def test_file_truncated_while_served_is_data_loss_and_the_server_survives(
     model_root: Path, tmp_path: Path, serve, stub
 ) -> None:
@@ -666,6 +679,7 @@ def test_file_truncated_while_served_is_data_loss_and_the_server_survives(
     assert s.ListModels(pb.ListModelsRequest()).models[0].name == MODEL
 
 
+@pytest.mark.fault("broken model directory beside good ones")
 def test_a_broken_directory_does_not_hide_the_others_from_list_models(tmp_path: Path, model_root: Path) -> None:
     import shutil
 

@@ -162,6 +162,7 @@ def test_served_saved_dir_equals_live_slicing(models: dict[str, Path], model_roo
     assert "world_size 2" in info.value.details()
 
 
+@pytest.mark.fault("flipped bit in a saved shard")
 def test_a_flipped_bit_in_a_part_fails_check_and_serving(
     models: dict[str, Path], tmp_path: Path, serve, capsys
 ) -> None:  # type: ignore[no-untyped-def]
@@ -191,6 +192,7 @@ def test_a_flipped_bit_in_a_part_fails_check_and_serving(
     assert victim in info.value.details() and "recorded" in info.value.details()
 
 
+@pytest.mark.fault("saved shards missing a rank or tensor, or misshapen")
 def test_check_names_a_deleted_rank_and_a_missing_tensor(models: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = shard(models["llama"], tmp_path / "out", 2)
     (part,) = out.glob("model-rank-0-part-*.safetensors")
@@ -215,6 +217,7 @@ def test_check_names_a_deleted_rank_and_a_missing_tensor(models: dict[str, Path]
     assert f"no {METADATA_NAME}" in text
 
 
+@pytest.mark.fault("saved shards missing a rank or tensor, or misshapen")
 def test_check_names_wrong_shapes(models: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = shard(models["llama"], tmp_path / "out", 2)
     for rank in range(2):  # the same wrong k_proj on every rank: only the head counts can tell
@@ -302,6 +305,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.fault("`weightserve shard` killed mid-write")
 def test_killed_shard_leaves_only_complete_files(tmp_path: Path, capsys) -> None:
     model = tmp_path / "model"
     write_llama_checkpoint(model, LlamaShape(128, 256, 4, 4, 2, 1000), num_files=1)

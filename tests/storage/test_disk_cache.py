@@ -42,6 +42,7 @@ def test_populate_publishes_complete_models_only(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.partial")) and not list(files.glob(".*"))
 
 
+@pytest.mark.fault("remote download dropped or failing")
 def test_a_failed_download_leaves_nothing(tmp_path: Path) -> None:
     cache = DiskCache(tmp_path)
 
@@ -104,11 +105,13 @@ def test_a_model_being_downloaded_is_never_evicted_nor_downloaded_twice(tmp_path
     assert calls == ["slow"] and [e.key for e in cache.entries()] == ["slow"]
 
 
+@pytest.mark.fault("model over the disk cache budget")
 def test_a_model_over_the_whole_budget_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ResourceExhaustedError, match="--disk-cache-bytes"):
         DiskCache(tmp_path, budget_bytes=10).populate("k", 11, writer(11))
 
 
+@pytest.mark.fault("remote download dropped or failing")
 def test_a_crashed_download_is_cleaned_up(tmp_path: Path) -> None:
     cache = DiskCache(tmp_path)
     stale = tmp_path / f"{slug('old')}.partial" / "files"

@@ -59,6 +59,7 @@ def test_offline_refuses_what_the_cache_lacks(hf_offline: Path, model_root: Path
             backend.resolve(parse_remote(bad))
 
 
+@pytest.mark.fault("remote source outside the allow-list")
 def test_server_serves_hf_offline_and_denies_other_repos(
     hf_offline: Path, model_root: Path, build_hf_cache: Any, serve: Any, tmp_path: Path
 ) -> None:

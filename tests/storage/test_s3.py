@@ -92,6 +92,7 @@ def test_second_resolve_reuses_the_disk_cache(
     assert [key for key, _ in counting.gets] == ["prefix/model/model.safetensors.index.json"]
 
 
+@pytest.mark.fault("S3 object replaced")
 def test_a_replaced_object_is_a_new_revision(uploaded: tuple[Any, str, Path], tmp_path: Path) -> None:
     client, name, _ = uploaded
     remote = f"s3://{name}/prefix/model"
@@ -111,6 +112,7 @@ def test_a_replaced_object_is_a_new_revision(uploaded: tuple[Any, str, Path], tm
         storage(tmp_path / "elsewhere", client).resolve(parse_remote(f"{remote}@{first.revision}"))
 
 
+@pytest.mark.fault("remote download dropped or failing")
 def test_a_dropped_connection_is_retried(
     uploaded: tuple[Any, str, Path],
     tmp_path: Path,
@@ -149,6 +151,7 @@ def test_without_index_every_safetensors_file_is_served(bucket: tuple[Any, str],
     ]
 
 
+@pytest.mark.fault("missing bucket or prefix, broken index, unreachable store", cases=5)
 def test_errors_name_the_problem(bucket: tuple[Any, str], tmp_path: Path, s3: SimpleNamespace) -> None:
     client, name = bucket
     backend = storage(tmp_path, client)
@@ -170,6 +173,7 @@ def test_errors_name_the_problem(bucket: tuple[Any, str], tmp_path: Path, s3: Si
         unreachable.resolve(parse_remote(f"s3://{name}/m"))
 
 
+@pytest.mark.fault("remote source outside the allow-list")
 def test_server_serves_s3_models_and_denies_other_buckets(
     uploaded: tuple[Any, str, Path], model_root: Path, tmp_path: Path, serve: Any
 ) -> None:
@@ -199,6 +203,7 @@ def test_storage_for_builds_the_s3_backend_from_config(aws_env: str, tmp_path: P
     assert backend.cache.root == tmp_path / "s3" and backend.cache.budget_bytes == 10**9
 
 
+@pytest.mark.fault("remote download dropped or failing")
 def test_one_retry_layer_a_failing_request_is_tried_attempts_times(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
