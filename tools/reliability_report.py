@@ -63,6 +63,28 @@ PROMISES = {
     "saved shards missing a rank or tensor, or misshapen": "`shard --check` names each problem and exits 1",
     "bad or unknown server setting": "refused at start, naming the setting (the closest one, for a typo)",
     "bad FileChunk (crc, size, offset, path)": "DATA_LOSS; nothing written outside the destination, nothing left",
+    "request past a static or model limit": "INVALID_ARGUMENT naming the limit, answered at once; others are served",
+    "load report that could overflow, or sent twice": (
+        "counts above 2^48 INVALID_ARGUMENT; a resent (rank, sequence) counted once"
+    ),
+    "streams over the per-peer or overall limit": (
+        "RESOURCE_EXHAUSTED with a retry-after-ms hint; Unix peers by process"
+    ),
+    "client that stops reading mid-stream": (
+        "cut after --stream-idle-seconds (DEADLINE_EXCEEDED); the client resumes; memory given back"
+    ),
+    "random requests of every RPC at a memory-capped server": (
+        "never INTERNAL or UNKNOWN; within its cap; a bit-identical fetch after"
+    ),
+    "expert mapping version reused, forgotten or unknown": (
+        "a version names one placement forever; unknown is FAILED_PRECONDITION"
+    ),
+    "one model spelled several ways": "one canonical name: one cache entry, one expert mapping",
+    "unknown or expired control job": "NOT_FOUND naming the job id; at most 256 finished jobs kept",
+    "manifest whose expert tensors and placement disagree": "the client refuses it before fetching (DATA_LOSS)",
+    "model whose own cached chunks fill the budget": (
+        "its cached chunks give way to the stream's window; it still streams"
+    ),
 }
 """What the service does for each class. A class missing here takes the `expect=` of its markers."""
 

@@ -84,6 +84,7 @@ def test_sigterm_drains_streams_in_flight(
     assert -1 not in events and events == sorted(events), f"expected drain, stream end, stop in order:\n{log}"
 
 
+@pytest.mark.fault("SIGTERM with a stream in flight")
 def test_a_drain_that_outlasts_the_grace_logs_no_errors(
     mid_root: Path, server_process: Callable[..., ServerProcess], proxy: Callable[..., FaultProxy]
 ) -> None:

@@ -46,6 +46,7 @@ def stalled_stream(address: str, manifest_id: str) -> Iterator[bytes]:
     return call
 
 
+@pytest.mark.fault("streams over the per-peer or overall limit")
 def test_a_peer_over_its_limit_is_refused_with_a_retry_hint_and_stalls_are_cut(mid_root: Path, serve) -> None:  # type: ignore[no-untyped-def]
     server: BackgroundServer = serve(mid_root, chunk_bytes=CHUNK, max_streams_per_peer=2, stream_idle_seconds=1.0)
     gate = server.server.gate
@@ -70,6 +71,7 @@ def test_a_peer_over_its_limit_is_refused_with_a_retry_hint_and_stalls_are_cut(m
             call.cancel()
 
 
+@pytest.mark.fault("streams over the per-peer or overall limit")
 def test_the_overall_limit_holds_across_peers(mid_root: Path, serve) -> None:  # type: ignore[no-untyped-def]
     server = serve(mid_root, chunk_bytes=CHUNK, max_streams=1)
     with WeightClient(server.address) as client:
@@ -84,6 +86,7 @@ def test_the_overall_limit_holds_across_peers(mid_root: Path, serve) -> None:  #
         held.cancel()
 
 
+@pytest.mark.fault("client that stops reading mid-stream")
 def test_a_client_that_pauses_longer_than_the_idle_time_resumes_and_gets_every_bit(
     mid_root: Path,
     serve,  # type: ignore[no-untyped-def]
@@ -108,6 +111,7 @@ WIDE = LlamaShape(hidden_size=1024, intermediate_size=2816, num_hidden_layers=1,
 SERVE = "import sys; from weightserve.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+@pytest.mark.fault("client that stops reading mid-stream")
 def test_the_memory_of_cancelled_streams_is_given_back(tmp_path: Path) -> None:
     root = tmp_path / "models"
     write_llama_checkpoint(root / MID_MODEL, WIDE, num_files=1)  # 4 MiB chunks: each stream holds ~12 MB
@@ -133,6 +137,7 @@ def test_the_memory_of_cancelled_streams_is_given_back(tmp_path: Path) -> None:
         proc.wait(30)
 
 
+@pytest.mark.fault("streams over the per-peer or overall limit")
 def test_unix_socket_peers_are_limited_per_process(mid_root: Path, tmp_path: Path) -> None:
     from weightserve.config import ServerConfig
 

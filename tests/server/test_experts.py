@@ -145,6 +145,7 @@ def test_invalid_reports_change_nothing(root, serve):  # type: ignore[no-untyped
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+@pytest.mark.fault("expert mapping version reused, forgotten or unknown")
 def test_unknown_mapping_version_is_failed_precondition(root, serve):  # type: ignore[no-untyped-def]
     server = serve(root)
     with WeightClient(server.address) as client, pytest.raises(FetchError) as err:
@@ -213,6 +214,7 @@ def test_get_rebalance_waits_for_the_job_to_end(root, serve):  # type: ignore[no
         assert waiting.result(timeout=60).state == pb.JOB_STATE_SUCCEEDED
 
 
+@pytest.mark.fault("unknown or expired control job")
 def test_unknown_job_is_not_found_naming_the_id(root, serve):  # type: ignore[no-untyped-def]
     stub = control(serve(root).address)
     with pytest.raises(grpc.RpcError) as info:
@@ -221,6 +223,7 @@ def test_unknown_job_is_not_found_naming_the_id(root, serve):  # type: ignore[no
     assert "rebalance job 'feedface'" in info.value.details()
 
 
+@pytest.mark.fault("unknown or expired control job")
 def test_finished_jobs_expire_oldest_first(root, serve, monkeypatch):  # type: ignore[no-untyped-def]
     from weightserve.server import control_plane
 
@@ -278,6 +281,7 @@ def _assert_slots_hold(state: dict[str, torch.Tensor], held: list[list[int]]) ->
             assert expert_of(state[f"model.layers.{layer}.block_sparse_moe.experts.{slot}.w1.weight"], layer) == expert
 
 
+@pytest.mark.fault("expert mapping version reused, forgotten or unknown")
 def test_a_version_names_one_placement_forever_even_when_the_shape_changes(root, serve):  # type: ignore[no-untyped-def]
     """Rebalancing to another slot count used to re-publish versions 0 and 1 in place, and a
     cached plan of the old placement was served under the new manifest."""
@@ -307,6 +311,7 @@ def test_a_version_names_one_placement_forever_even_when_the_shape_changes(root,
     assert len(seen) == 4  # four placements, four manifest ids
 
 
+@pytest.mark.fault("expert mapping version reused, forgotten or unknown")
 def test_a_restarted_server_refuses_a_version_it_never_published(root, serve):  # type: ignore[no-untyped-def]
     topology = pb.ExpertTopology(num_nodes=1, gpus_per_node=4)
     load = [[50, 1, 1, 1, 1, 1, 1, 40], [1, 30, 1, 1, 1, 1, 60, 1]]
@@ -326,6 +331,7 @@ def test_a_restarted_server_refuses_a_version_it_never_published(root, serve):  
     assert "full share" in info.value.details()
 
 
+@pytest.mark.fault("one model spelled several ways")
 def test_workers_spelling_the_model_differently_share_one_mapping(root, serve):  # type: ignore[no-untyped-def]
     server = serve(root)
     stub = control(server.address)

@@ -82,6 +82,7 @@ def both_roots(model_root: Path, moe_root: Path, serve):  # type: ignore[no-unty
         ),
     ],
 )
+@pytest.mark.fault("request past a static or model limit")
 def test_static_limits_are_invalid_argument_naming_the_limit(both_roots, what: str, request_of, limit: str) -> None:  # type: ignore[no-untyped-def]
     _, weights, _ = both_roots
     error = call_error(lambda: weights.GetManifest(request_of(), timeout=10))
@@ -89,6 +90,7 @@ def test_static_limits_are_invalid_argument_naming_the_limit(both_roots, what: s
     assert limit in error.details() and len(error.details()) <= 1024, what
 
 
+@pytest.mark.fault("request past a static or model limit")
 def test_fetch_names_transport_and_patterns_are_bounded(both_roots) -> None:  # type: ignore[no-untyped-def]
     _, weights, _ = both_roots
     for request, limit in (
@@ -103,6 +105,7 @@ def test_fetch_names_transport_and_patterns_are_bounded(both_roots) -> None:  # 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "65 file patterns; the limit is 64" in error.details()
 
 
+@pytest.mark.fault("request past a static or model limit")
 def test_prefetch_of_many_ranks_is_refused_at_once(both_roots) -> None:  # type: ignore[no-untyped-def]
     _, weights, _ = both_roots
     for request, limit in (
@@ -117,6 +120,7 @@ def test_prefetch_of_many_ranks_is_refused_at_once(both_roots) -> None:  # type:
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and limit in error.details(), error.details()
 
 
+@pytest.mark.fault("request past a static or model limit")
 def test_expert_placements_are_bounded_by_the_model(both_roots) -> None:  # type: ignore[no-untyped-def]
     _, weights, control = both_roots
     huge = pb.GetManifestRequest(shard=shard(MOE_MODEL, ep_size=4, num_redundant_experts=10**6))
@@ -142,6 +146,7 @@ def test_expert_placements_are_bounded_by_the_model(both_roots) -> None:  # type
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and limit in error.details(), error.details()
 
 
+@pytest.mark.fault("load report that could overflow, or sent twice")
 def test_load_counts_that_could_overflow_are_refused_and_retries_count_once(both_roots) -> None:  # type: ignore[no-untyped-def]
     _, _, control = both_roots
     big = pb.ExpertCounts(moe_layers=2, experts=8, counts=[INT64_MAX] + [1] * 15)
@@ -165,6 +170,7 @@ def test_load_counts_that_could_overflow_are_refused_and_retries_count_once(both
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error  # the window is still usable
 
 
+@pytest.mark.fault("request past a static or model limit")
 def test_other_clients_are_served_while_hostile_requests_arrive(both_roots, model_root: Path) -> None:  # type: ignore[no-untyped-def]
     server, weights, _ = both_roots
     hostile = [pb.GetManifestRequest(shard=shard("a/" * 2**19)), pb.GetManifestRequest(shard=shard(pp_size=2**31 - 1))]
@@ -186,6 +192,7 @@ def test_other_clients_are_served_while_hostile_requests_arrive(both_roots, mode
         attacker.join(30)
 
 
+@pytest.mark.fault("bad or unknown server setting")
 def test_a_cache_budget_below_the_read_pool_reserve_is_refused_at_start() -> None:
     with pytest.raises(ValueError, match=r"cache_memory 1048576 is below the .* bytes the read pool"):
         ServerConfig(cache_memory=1 << 20, read_threads=2)
