@@ -79,6 +79,8 @@ def reserved_bytes(read_threads: int, chunk_bytes: int) -> int:
 
 
 LOADERS = ("safetensors", "fastsafetensors")
+
+LOG_FORMATS = ("text", "json")
 """Readers of safetensors files a server may use (`--loader`)."""
 
 
@@ -128,6 +130,10 @@ class ServerConfig:
     max_streams: int = 256
     max_streams_per_peer: int = 64
     stream_idle_seconds: float = 60.0
+    metrics_listen: str = ""
+    """HOST:PORT of /metrics, /readyz and /livez; "" is the gRPC host on port 9400; "off" disables."""
+    log_format: str = "text"
+    allow_missing_roots: bool = False
 
     def __post_init__(self) -> None:
         if self.loader not in LOADERS:
@@ -161,6 +167,10 @@ class ServerConfig:
             raise ValueError("grace_seconds must be >= 0 and keepalive times > 0 (and not NaN)")
         if ":" not in self.listen and not self.listen.startswith("unix:"):
             raise ValueError(f"listen {self.listen!r} must be HOST:PORT or unix:PATH")
+        if self.metrics_listen not in ("", "off") and not re.fullmatch(r".*:\d{1,5}", self.metrics_listen):
+            raise ValueError(f"metrics_listen {self.metrics_listen!r} must be HOST:PORT, or off")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format {self.log_format!r} must be one of {LOG_FORMATS}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:

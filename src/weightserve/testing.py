@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 
 from weightserve.atomic import atomic_write
 from weightserve.config import ServerConfig
-from weightserve.server.lifecycle import Server, build_server
+from weightserve.server.build import build_server
+from weightserve.server.process import Server
 
 
 @dataclass(frozen=True)

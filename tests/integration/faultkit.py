@@ -429,6 +429,7 @@ class ServerProcess:
         self.starts += 1
         log = (self.log_dir / f"server-{self.port}-{self.starts}.log").open("wb")
         cmd = [str(self.executable()), "serve", "--model-root", str(self.root), "--listen", self.address]
+        cmd += ["--metrics-listen", "127.0.0.1:0"]  # servers of concurrent tests must not share port 9400
         self.proc = subprocess.Popen([*cmd, *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=server_env())
         log.close()
         wait_serving(self.address, timeout, alive=self._why_dead)

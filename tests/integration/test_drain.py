@@ -80,7 +80,7 @@ def test_sigterm_drains_streams_in_flight(
     assert rc == 0, server.log()
     assert elapsed < GRACE, f"exit took {elapsed:.1f}s, past the {GRACE}s grace period"
     log = server.log()
-    events = [log.find(line) for line in ("draining", "sent org/mid-llama", "stopped")]
+    events = [log.find(line) for line in ("draining", "FetchShard org/mid-llama", "stopped")]
     assert -1 not in events and events == sorted(events), f"expected drain, stream end, stop in order:\n{log}"
 
 

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from weightserve.config import PROCESS_RESERVE, reserved_bytes
 from weightserve.errors import ResourceExhaustedError
+from weightserve.recording import NULL_RECORDER, Recorder
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,15 @@ __all__ = ["PROCESS_RESERVE", "MemoryBudget", "reserved_bytes"]
 class MemoryBudget:
     """Byte accounting for one server; `limit == 0` disables in-memory caching."""
 
-    def __init__(self, limit: int, entries: Callable[[], Iterable[Evictable]], reserved: int = 0) -> None:
+    def __init__(
+        self,
+        limit: int,
+        entries: Callable[[], Iterable[Evictable]],
+        reserved: int = 0,
+        recorder: Recorder = NULL_RECORDER,
+    ) -> None:
         self.limit = limit
+        self.recorder = recorder
         self.reserved = reserved
         self._entries = entries
         self.windows = 0
@@ -81,6 +89,7 @@ class MemoryBudget:
             if entry.resident_bytes:
                 freed = entry.drop_chunks()
                 self.evictions += 1
+                self.recorder.cache_eviction(freed)
                 logger.info(
                     "dropped %d cached bytes of a %s model to make room for %d",
                     freed, "streamed" if entry.pinned else "idle", needed,
@@ -98,6 +107,7 @@ class MemoryBudget:
         if not self.enabled:
             return
         if not self._evict_until(nbytes, pinned_too=True):
+            self.recorder.budget_refusal()
             raise ResourceExhaustedError(
                 f"cache memory budget {self.limit} bytes: {self.windows} held by the windows of streams in flight, "
                 f"{self.resident()} by manifests and chunks and {self.reserved} reserved for read buffers leave "

@@ -24,6 +24,7 @@ from weightserve.errors import PreconditionError
 from weightserve.loaders import loader_for
 from weightserve.loaders.base import Loader
 from weightserve.loaders.formats import ModelFiles, files_at
+from weightserve.recording import NULL_RECORDER, Recorder
 from weightserve.sharding.model_config import ModelConfig
 from weightserve.storage.base import ModelLocation
 from weightserve.storage.router import StorageRouter
@@ -72,15 +73,16 @@ class ModelCache:
 
     def __init__(
         self, router: StorageRouter, memory_bytes: int = 0, reserved_bytes: int = 0,
-        loaders: Mapping[str, str] | None = None,
+        loaders: Mapping[str, str] | None = None, recorder: Recorder = NULL_RECORDER,
     ) -> None:  # fmt: skip
         self.router = router
+        self.recorder = recorder
         self.loaders = dict(loaders or {})
         """format -> the loader that opens it instead of the format's own (`serve --loader`)."""
         self.entries: dict[EntryKey, ModelEntry] = {}
         """Open entries by key; read through open_entries() and status() outside this package."""
         self.current: dict[tuple[str, str], EntryKey] = {}
-        self.budget = MemoryBudget(memory_bytes, lambda: list(self.entries.values()), reserved_bytes)
+        self.budget = MemoryBudget(memory_bytes, lambda: list(self.entries.values()), reserved_bytes, recorder)
         self._loads: dict[EntryKey, asyncio.Task[ModelEntry]] = {}
         self.loads_started = 0
 
@@ -124,7 +126,9 @@ class ModelCache:
     async def _load(self, key: EntryKey, location: ModelLocation, found: ModelFiles) -> ModelEntry:
         """Open once however many requests ask; the load outlives a caller that gives up."""
         task = self._loads.get(key)
-        if task is None:
+        if task is not None:
+            self.recorder.single_flight_wait()
+        else:
             self.loads_started += 1
             task = _detached(self._open(key, location, found))
             self._loads[key] = task
@@ -141,6 +145,7 @@ class ModelCache:
             loader.close()
             raise
         stats = LoadStats(location.source, len(found.files), total, time.perf_counter() - started)
+        self.recorder.model_loaded(location.source, total, stats.seconds)
         entry = ModelEntry(key[0], location.source, found.format, found.revision, loader, model_config, stats)
         previous = self.current.get((key[0], key[1]))
         if previous is not None and previous in self.entries and previous != key:
@@ -168,9 +173,14 @@ class ModelCache:
         """
         cached = entry.cached_chunk(key)
         if cached is not None:
+            self.recorder.cache_lookup(True)
+            self.recorder.bytes_read("cache", key[3])
             return cached
         task = entry.inflight.get(key)
-        if task is None:
+        if task is not None:
+            self.recorder.single_flight_wait()
+        else:
+            self.recorder.cache_lookup(False)
             task = _detached(self._fill(entry, key, fill))
             entry.inflight[key] = task
             task.add_done_callback(lambda _: entry.inflight.pop(key, None))
@@ -178,6 +188,7 @@ class ModelCache:
 
     async def _fill(self, entry: ModelEntry, key: ChunkKey, fill: Callable[[], Awaitable[CachedChunk]]) -> CachedChunk:
         chunk = await fill()
+        self.recorder.bytes_read(entry.source, key[3])
         if not entry.retired and self.budget.admit(len(chunk.message)):
             entry.keep(key, chunk)
         return chunk

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -39,10 +38,20 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     serve.add_argument(
         "--stream-idle-seconds", type=float, help="cut a stream whose client reads nothing this long (default 60)"
     )
+    serve.add_argument(
+        "--metrics-listen",
+        help="HOST:PORT of /metrics, /readyz and /livez (default: the --listen host, port 9400; off)",
+    )
+    serve.add_argument("--log-format", choices=("text", "json"), help="log lines as text (default) or JSON objects")
+    serve.add_argument(
+        "--allow-missing-roots", action="store_true", default=None,
+        help="start even when a --model-root is missing or unreadable (a volume mounted later)",
+    )  # fmt: skip
     serve.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from weightserve.server import log_setup
     from weightserve.server.lifecycle import main as serve_main
 
     try:
@@ -50,11 +59,18 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as e:  # a bad or unknown setting: one line, not a traceback
         sys.stderr.write(f"weightserve serve: {e}\n")
         return 2
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_setup.configure(config.log_level, config.log_format)
     if not config.model_roots and not config.dummy:
         sys.stderr.write("weightserve serve: give at least one --model-root or --dummy (or WEIGHTSERVE_MODEL_ROOTS)\n")
         return 2
-    serve_main(config)
+    try:
+        serve_main(config)
+    except ValueError as e:  # a missing model root, a bad dummy model: found while building the server
+        sys.stderr.write(f"weightserve serve: {e}\n")
+        return 2
+    except OSError as e:  # an address already in use, a socket path that cannot be created
+        sys.stderr.write(f"weightserve serve: cannot listen ({e}); is another server running there?\n")
+        return 2
     return 0
 
 
@@ -79,4 +95,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_streams=args.max_streams,
         max_streams_per_peer=args.max_streams_per_peer,
         stream_idle_seconds=args.stream_idle_seconds,
+        metrics_listen=args.metrics_listen,
+        log_format=args.log_format,
+        allow_missing_roots=args.allow_missing_roots,
     )

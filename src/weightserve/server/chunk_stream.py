@@ -182,6 +182,8 @@ async def stream_chunks(
         key = (manifest.manifest_id, job.index, job.offset, job.length)
         future: asyncio.Future[CachedChunk]
         if (cached := entry.cached_chunk(key)) is not None:  # the warm path: no task, no thread
+            cache.recorder.cache_lookup(True)
+            cache.recorder.bytes_read("cache", job.length)
             future = loop.create_future()
             future.set_result(cached)
             return future

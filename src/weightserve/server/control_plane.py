@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from weightserve.cache.model_cache import ModelCache
-from weightserve.eplb import ExpertMapping, Topology, balancedness, rebalance_experts
+from weightserve.eplb import DEFAULT_POLICY, ExpertMapping, Topology, balancedness, rebalance_experts
 from weightserve.errors import InvalidRequestError, JobNotFoundError, PreconditionError
+from weightserve.recording import NULL_RECORDER, Recorder
 from weightserve.sharding.experts import ExpertSlots, MoeLayout, is_expert
 from weightserve.sharding.spec import ShardSpec
 from weightserve.state.load import LoadWindow, ReportSequences, check_counts
@@ -66,8 +67,13 @@ class ModelExperts:
 class ControlPlane:
     """What the ControlService RPCs do, and expert placement for FetchShard."""
 
-    def __init__(self, cache: ModelCache, executor: Executor, window: int = 1000) -> None:
+    def __init__(
+        self, cache: ModelCache, executor: Executor, window: int = 1000, recorder: Recorder = NULL_RECORDER
+    ) -> None:
         self.cache = cache
+        self.recorder = recorder
+        self.last_report_wall: dict[str, float] = {}
+        """Unix time of each model's last counted load report (a stalled controller shows as an old one)."""
         self.executor = executor
         self.window = window
         self.windows: dict[str, LoadWindow] = {}
@@ -119,7 +125,10 @@ class ControlPlane:
         window = self.windows.setdefault(model, LoadWindow(self.window))
         if self.sequences.setdefault(model, ReportSequences()).is_retry(ep_rank, sequence):
             return len(window.reports), True
-        return window.add(torch.tensor(counts, dtype=torch.int64).view(layers, experts)), False
+        in_window = window.add(torch.tensor(counts, dtype=torch.int64).view(layers, experts))
+        self.last_report_wall[model] = time.time()
+        self.recorder.load_report(model)
+        return in_window, False
 
     def current(self, model: str) -> ExpertMapping | None:
         """The latest published mapping of `model`; None while version 0 (not stored) applies."""
@@ -233,6 +242,9 @@ class ControlPlane:
             logger.warning("rebalance of %s failed: %s", job.model, e)
         job.seconds = time.perf_counter() - started
         job.ended.set()
+        self.recorder.rebalance_finished(
+            job.model, policy or DEFAULT_POLICY, job.state, job.seconds, job.before, job.after
+        )
         self._expire_jobs()
 
     def _expire_jobs(self) -> None:

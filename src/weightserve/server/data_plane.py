@@ -20,6 +20,7 @@ from weightserve.cache.model_cache import CacheStatus, ModelCache
 from weightserve.config import ServerConfig
 from weightserve.errors import InvalidRequestError, PreconditionError, TensorNotFoundError, WeightserveError
 from weightserve.loaders.formats import files_at, formats_at
+from weightserve.server.call_context import current_call
 from weightserve.server.chunk_stream import ChunkFramer, chunk_jobs, stream_chunks
 from weightserve.server.control_plane import ControlPlane
 from weightserve.server.file_stream import FilePiece, select_files, stream_files
@@ -162,7 +163,9 @@ class DataPlane:
             window = self.config.prefetch_depth * self.config.chunk_bytes
             started, sent = time.perf_counter(), 0
             jobs = chunk_jobs(manifest.tensors, selection, start, self.config.chunk_bytes)
+            recorder = self.cache.recorder
             with self.cache.stream_window(window):
+                recorder.stream_started(spec.model, spec.layout, resume is not None)
                 try:
                     async for message in stream_chunks(
                         self.cache,
@@ -174,12 +177,16 @@ class DataPlane:
                         read_ahead=self.config.prefetch_depth,
                         in_place=self.config.in_place_messages,
                     ):
+                        if not sent:
+                            recorder.first_chunk(spec.model, time.perf_counter() - started)
                         sent += len(message)
+                        current_call().add_bytes(len(message))
                         yield message
                 finally:
                     manifest.digests.update(framer.finished)
+                    recorder.stream_finished(spec.model, spec.layout, sent, time.perf_counter() - started)
             seconds = time.perf_counter() - started
-            logger.info(
+            logger.debug(
                 "sent %s rank %d/%d: %d tensors, %d bytes in %.2fs (%.2f GB/s)",
                 spec.model,
                 spec.rank,

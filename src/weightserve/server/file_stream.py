@@ -11,6 +11,7 @@ from pathlib import Path
 
 from weightserve import wire
 from weightserve.errors import PreconditionError
+from weightserve.loaders.access import reading
 from weightserve.storage.base import ModelLocation
 from weightserve.storage.local import WEIGHT_SUFFIXES
 
@@ -72,7 +73,9 @@ def select_dir_files(model_dir: Path, patterns: list[str] | None, link_root: Pat
 
 
 def _file_pieces(rel: str, path: Path, chunk_bytes: int) -> Iterator[FilePiece]:
-    with path.open("rb") as f:
+    with reading(path):  # a file the server may not read: FAILED_PRECONDITION naming it
+        f = path.open("rb")
+    with f:
         size = os.fstat(f.fileno()).st_size
         offset, running = 0, 0
         while True:

@@ -9,6 +9,7 @@ from weightserve.cache.manifests import Manifest
 from weightserve.errors import InvalidRequestError
 from weightserve.server import manifest_pages as pages
 from weightserve.server import request_limits as limits
+from weightserve.server.call_context import current_call
 from weightserve.server.data_plane import ModelSummary, ResumeFrom
 from weightserve.server.file_stream import FilePiece
 from weightserve.server.stream_gate import peer_key
@@ -30,13 +31,16 @@ def layout_name(layout: int) -> str:
 
 
 def model_name(text: str) -> str:
-    """A request's model name, within its limits, in its one canonical spelling (storage.base.canonical_name)."""
-    return canonical_name(limits.check_model_name(text))
+    """A request's model name, within its limits, in its one canonical spelling (storage.base.canonical_name).
+
+    The name is also noted on the current call, for its access log line.
+    """
+    return current_call().note_model(canonical_name(limits.check_model_name(text)))
 
 
 def shard_spec(shard: pb.ShardSpec) -> ShardSpec:
     """A validated ShardSpec; zero sizes mean 1 (ep_size 0 means no expert parallelism)."""
-    return ShardSpec(
+    spec = ShardSpec(
         model=model_name(shard.model),
         revision=limits.check_text("revision", shard.revision, limits.MAX_REVISION_BYTES),
         format=limits.check_text("format", shard.format, limits.MAX_FORMAT_BYTES),
@@ -50,6 +54,7 @@ def shard_spec(shard: pb.ShardSpec) -> ShardSpec:
         num_redundant_experts=shard.num_redundant_experts,
         since_mapping=shard.since_mapping if shard.HasField("since_mapping") else None,
     )
+    return current_call().note_spec(spec)
 
 
 def resume_from(request: pb.FetchShardRequest) -> ResumeFrom | None:

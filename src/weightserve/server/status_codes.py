@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from weightserve import errors
+from weightserve.server.call_context import current_call
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,11 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """End the call with `exc`'s status, and a retry-after hint when the error carries one."""
+    """End the call with `exc`'s status; the trailing metadata carries the request id, and a
+    retry-after hint when the error has one."""
     retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(1, round(retry_after * 1000)))),))
+    extra = ((RETRY_AFTER_KEY, str(max(1, round(retry_after * 1000)))),) if retry_after is not None else ()
+    context.set_trailing_metadata(current_call().trailing_metadata(*extra))
     await context.abort(*status_for(exc))
 
 

@@ -95,6 +95,8 @@ class DiskCache:
         self.root = Path(root)
         self.budget_bytes = budget_bytes
         self.in_use = in_use or open_in_this_process
+        self.downloads = 0
+        """Models this process downloaded into the cache (for the metrics)."""
         for sub in (".locks", ".trash"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -130,6 +132,7 @@ class DiskCache:
             try:
                 fill(partial / "files")
                 self._publish(key, partial, self.root / name)
+                self.downloads += 1
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise

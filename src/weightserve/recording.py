@@ -1,0 +1,73 @@
+"""What the serving layers report as they work, behind one small interface they own.
+
+The cache, the data plane and the control plane call a Recorder; the server plugs in
+the Prometheus one (server/metrics.py), and everything else gets this base class, whose
+methods do nothing. Keeping the interface here (stdlib only) is what lets the layers
+below the server record without importing prometheus_client.
+
+A recorder must never raise into the serving path: the Prometheus implementation
+catches and logs its own errors, and every method here is cheap enough to call per
+chunk.
+"""
+
+from __future__ import annotations
+
+
+class Recorder:
+    """Events of a serving process. Every method is a no-op here; see server/metrics.py."""
+
+    # --------------------------------------------------------------- gRPC calls
+
+    def rpc_started(self, service: str, method: str, kind: str) -> None:
+        """A call began. `kind` is unary or server_stream."""
+
+    def rpc_handled(self, service: str, method: str, kind: str, code: str, seconds: float) -> None:
+        """A call ended with status `code` (OK, NOT_FOUND, CANCELLED, ...) after `seconds`."""
+
+    def rpc_message_sent(self, service: str, method: str, kind: str) -> None:
+        """A call sent one response message."""
+
+    # -------------------------------------------------------------- data plane
+
+    def stream_started(self, model: str, layout: str, resumed: bool) -> None:
+        """A FetchShard stream began (`resumed`: it asked for a resume point)."""
+
+    def first_chunk(self, model: str, seconds: float) -> None:
+        """A stream sent its first chunk `seconds` after it began."""
+
+    def stream_finished(self, model: str, layout: str, nbytes: int, seconds: float) -> None:
+        """A stream ended (whole or not) having sent `nbytes` of messages."""
+
+    def bytes_read(self, source: str, nbytes: int) -> None:
+        """Payload bytes a stream took from `source`: local, hf, s3, dummy, or cache."""
+
+    # ------------------------------------------------------------------- cache
+
+    def cache_lookup(self, hit: bool) -> None:
+        """A chunk was found in memory (hit) or had to be read (miss)."""
+
+    def single_flight_wait(self) -> None:
+        """A request waited for a load or a read another request had started."""
+
+    def cache_eviction(self, nbytes: int) -> None:
+        """Cached chunks were dropped to make room."""
+
+    def model_loaded(self, source: str, nbytes: int, seconds: float) -> None:
+        """A model revision was opened (downloaded first, for a remote source)."""
+
+    def budget_refusal(self) -> None:
+        """A stream was refused for want of memory (RESOURCE_EXHAUSTED)."""
+
+    # ---------------------------------------------------------------- control
+
+    def load_report(self, model: str) -> None:
+        """An expert load report was counted."""
+
+    def rebalance_finished(
+        self, model: str, policy: str, outcome: str, seconds: float, before: float, after: float
+    ) -> None:
+        """A rebalance job ended (`outcome`: succeeded or failed) with these balancedness figures."""
+
+
+NULL_RECORDER = Recorder()
+"""The recorder of a process that exports nothing (tests, tools)."""

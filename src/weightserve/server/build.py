@@ -1,0 +1,182 @@
+"""Building a server from its configuration: storage, cache, planes, servicers, observability.
+
+`build_server(config)` returns an unstarted Server bound to `config.listen` (port 0
+picks a free port, so tests can run many); nothing listens or scans until `start()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflectionServicer
+
+from weightserve.cache.model_cache import ModelCache
+from weightserve.config import ServerConfig, reserved_bytes
+from weightserve.loaders.dummy import dummy_locations
+from weightserve.recording import NULL_RECORDER, Recorder
+from weightserve.server import gauges
+from weightserve.server.control_plane import ControlPlane
+from weightserve.server.control_servicer import ControlServicer
+from weightserve.server.data_plane import DataPlane
+from weightserve.server.interceptors import ObservingInterceptor
+from weightserve.server.memory import MemoryTrimmer
+from weightserve.server.metrics import PrometheusRecorder, StateCollector
+from weightserve.server.process import Server, SidePortSpec
+from weightserve.server.stream_gate import StreamGate
+from weightserve.server.weight_servicer import PREENCODED_RESPONSES, WeightServicer
+from weightserve.storage import allowed_schemes, storage_for
+from weightserve.storage.local import LocalRoots
+from weightserve.storage.router import StorageRouter
+from weightserve.v1 import weightserve_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WeightService"].full_name
+CONTROL_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ControlService"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+DEFAULT_METRICS_PORT = 9400
+
+
+def build_server(config: ServerConfig) -> Server:
+    """An unstarted server bound to `config.listen`.
+
+    Raises:
+        ValueError: a model root is missing or unreadable (and missing roots are not allowed).
+        OSError: the address cannot be bound.
+    """
+    check_roots(config)
+    roots = LocalRoots(config.model_roots)
+    for name, where in roots.shadowed().items():
+        logger.warning("model %s is under several roots; serving it from %s", name, where[0])
+    remotes = {scheme: storage_for(scheme, config) for scheme in allowed_schemes(config.allow_source)}
+    router = StorageRouter(roots, remotes, config.allow_source, dummy_locations(config.dummy))
+    metrics = config.metrics_listen != "off"
+    recorder: Recorder = NULL_RECORDER
+    if metrics:
+        recorder = prometheus = PrometheusRecorder()
+    reserved = reserved_bytes(config.read_threads, config.chunk_bytes)
+    cache = ModelCache(router, config.cache_memory, reserved, loaders={"safetensors": config.loader}, recorder=recorder)
+    executor = ThreadPoolExecutor(max_workers=config.read_threads, thread_name_prefix="weightserve-read")
+    control = ControlPlane(cache, executor, config.eplb_window, recorder)
+    plane = DataPlane(config, cache, executor, control)
+    trimmer = MemoryTrimmer(executor)
+    gate = StreamGate(config.max_streams, config.max_streams_per_peer, config.stream_idle_seconds, trimmer.after_stream)
+    server = grpc.aio.server(options=server_options(config), interceptors=[ObservingInterceptor(recorder)])
+    server.add_generic_rpc_handlers(
+        [
+            _handlers(WeightServicer(plane, gate), SERVICE_NAME, PREENCODED_RESPONSES),
+            _handlers(ControlServicer(control), CONTROL_SERVICE_NAME, frozenset()),
+        ]
+    )
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    _enable_reflection(server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0 and not config.listen.startswith("unix:"):
+        raise OSError(f"could not bind {config.listen}")
+    side = None
+    if metrics:
+        label = _model_label(cache)
+        prometheus.known_model = lambda name: label(name) == name
+        prometheus.registry.register(StateCollector(gauges.sources(cache, gate, remotes, control, label)))
+        host, side_port = metrics_address(config)
+        side = SidePortSpec(host, side_port, prometheus.registry)
+    services = (SERVICE_NAME, CONTROL_SERVICE_NAME)
+    return Server(server, port, health_servicer, services, cache, executor, gate, side)
+
+
+def check_roots(config: ServerConfig) -> None:
+    """Refuse a model root that does not exist or cannot be read, unless --allow-missing-roots.
+
+    A typo in a root would otherwise start a server that serves nothing and says SERVING.
+    """
+    for root in config.model_roots:
+        problem = ""
+        if not root.exists():
+            problem = "does not exist"
+        elif not root.is_dir():
+            problem = "is not a directory"
+        elif not os.access(root, os.R_OK | os.X_OK):
+            problem = "cannot be read by this process"
+        if not problem:
+            continue
+        if not config.allow_missing_roots:
+            raise ValueError(
+                f"model root {root} {problem}; fix the path or pass --allow-missing-roots for a root mounted later"
+            )
+        logger.warning("model root %s %s; serving it once it appears (--allow-missing-roots)", root, problem)
+
+
+def metrics_address(config: ServerConfig) -> tuple[str, int]:
+    """Where the side port listens: --metrics-listen, else the gRPC host on port 9400.
+
+    A gRPC address on port 0 (a free port, as tests ask) gives the side port a free port
+    too; a Unix socket gives loopback, so the metrics bind no wider than the gRPC port.
+    """
+    if config.metrics_listen:
+        host, _, port = config.metrics_listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+    if config.listen.startswith("unix:"):
+        return "127.0.0.1", DEFAULT_METRICS_PORT
+    host, _, port = config.listen.rpartition(":")
+    return host.strip("[]"), 0 if port == "0" else DEFAULT_METRICS_PORT
+
+
+def _model_label(cache: ModelCache) -> Any:
+    """A model's metric label: its name once the server opened it, else "other" (bounded labels)."""
+
+    def label(name: str) -> str:
+        return name if any(entry.name == name for entry in cache.open_entries()) else "other"
+
+    return label
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Keepalive so a dead peer is noticed; clients may ping while streaming."""
+    return [
+        ("grpc.keepalive_time_ms", int(config.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    """Server reflection under both v1alpha (what grpcio-reflection ships) and v1 (what grpcurl
+    and newer tools ask first). The two protos differ only in their package name, so the
+    v1alpha servicer answers v1 requests byte for byte."""
+    names = [SERVICE_NAME, CONTROL_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = AsyncReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1})])
+
+
+def _handlers(servicer: Any, service_name: str, preencoded: frozenset[str]) -> grpc.GenericRpcHandler:
+    """Method handlers built from the proto descriptor; `preencoded` methods yield bytes."""
+    service = pb.DESCRIPTOR.services_by_name[service_name.rsplit(".", 1)[-1]]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        factory = (
+            grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=request_cls.FromString,
+            response_serializer=None if method.name in preencoded else response_cls.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)

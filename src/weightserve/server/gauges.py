@@ -1,0 +1,98 @@
+"""The gauges read from the server's state at each scrape: cache, streams, disk caches, EPLB.
+
+Each function returns a source for metrics.StateCollector. Nothing here is updated on
+the serving path: a scrape reads the numbers the cache, the stream gate and the control
+plane already keep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+from prometheus_client.core import Metric
+
+from weightserve.cache.model_cache import ModelCache
+from weightserve.server.control_plane import ControlPlane
+from weightserve.server.metrics import GaugeSource, age_seconds, gauge
+from weightserve.server.stream_gate import StreamGate
+from weightserve.storage.base import Storage
+
+CACHE_STATES = ("loading", "warming", "ready")
+
+ModelLabel = Callable[[str], str]
+"""The label a model name gets (its name, or "other" for a name the server cannot open)."""
+
+
+def cache_gauges(cache: ModelCache) -> GaugeSource:
+    def read() -> Iterator[Metric]:
+        yield gauge("weightserve_cache_budget_bytes", "The memory budget (--cache-memory; 0: none)", (),
+                    [((), cache.budget.limit)])  # fmt: skip
+        yield gauge("weightserve_cache_resident_bytes", "Bytes of cached chunks and manifests held", (),
+                    [((), cache.budget.resident())])  # fmt: skip
+        yield gauge("weightserve_cache_window_bytes", "Bytes reserved by the windows of streams in flight", (),
+                    [((), cache.budget.windows)])  # fmt: skip
+        counts = dict.fromkeys(CACHE_STATES, 0)
+        for entry in cache.open_entries():
+            counts["warming" if entry.warming else "ready"] += 1
+        counts["loading"] = len(cache.loading())
+        yield gauge("weightserve_cache_entries", "Open model revisions, by state", ("state",),
+                    [((state,), n) for state, n in counts.items()])  # fmt: skip
+
+    return read
+
+
+def stream_gauges(gate: StreamGate) -> GaugeSource:
+    def read() -> Iterator[Metric]:
+        yield gauge("weightserve_active_streams", "Data streams (FetchShard, FetchFiles) in flight", (),
+                    [((), gate.active)])  # fmt: skip
+        yield gauge("weightserve_stream_refusals", "Streams refused by --max-streams(-per-peer), since start", (),
+                    [((), gate.refused)])  # fmt: skip
+        yield gauge("weightserve_stream_stalls", "Streams cut for making no progress, since start", (),
+                    [((), gate.stalled)])  # fmt: skip
+
+    return read
+
+
+def disk_cache_gauges(remotes: Mapping[str, Storage]) -> GaugeSource:
+    def read() -> Iterator[Metric]:
+        usage = [(scheme, cache) for scheme, storage in remotes.items() if (cache := getattr(storage, "cache", None))]
+        yield gauge("weightserve_disk_cache_bytes", "Bytes of remote models in the disk cache", ("backend",),
+                    [((scheme,), cache.used_bytes()) for scheme, cache in usage])  # fmt: skip
+        yield gauge("weightserve_disk_cache_downloads", "Models downloaded into the disk cache, since start",
+                    ("backend",), [((scheme,), cache.downloads) for scheme, cache in usage])  # fmt: skip
+
+    return read
+
+
+def eplb_gauges(control: ControlPlane, label: ModelLabel) -> GaugeSource:
+    def read() -> Iterator[Metric]:
+        models = sorted(set(control.histories) | set(control.last_report_wall))
+        versions = [((label(m),), current.version) for m in models if (current := control.current(m)) is not None]
+        yield gauge("weightserve_eplb_mapping_version", "The expert mapping version in force (0: the start one)",
+                    ("model",), versions)  # fmt: skip
+        ages = [((label(m),), age_seconds(t)) for m, t in control.last_report_wall.items()]
+        yield gauge("weightserve_eplb_last_report_age_seconds", "Seconds since the last expert load report",
+                    ("model",), ages)  # fmt: skip
+        imbalance = []
+        for model, window in control.windows.items():
+            if window.total is None:
+                continue
+            loads = window.total.to(torch.float64)
+            means = loads.mean(dim=1).clamp(min=1e-12)
+            ratios = (loads.max(dim=1).values / means).tolist()
+            imbalance += [((label(model), str(layer)), ratio) for layer, ratio in enumerate(ratios)]
+        yield gauge(
+            "weightserve_eplb_layer_load_imbalance",
+            "Per MoE layer, the hottest expert's load over the mean, in the current load window",
+            ("model", "layer"), imbalance,
+        )  # fmt: skip
+
+    return read
+
+
+def sources(
+    cache: ModelCache, gate: StreamGate, remotes: Mapping[str, Storage], control: ControlPlane, label: ModelLabel
+) -> Iterable[GaugeSource]:
+    """Every gauge source of a server."""
+    return (cache_gauges(cache), stream_gauges(gate), disk_cache_gauges(remotes), eplb_gauges(control, label))

@@ -1,0 +1,74 @@
+"""A built server and what it owns: start (scan the roots, then SERVING), drain, close.
+
+Health is NOT_SERVING until the model roots have been scanned (a first ListModels or
+fetch would otherwise pay for the walk, and a probe would call the server ready before
+it can answer), and again from the moment a drain begins. The side port (/metrics,
+/readyz, /livez) says the same in plain HTTP for probes that cannot speak gRPC or TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from weightserve.cache.model_cache import ModelCache
+from weightserve.server.http_endpoints import SidePort
+from weightserve.server.stream_gate import StreamGate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Server:
+    """A built server: the gRPC server, its health service, cache, read pool and side port."""
+
+    grpc_server: grpc.aio.Server
+    port: int
+    health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped in grpc-stubs)
+    services: tuple[str, ...]
+    cache: ModelCache
+    executor: ThreadPoolExecutor
+    gate: StreamGate
+    side_port: SidePortSpec | None = None
+    side: SidePort | None = None
+    ready: bool = False
+    models_at_start: int = field(default=0)
+
+    async def start(self) -> None:
+        """Listen, scan the roots, then report SERVING (and start the side port)."""
+        for service in ("", *self.services):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc_server.start()
+        if self.side_port is not None:
+            spec = self.side_port
+            self.side = SidePort(spec.host, spec.port, spec.registry, lambda: self.ready, asyncio.get_running_loop())
+            self.side.start()
+        self.models_at_start = len(await asyncio.to_thread(self.cache.local_models))
+        for service in ("", *self.services):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.ready = True
+
+    async def stop(self, grace: float | None) -> None:
+        """Not ready, health NOT_SERVING, refuse new RPCs, drain streams for `grace` seconds, close."""
+        self.ready = False
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
+        self.cache.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.side is not None:
+            self.side.stop()
+
+
+@dataclass(frozen=True)
+class SidePortSpec:
+    """Where the side port listens and what /metrics serves."""
+
+    host: str
+    port: int
+    registry: Any  # prometheus_client.CollectorRegistry
