@@ -7,13 +7,14 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 60
 
 BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 PROTOS := $(shell find proto -name '*.proto')
 STUBS := src/weightserve/v1/weightserve_pb2.py
 
-.PHONY: venv node proto demo test lint fmt clean
+.PHONY: venv node proto demo test fuzz lint fmt clean
 
 venv: $(VENV)/.installed
 
@@ -48,6 +49,11 @@ demo: venv $(STUBS)
 
 test: venv node $(STUBS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Time-boxed hypothesis campaigns over the readers of untrusted files (fuzz/), FUZZ_SECONDS
+# per target under a memory cap; the per-test timeout turns a hang into a failure with a traceback.
+fuzz: venv
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest fuzz --timeout=$$(( $(FUZZ_SECONDS) * 2 + 120 )) $(PYTEST_ARGS)
 
 # lint-imports: the import contracts in pyproject.toml ([tool.importlinter]); --no-cache
 # keeps its cache folder out of the tree. buf breaking: proto/ against the last released

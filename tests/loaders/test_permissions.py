@@ -7,11 +7,11 @@ server's directory) and says the server may not read it; ListModels skips the mo
 and lists the others.
 
 As a normal user `deny` is chmod 000. CI runs as root, where chmod stops no read, so
-there `deny` makes the calls the code opens files with (os.open, open, io.open,
-os.listdir) fail with EACCES for the denied paths only, and the tests check that the
-code really was refused; `test_real_eacces_as_root_without_the_override_capabilities`
-also runs the loaders and a server in a child that gives up root's right to read any
-file, against files that really are mode 000.
+there `deny` makes the calls the code opens files with (os.open, open, io.open) fail
+with EACCES for the denied paths only, and the tests check that the code really was
+refused; `test_real_eacces_as_root_without_the_override_capabilities` also runs the
+loaders and a server in a child that gives up root's right to read any file, against
+files that really are mode 000.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Deny:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(file))
 
     def _patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        real_os_open, real_open, real_listdir = os.open, builtins.open, os.listdir
+        real_os_open, real_open = os.open, builtins.open
 
         def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
             self._check(path)
@@ -94,14 +94,9 @@ class Deny:
             self._check(file)
             return real_open(file, *args, **kwargs)
 
-        def listdir(path: Any = ".") -> list[Any]:
-            self._check(path)
-            return real_listdir(path)
-
         monkeypatch.setattr(os, "open", os_open)
         monkeypatch.setattr(builtins, "open", open_)
         monkeypatch.setattr(io, "open", open_)
-        monkeypatch.setattr(os, "listdir", listdir)
 
 
 @pytest.fixture
@@ -188,12 +183,10 @@ def test_unreadable_gguf_file(tmp_path: Path, deny: Deny) -> None:
     from tests.loaders.gguf_fixtures import write_llama_gguf
     from weightserve.loaders.gguf import GGUFLoader
 
-    written = write_llama_gguf(tmp_path / "gguf")
-    (path,) = GGUFLoader.find_files(tmp_path / "gguf")
+    (path,) = write_llama_gguf(tmp_path / "gguf").files
     deny(path)
     precondition(lambda: GGUFLoader([path]), path.name, tmp_path)
     assert deny.refused(path)
-    assert written is not None
 
 
 def test_unreadable_sharded_state_metadata(tmp_path: Path, deny: Deny) -> None:

@@ -71,7 +71,19 @@ def test_without_an_index_the_preferred_format_minus_leftovers() -> None:
         weight_names(["config.json", "sub/model.safetensors"], lambda n: "", "m")
 
 
-@pytest.mark.parametrize("bad", ["not json", '{"weight_map": 3}', index("../escape.safetensors"), index("a/b.bin")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not json",
+        '{"weight_map": 3}',
+        index("../escape.safetensors"),
+        index("a/b.bin"),
+        index("model.safetensors/"),
+        index(""),
+        '{"weight_map": {"w": 7}}',
+        '{"weight_map": {"w": ["a"]}}',
+    ],
+)
 def test_a_bad_index_is_corrupt(bad: str) -> None:
     with pytest.raises(CorruptCheckpointError):
         names_from_index(bad, "model.safetensors.index.json")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from weightserve.errors import CorruptCheckpointError
+from weightserve.loaders.access import read_text, reading
 from weightserve.storage.selection import NOT_FOR_INFERENCE
 
 _DIGITS = re.compile(r"(\d+)")
@@ -17,28 +19,61 @@ def natural_key(path: Path) -> tuple[object, ...]:
     return tuple(int(p) if p.isdigit() else p for p in _DIGITS.split(path.name))
 
 
+def _weight_map(index: Path) -> dict[str, Any]:
+    """An index json's weight_map (tensor name -> file name), as written.
+
+    Raises:
+        CorruptCheckpointError: not JSON, or no object under "weight_map".
+        PreconditionError: the server may not read the index.
+    """
+    try:
+        weight_map = json.loads(read_text(index))["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: nesting too deep
+        raise CorruptCheckpointError(f"{index.name}: not a valid index json ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpointError(f"{index.name}: not a valid index json (weight_map is not an object)")
+    return weight_map
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, except that a name the OS refuses (too long, say) is no file either.
+
+    A permission problem is left to raise: it is the operator's to fix, not corruption.
+    """
+    try:
+        return path.is_file()
+    except PermissionError:
+        raise
+    except OSError:  # ENAMETOOLONG: Path.is_file lets it through
+        return False
+
+
+def _shown(name: str) -> str:
+    """A file name from an index, as quoted in a message: cut to 100 characters."""
+    return repr(name) if len(name) <= 100 else f"{name[:100]!r}... ({len(name)} characters)"
+
+
 def files_from_index(model_dir: Path, index_name: str) -> list[Path] | None:
     """The files an index json's weight_map names, naturally sorted; None if no index.
 
     Raises:
         CorruptCheckpointError: the index is malformed or names a path outside the model.
+        PreconditionError: the server may not read the index.
     """
     index = model_dir / index_name
     if not index.is_file():
         return None
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = set(weight_map.values())
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CorruptCheckpointError(f"{index.name}: not a valid index json ({e})") from None
+    names = {str(name) for name in _weight_map(index).values()}
     files = []
     for name in names:
-        rel = PurePosixPath(str(name))
+        rel = PurePosixPath(name)
         if rel.is_absolute() or ".." in rel.parts or len(rel.parts) != 1:
-            raise CorruptCheckpointError(f"{index.name}: weight file {name!r} is not a file in the model directory")
+            raise CorruptCheckpointError(
+                f"{index.name}: weight file {_shown(name)} is not a file in the model directory"
+            )
         path = model_dir / rel.name
-        if not path.is_file():
-            raise CorruptCheckpointError(f"{index.name}: names {name!r}, which does not exist")
+        if not _is_file(path):
+            raise CorruptCheckpointError(f"{index.name}: names {_shown(name)}, which does not exist")
         files.append(path)
     return sorted(files, key=natural_key)
 
@@ -51,15 +86,12 @@ def check_index(model_dir: Path, index_name: str, placed: dict[str, str]) -> Non
 
     Raises:
         CorruptCheckpointError: names the first tensor that is missing or elsewhere.
+        PreconditionError: the server may not read the index.
     """
     index = model_dir / index_name
     if not index.is_file():
         return
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        expected = {str(name): PurePosixPath(str(file)).name for name, file in weight_map.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CorruptCheckpointError(f"{index.name}: not a valid index json ({e})") from None
+    expected = {name: PurePosixPath(str(file)).name for name, file in _weight_map(index).items()}
     missing = sorted(name for name in expected if name not in placed)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -74,8 +106,15 @@ def check_index(model_dir: Path, index_name: str, placed: dict[str, str]) -> Non
 
 
 def files_by_suffix(model_dir: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """Weight files in `model_dir` (not recursive) with one of `suffixes`, naturally sorted."""
-    found = [
-        p for p in model_dir.iterdir() if p.suffix in suffixes and p.is_file() and not NOT_FOR_INFERENCE.match(p.name)
-    ]
+    """Weight files in `model_dir` (not recursive) with one of `suffixes`, naturally sorted.
+
+    Raises:
+        PreconditionError: the server may not list the directory.
+    """
+    with reading(model_dir):
+        found = [
+            p
+            for p in model_dir.iterdir()
+            if p.suffix in suffixes and p.is_file() and not NOT_FOR_INFERENCE.match(p.name)
+        ]
     return sorted(found, key=natural_key)

@@ -24,8 +24,9 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from weightserve.errors import CorruptCheckpointError
+from weightserve.errors import CorruptCheckpointError, WeightserveError
 from weightserve.loaders import register_loader
+from weightserve.loaders.access import read_text
 from weightserve.loaders.base import Loader, TensorRecord
 from weightserve.loaders.dummy_shapes import config_dtype, tensor_shapes
 from weightserve.loaders.sources import Source
@@ -120,17 +121,22 @@ class DummySource(Source):
 def read_config(path: Path) -> dict[str, Any]:
     """A config.json as a dict, checked to describe a model dummy weights cover.
 
+    Messages name the file by its base name only: a client sees them.
+
     Raises:
-        CorruptCheckpointError: unreadable, not JSON, or not a supported model.
+        CorruptCheckpointError: not JSON, or not a supported model.
+        PreconditionError: the server may not read it.
     """
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(read_text(path))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
         tensor_shapes(config)
         config_dtype(config)
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"{path}: {e}") from None
+    except OSError as e:  # its strerror only: str(e) holds the server's full path
+        raise CorruptCheckpointError(f"{path.name}: cannot read it ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{path.name}: {e}") from None
     return config
 
 
@@ -189,7 +195,7 @@ def dummy_locations(models: Iterable[tuple[str, Path]]) -> dict[str, ModelLocati
         try:
             read_config(config_path)
             text = config_path.read_bytes()
-        except (CorruptCheckpointError, OSError) as e:
+        except (WeightserveError, OSError) as e:
             raise ValueError(f"dummy model {name!r}: {e}") from None
         revision = "dummy-" + hashlib.sha256(text).hexdigest()[:20]
         path = config_path.resolve()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from weightserve.errors import ModelNotFoundError
 from weightserve.loaders import FORMAT_PREFERENCE, loader_for
+from weightserve.loaders.access import reading
 from weightserve.storage.base import ModelLocation
 from weightserve.storage.local import local_revision
 
@@ -61,8 +62,14 @@ def formats_at(location: ModelLocation) -> list[str]:
 
 
 def available_formats(model_dir: Path) -> list[str]:
-    """Formats the directory has weights for, in serving preference order."""
-    return [fmt for fmt in FORMAT_PREFERENCE if loader_for(fmt).find_files(model_dir)]
+    """Formats the directory has weights for, in serving preference order.
+
+    Raises:
+        PreconditionError: the server may not read an index json or the directory, so
+            cannot tell; a listing skips the model rather than fail for every model.
+    """
+    with reading(model_dir):
+        return [fmt for fmt in FORMAT_PREFERENCE if loader_for(fmt).find_files(model_dir)]
 
 
 def model_files(
@@ -76,10 +83,12 @@ def model_files(
     Raises:
         ModelNotFoundError: the directory has no weights (in that format), or a weight
             file resolves outside `link_root` (default: the directory), as a symlink out would.
+        PreconditionError: the server may not read an index json or the directory.
     """
     formats = [fmt] if fmt else list(FORMAT_PREFERENCE)
     for candidate in formats:
-        files = loader_for(candidate).find_files(model_dir)
+        with reading(model_dir):
+            files = loader_for(candidate).find_files(model_dir)
         if files:
             _check_inside(model_dir, files, link_root or model_dir)
             extra = [model_dir / c for c in CONFIG_FILES if (model_dir / c).is_file()]

@@ -19,8 +19,10 @@ from typing import Any, NamedTuple
 
 from weightserve.errors import CorruptCheckpointError, PreconditionError
 from weightserve.loaders import register_loader
+from weightserve.loaders.access import reading, unreadable, without_dirs
 from weightserve.loaders.base import Loader, TensorRecord
 from weightserve.loaders.discovery import files_by_suffix
+from weightserve.loaders.gguf_header import check_metadata
 from weightserve.loaders.gguf_names import config_from_metadata, hf_name, permuted_heads
 from weightserve.loaders.gguf_rows import PermutedRows
 from weightserve.loaders.sources import FileSource
@@ -102,7 +104,9 @@ class GGUFTensor(NamedTuple):
     offset: int
 
 
-def _read(path: Path, gguf: ModuleType) -> tuple[list[GGUFTensor], dict[str, Any]]:
+def _read(path: Path, gguf: ModuleType, size: int) -> tuple[list[GGUFTensor], dict[str, Any]]:
+    with reading(path), path.open("rb") as f:
+        check_metadata(f, size, path.name)  # before the reader, which loops on counts past the end
     try:
         reader = gguf.GGUFReader(path)
         tensors = [
@@ -110,8 +114,10 @@ def _read(path: Path, gguf: ModuleType) -> tuple[list[GGUFTensor], dict[str, Any
             for t in reader.tensors
         ]
         metadata = _scalars(reader, gguf)
+    except PermissionError:
+        raise unreadable(path) from None
     except (ValueError, IndexError, KeyError, TypeError, OSError) as e:  # what the reader raises on bad bytes
-        raise CorruptCheckpointError(f"{path.name}: not a valid GGUF file ({e})") from None
+        raise CorruptCheckpointError(f"{path.name}: not a valid GGUF file ({without_dirs(str(e), path)})") from None
     del reader  # drop the mapping: every read from here on is a pread
     return tensors, metadata
 
@@ -134,7 +140,7 @@ class GGUFLoader(Loader):
             for number, path in enumerate(files):
                 self.sources.append(FileSource(path))
                 index = len(self.sources) - 1
-                tensors, metadata = _read(path, gguf)
+                tensors, metadata = _read(path, gguf, self.sources[index].size)
                 if number == 0:
                     self.metadata = metadata
                 self.records += [self._record(gguf, path, index, tensor) for tensor in tensors]
@@ -161,7 +167,7 @@ class GGUFLoader(Loader):
                 f"{path.name}: tensor {name!r} ends at byte {offset + nbytes}, "
                 f"past the end of the file ({source.size} bytes)"
             )
-        heads = permuted_heads(name, self.metadata) if shape else 0
+        heads = permuted_heads(name, self.metadata) if shape and nbytes else 0  # no rows: nothing to reorder
         if heads:
             rows = PermutedRows(
                 source,

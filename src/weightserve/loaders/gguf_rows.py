@@ -19,16 +19,21 @@ from weightserve.errors import CorruptCheckpointError
 from weightserve.loaders.sources import Source
 
 
-def gguf_rows(n_rows: int, n_head: int) -> npt.NDArray[np.int64]:
-    """For each Hugging Face row, the GGUF row that holds it.
+def check_heads(n_rows: int, n_head: int) -> None:
+    """Raise CorruptCheckpointError unless `n_rows` split into `n_head` heads of an even size."""
+    if n_head <= 0 or n_rows % n_head or (n_rows // n_head) % 2:
+        raise CorruptCheckpointError(f"{n_rows} rows do not split into {n_head} heads of an even size")
+
+
+def gguf_rows(n_rows: int, n_head: int, start: int = 0, stop: int | None = None) -> npt.NDArray[np.int64]:
+    """For each Hugging Face row in [start, stop) (default: all), the GGUF row that holds it.
 
     Raises:
         CorruptCheckpointError: the rows do not split into heads of an even size.
     """
-    if n_head <= 0 or n_rows % n_head or (n_rows // n_head) % 2:
-        raise CorruptCheckpointError(f"{n_rows} rows do not split into {n_head} heads of an even size")
+    check_heads(n_rows, n_head)
     head_dim = n_rows // n_head
-    hf = np.arange(n_rows, dtype=np.int64)
+    hf = np.arange(start, n_rows if stop is None else stop, dtype=np.int64)
     head, within = np.divmod(hf, head_dim)
     half, i = np.divmod(within, head_dim // 2)
     rows: npt.NDArray[np.int64] = head * head_dim + 2 * i + half
@@ -40,13 +45,16 @@ class PermutedRows(Source):
 
     A read fetches the smallest run of GGUF rows that holds every row it needs (the
     rows of the heads it touches, at most) in one pread, then reorders them in memory.
+    The row map is computed per read, for the rows read: a table of every row would
+    cost 8 bytes a row, more than the tensor itself for a hostile file of 1-byte rows.
     """
 
     def __init__(self, base: Source, offset: int, *, n_rows: int, row_bytes: int, n_head: int, label: str) -> None:
         self.base = base
         self.offset = offset
         self.row_bytes = row_bytes
-        self.rows = gguf_rows(n_rows, n_head)
+        self.n_rows, self.n_head = n_rows, n_head
+        check_heads(n_rows, n_head)
         self.size = n_rows * row_bytes
         self.label = label
         self.bytes_read = 0  # the base source counts the bytes read from storage
@@ -58,7 +66,7 @@ class PermutedRows(Source):
         if not len(dest):
             return
         first, last = offset // self.row_bytes, -(-end // self.row_bytes)
-        wanted = self.rows[first:last]
+        wanted = gguf_rows(self.n_rows, self.n_head, first, last)
         low, high = int(wanted.min()), int(wanted.max()) + 1
         span = np.empty((high - low, self.row_bytes), dtype=np.uint8)
         self.base.read_into(self.offset + low * self.row_bytes, span.data.cast("B"), check)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from weightserve.errors import CorruptCheckpointError
 from weightserve.loaders import register_loader
+from weightserve.loaders.access import read_text, reading
 from weightserve.loaders.base import Loader, ShardedState, TensorRecord
 from weightserve.loaders.discovery import natural_key
 from weightserve.loaders.safetensors import read_header
@@ -32,20 +33,27 @@ Digests = dict[int, dict[str, int]]
 
 
 def read_metadata(model_dir: Path, ranks_found: int) -> tuple[int, str, Digests]:
-    """(world_size, layout, digests) from the metadata file, or inferred from the files (no digests)."""
+    """(world_size, layout, digests) from the metadata file, or inferred from the files (no digests).
+
+    Raises:
+        CorruptCheckpointError: the metadata is malformed, or was never finished.
+        PreconditionError: the server may not read it.
+    """
     path = model_dir / METADATA_NAME
     if not path.is_file():
         if (model_dir / INCOMPLETE_NAME).exists():
             raise CorruptCheckpointError(f"{model_dir.name}: `weightserve shard` did not finish writing it")
         return ranks_found, "vllm", {}
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_text(path))
         world_size, layout = int(meta["world_size"]), str(meta["layout"])
         digests = {
             int(rank): {str(name): _crc(value) for name, value in tensors.items()}
             for rank, tensors in meta.get("crc32c", {}).items()
         }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except OSError as e:  # its strerror only: str(e) holds the server's full path
+        raise CorruptCheckpointError(f"{path.name}: cannot read it ({e.strerror})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as e:  # Overflow: Infinity
         raise CorruptCheckpointError(f"{path.name}: not valid sharded-state metadata ({e})") from None
     return world_size, layout, digests
 
@@ -75,9 +83,11 @@ class ShardedStateLoader(Loader):
                     TensorRecord(e.name, e.dtype, e.shape, index, e.begin, e.end - e.begin) for e in entries
                 )
             world_size, layout, digests = read_metadata(files[0].parent, len(by_rank))
-            if sorted(by_rank) != list(range(world_size)):
+            # the count first: a hostile world_size must not become a list of that many ranks
+            if len(by_rank) != world_size or sorted(by_rank) != list(range(world_size)):
                 raise CorruptCheckpointError(
-                    f"{files[0].parent}: saved for world_size {world_size} but has files for ranks {sorted(by_rank)}"
+                    f"{files[0].parent.name}: saved for world_size {world_size} "
+                    f"but has files for ranks {sorted(by_rank)}"
                 )
             for rank, records in by_rank.items():
                 names = [r.name for r in records]
@@ -99,5 +109,6 @@ class ShardedStateLoader(Loader):
 
     @classmethod
     def find_files(cls, model_dir: Path) -> list[Path]:
-        found = [p for p in model_dir.iterdir() if RANK_FILE.match(p.name) and p.is_file()]
+        with reading(model_dir):
+            found = [p for p in model_dir.iterdir() if RANK_FILE.match(p.name) and p.is_file()]
         return sorted(found, key=natural_key)

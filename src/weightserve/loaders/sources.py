@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from weightserve.errors import CorruptCheckpointError
+from weightserve.loaders.access import reading
 
 SPAN_BYTES = 8 * 1024 * 1024
 """Largest page-cache span one strided gather copies at once (per read thread)."""
@@ -73,13 +74,15 @@ class FileSource(Source):
     """A file read with os.preadv; safe to share between threads.
 
     Errors name the file by its base name only: they reach clients, who have no
-    business learning the server's directory layout.
+    business learning the server's directory layout. A file the server may not open
+    is a PreconditionError (loaders/access.py).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.label = path.name
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        with reading(path):
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         st = os.fstat(self._fd)
         self.size = st.st_size
         self._identity = file_identity(st)

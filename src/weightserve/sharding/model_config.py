@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from weightserve.errors import CorruptCheckpointError
+from weightserve.loaders.access import read_text
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,22 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelConfig:
-        """The model's config.json, or an empty config when it has none."""
+        """The model's config.json, or an empty config when it has none.
+
+        Messages name the file by its base name only: they reach clients.
+
+        Raises:
+            CorruptCheckpointError: it cannot be read, or is no JSON object.
+            PreconditionError: the server may not read it.
+        """
         path = model_dir / "config.json"
         if not path.is_file():
             return cls()
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+            raw = json.loads(read_text(path))
+        except OSError as e:  # its strerror only: str(e) holds the server's full path
+            raise CorruptCheckpointError(f"{path.name}: cannot read it ({e.strerror})") from None
+        except (ValueError, RecursionError) as e:
             raise CorruptCheckpointError(f"{path.name}: not valid JSON ({e})") from None
         if not isinstance(raw, dict):
             raise CorruptCheckpointError(f"{path.name}: not a JSON object")

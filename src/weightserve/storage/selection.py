@@ -72,12 +72,15 @@ def names_from_index(text: str, index_name: str) -> list[str]:
         CorruptCheckpointError: not a valid index, or a name outside the model's folder.
     """
     try:
-        names = {str(v) for v in json.loads(text)["weight_map"].values()}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CorruptCheckpointError(f"{index_name}: not a valid index json ({e})") from None
+        names = set(json.loads(text)["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        # RecursionError: json nested past the interpreter's limit (a hostile index).
+        raise CorruptCheckpointError(f"{index_name}: not a valid index json ({type(e).__name__}: {e})") from None
     for name in names:
+        if not isinstance(name, str):
+            raise CorruptCheckpointError(f"{index_name}: weight file {name!r} is not a file name")
         rel = PurePosixPath(name)
-        if rel.is_absolute() or ".." in rel.parts or len(rel.parts) != 1:
+        if rel.is_absolute() or ".." in rel.parts or len(rel.parts) != 1 or name.endswith("/"):
             raise CorruptCheckpointError(f"{index_name}: weight file {name!r} is not a file in the model's folder")
     return sorted(names)
 
