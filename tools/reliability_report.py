@@ -82,6 +82,26 @@ PROMISES = {
     "one model spelled several ways": "one canonical name: one cache entry, one expert mapping",
     "unknown or expired control job": "NOT_FOUND naming the job id; at most 256 finished jobs kept",
     "manifest whose expert tensors and placement disagree": "the client refuses it before fetching (DATA_LOSS)",
+    "unreadable checkpoint file (permissions)": (
+        "FAILED_PRECONDITION naming the file (base name only); listings skip the model, others serve"
+    ),
+    "pickle whose views expand or overlap": (
+        "CorruptCheckpointError naming the tensor, before any storage is read; memory does not grow"
+    ),
+    "fuzzed checkpoint of any format (short campaign)": (
+        "no exception but CorruptCheckpointError or PreconditionError; `make fuzz` runs longer campaigns"
+    ),
+    "hostile GGUF header": "CorruptCheckpointError naming the field; counts bounded by the file's size",
+    "hostile sharded_state metadata": "CorruptCheckpointError naming the field; nothing sized by it",
+    "manifest too big for one message": (
+        "paged (3 MiB pages); an unpaged ask over 4 MiB is FAILED_PRECONDITION naming page_size"
+    ),
+    "model changed between manifest pages": (
+        "a token of another manifest is INVALID_ARGUMENT; the client starts over once"
+    ),
+    "server down longer than the retry deadline": (
+        "the client gives up after retry_deadline (120 s) of waiting, naming the last error"
+    ),
     "model whose own cached chunks fill the budget": (
         "its cached chunks give way to the stream's window; it still streams"
     ),

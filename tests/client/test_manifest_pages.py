@@ -96,6 +96,7 @@ def count_pages(client: WeightClient, after_page: Callable[[pb.GetManifestReques
 # ------------------------------------------------------------------ the server
 
 
+@pytest.mark.fault("manifest too big for one message")
 def test_unpaged_manifest_over_4mib_is_failed_precondition_naming_page_size(
     stub: pb_grpc.WeightServiceStub,
 ) -> None:
@@ -137,6 +138,7 @@ def test_old_clients_get_small_manifests_whole_and_page_size_bounds_the_count(mo
     assert paged == list(whole.tensors)
 
 
+@pytest.mark.fault("model changed between manifest pages")
 def test_a_page_token_of_another_manifest_is_refused(stub: pb_grpc.WeightServiceStub) -> None:
     token = stub.GetManifest(manifest_request(BIG, page_size=10)).next_page_token
     with pytest.raises(grpc.RpcError) as caught:
@@ -151,6 +153,7 @@ def test_a_page_token_of_another_manifest_is_refused(stub: pb_grpc.WeightService
 # ------------------------------------------------------------------ the client
 
 
+@pytest.mark.fault("manifest too big for one message")
 def test_the_client_pages_and_fetches_every_tensor_bit_identically(big: str, many_root: Path) -> None:
     with WeightClient(big) as client:
         sizes = count_pages(client)
@@ -171,6 +174,7 @@ def test_the_async_client_pages_too(big: str, many_root: Path) -> None:
     assert_bit_identical(state, load_file(str(many_root / BIG / "model.safetensors")))
 
 
+@pytest.mark.fault("model changed between manifest pages")
 @pytest.mark.parametrize("changes", [1, 2])
 def test_a_model_that_changes_between_pages_is_read_again_once(tmp_path: Path, serve: ServeFn, changes: int) -> None:
     model_dir = tmp_path / BIG
@@ -231,6 +235,7 @@ def test_manifest_pages_start_over_once_when_the_id_changes() -> None:
 # --------------------------------------------------------- errors not retried
 
 
+@pytest.mark.fault("manifest too big for one message")
 @pytest.mark.parametrize("flavour", ["sync", "asyncio"])
 def test_a_message_over_the_clients_receive_limit_is_not_retried(
     model_root: Path, serve: ServeFn, monkeypatch: pytest.MonkeyPatch, flavour: str

@@ -45,6 +45,7 @@ def test_retry_after_reads_milliseconds_and_ignores_anything_else() -> None:
     assert retry_after(None) is None and retry_after([]) is None
 
 
+@pytest.mark.fault("streams over the per-peer or overall limit")
 def test_resource_exhausted_is_retried_only_with_a_hint_and_attempts_are_unbounded_by_default() -> None:
     policy = RetryPolicy()
     assert policy.should_retry(grpc.StatusCode.UNAVAILABLE, 10_000)
@@ -72,6 +73,7 @@ def test_resource_exhausted_without_a_hint_is_final() -> None:
     assert loop.stats.reconnects == 0
 
 
+@pytest.mark.fault("server down longer than the retry deadline")
 def test_the_deadline_counts_waits_over_all_breaks() -> None:
     loop = _loop(RetryPolicy(retry_deadline=10.0))
     loop.stats.retry_wait_seconds = 9.5  # earlier breaks

@@ -31,21 +31,25 @@ def short(target: Callable[[bytes], None], strategy: st.SearchStrategy[bytes]) -
     SHORT(given(strategy)(target))()
 
 
+@pytest.mark.fault("fuzzed checkpoint of any format (short campaign)")
 def test_safetensors_files() -> None:
     short(fuzzing.safetensors_target, fuzzing.safetensors_files())
 
 
+@pytest.mark.fault("fuzzed checkpoint of any format (short campaign)")
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the reader's offset sums wrap
 def test_gguf_files() -> None:
     short(fuzzing.gguf_target, fuzzing.gguf_files())
 
 
+@pytest.mark.fault("fuzzed checkpoint of any format (short campaign)")
 @pytest.mark.filterwarnings("ignore::UserWarning:torch")
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_torch_files(zip_format: bool) -> None:
     short(fuzzing.torch_target, fuzzing.torch_files(zip_format))
 
 
+@pytest.mark.fault("fuzzed checkpoint of any format (short campaign)")
 def test_index_json() -> None:
     short(fuzzing.index_target, fuzzing.index_texts())
 
@@ -64,6 +68,7 @@ def test_the_seeds_parse() -> None:
 # ListModels that failed for every model), a hang or an unbounded allocation.
 
 
+@pytest.mark.fault("malformed or lying index json")
 def test_index_naming_a_file_name_too_long_for_the_os_is_corrupt(tmp_path: Path) -> None:
     # Path.is_file raised OSError(ENAMETOOLONG), out of every listing.
     index = {"weight_map": {"w": "x" * 300 + ".safetensors"}}
@@ -72,6 +77,7 @@ def test_index_naming_a_file_name_too_long_for_the_os_is_corrupt(tmp_path: Path)
         files_from_index(tmp_path, SAFETENSORS_INDEX)
 
 
+@pytest.mark.fault("malformed or lying index json")
 def test_index_that_is_not_utf8_is_corrupt(tmp_path: Path) -> None:
     (tmp_path / SAFETENSORS_INDEX).write_bytes(b'\x80{"weight_map": {}}')
     with pytest.raises(CorruptCheckpointError, match=r"not a valid index json \(UnicodeDecodeError"):
@@ -84,6 +90,7 @@ def torch_zip(tmp_path: Path) -> tuple[Path, bytearray]:
     return path, bytearray(path.read_bytes())
 
 
+@pytest.mark.fault("corrupt or truncated .bin/.pt")
 def test_zip_directory_that_torch_reads_but_zipfile_refuses_is_corrupt(tmp_path: Path) -> None:
     # "version needed to extract" 25.5 in the first central directory entry: torch's
     # reader ignores it, zipfile raised NotImplementedError.
@@ -95,6 +102,7 @@ def test_zip_directory_that_torch_reads_but_zipfile_refuses_is_corrupt(tmp_path:
         TorchLoader([path])
 
 
+@pytest.mark.fault("corrupt or truncated .bin/.pt")
 def test_zip_claiming_several_disks_is_corrupt(tmp_path: Path) -> None:
     # zipfile.is_zipfile raised BadZipFile instead of answering.
     path, blob = torch_zip(tmp_path)
@@ -123,6 +131,7 @@ def gguf_file(tmp_path: Path, tensors: dict[str, np.ndarray], array: list[bool] 
     return path
 
 
+@pytest.mark.fault("hostile GGUF header")
 def test_gguf_array_claiming_more_elements_than_the_file_holds_is_corrupt_not_a_hang(tmp_path: Path) -> None:
     # The gguf reader looped 2**60 times past the end of the file, growing a list until OOM
     # (with 1-byte elements the reader never meets a partial one, which would stop it).
@@ -173,17 +182,20 @@ def test_without_dirs() -> None:
     assert without_dirs(f"cannot map {path}; see /srv/models/org/m/other", path) == "cannot map model.gguf; see other"
 
 
+@pytest.mark.fault("malformed or lying index json")
 def test_names_from_index_with_nesting_past_the_recursion_limit() -> None:
     with pytest.raises(CorruptCheckpointError):
         names_from_index('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}", SAFETENSORS_INDEX)
 
 
+@pytest.mark.fault("malformed or lying index json")
 def test_files_from_index_with_nesting_past_the_recursion_limit(tmp_path: Path) -> None:
     (tmp_path / SAFETENSORS_INDEX).write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(CorruptCheckpointError, match=r"not a valid index json \(RecursionError"):
         files_from_index(tmp_path, SAFETENSORS_INDEX)
 
 
+@pytest.mark.fault("hostile sharded_state metadata")
 @pytest.mark.parametrize("world_size", ["Infinity", str(10**15)])
 def test_sharded_state_metadata_with_an_absurd_world_size(tmp_path: Path, world_size: str) -> None:
     # Infinity: OverflowError from int(); 10**15: a list of that many ranks to compare with.

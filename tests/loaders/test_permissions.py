@@ -148,6 +148,7 @@ def test_reading_names_the_file_the_os_refused_and_passes_our_errors_through(tmp
 # ------------------------------------------------------------------ loader level
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 def test_unreadable_index_at_the_loader_level(root: Path, deny: Deny) -> None:
     model = root / "org" / "locked"
     deny(model / INDEX)
@@ -159,6 +160,7 @@ def test_unreadable_index_at_the_loader_level(root: Path, deny: Deny) -> None:
     assert available_formats(root / "org" / "ok") == ["safetensors"]
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 def test_unreadable_weight_file_at_the_loader_level(root: Path, deny: Deny) -> None:
     model = root / "org" / "locked"
     files = model_files(model).files
@@ -167,6 +169,7 @@ def test_unreadable_weight_file_at_the_loader_level(root: Path, deny: Deny) -> N
     assert deny.refused(model / WEIGHT)
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_unreadable_torch_file_is_a_precondition_not_data_loss(tmp_path: Path, deny: Deny, zip_format: bool) -> None:
     path = tmp_path / "pytorch_model.bin"
@@ -179,6 +182,7 @@ def test_unreadable_torch_file_is_a_precondition_not_data_loss(tmp_path: Path, d
     assert deny.refused(path)
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 def test_unreadable_gguf_file(tmp_path: Path, deny: Deny) -> None:
     from tests.loaders.gguf_fixtures import write_llama_gguf
     from weightserve.loaders.gguf import GGUFLoader
@@ -189,6 +193,7 @@ def test_unreadable_gguf_file(tmp_path: Path, deny: Deny) -> None:
     assert deny.refused(path)
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 def test_unreadable_sharded_state_metadata(tmp_path: Path, deny: Deny) -> None:
     meta = tmp_path / METADATA_NAME
     meta.write_text(json.dumps({"world_size": 1, "layout": "hf"}))
@@ -197,6 +202,7 @@ def test_unreadable_sharded_state_metadata(tmp_path: Path, deny: Deny) -> None:
     precondition(lambda: read_metadata(tmp_path, 1), METADATA_NAME, tmp_path)
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 def test_unreadable_dummy_config(tmp_path: Path, deny: Deny) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_LLAMA.config_json()))
@@ -204,6 +210,7 @@ def test_unreadable_dummy_config(tmp_path: Path, deny: Deny) -> None:
     precondition(lambda: read_config(config), "config.json", tmp_path)
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 def test_unreadable_config_json_is_not_reported_as_bad_json(root: Path, deny: Deny) -> None:
     model = root / "org" / "locked"
     deny(model / "config.json")
@@ -219,6 +226,7 @@ def test_other_read_errors_of_config_json_never_show_the_full_path(tmp_path: Pat
     assert str(tmp_path) not in str(info.value)
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 def test_unreadable_tokenizer_file_while_streaming_files(root: Path, deny: Deny) -> None:
     path = root / "org" / "locked" / "tokenizer.json"
     deny(path)
@@ -254,6 +262,7 @@ def listed(stub: pb_grpc.WeightServiceStub) -> list[str]:
     return [m.name for m in stub.ListModels(pb.ListModelsRequest()).models]
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 def test_grpc_unreadable_index_skips_the_model_in_listings(
     root: Path, deny: Deny, weights: pb_grpc.WeightServiceStub, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -266,6 +275,7 @@ def test_grpc_unreadable_index_skips_the_model_in_listings(
     assert deny.refused(root / "org" / "locked" / INDEX)
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 def test_grpc_unreadable_weight_file(root: Path, deny: Deny, weights: pb_grpc.WeightServiceStub) -> None:
     deny(root / "org" / "locked" / WEIGHT)
     failed_precondition(lambda: manifest(weights, "org/locked"), WEIGHT, root)
@@ -273,12 +283,14 @@ def test_grpc_unreadable_weight_file(root: Path, deny: Deny, weights: pb_grpc.We
     assert manifest(weights, "org/ok").tensors
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 def test_grpc_unreadable_config_json(root: Path, deny: Deny, weights: pb_grpc.WeightServiceStub) -> None:
     deny(root / "org" / "locked" / "config.json")
     failed_precondition(lambda: manifest(weights, "org/locked"), "config.json", root)
     assert manifest(weights, "org/ok").tensors
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 def test_grpc_unreadable_tokenizer_file(root: Path, deny: Deny, weights: pb_grpc.WeightServiceStub) -> None:
     deny(root / "org" / "locked" / "tokenizer.json")
     failed_precondition(
@@ -349,6 +361,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.fault("unreadable checkpoint file (permissions)")
 @pytest.mark.skipif(not AS_ROOT, reason="the other tests already meet a real EACCES when not root")
 def test_real_eacces_as_root_without_the_override_capabilities(tmp_path: Path) -> None:
     org = tmp_path / "models" / "org"
