@@ -47,8 +47,22 @@ proto: venv
 demo: venv $(STUBS)
 	$(BIN)/weightserve demo
 
-test: venv node $(STUBS)
+test: venv node $(STUBS) test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# tests/observability runs a real Prometheus: installed here when missing, as root with
+# apt-get; otherwise its tests skip and say why, and the build goes on. Under systemd the
+# package starts and enables a prometheus service; it is stopped and disabled at once (the
+# tests start their own on a free port), so nothing is left running.
+.PHONY: test-deps
+test-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		command -v prometheus >/dev/null || { \
+			if DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; then \
+				if [ -d /run/systemd/system ]; then systemctl disable --now prometheus.service || true; fi; \
+			else echo "prometheus not installed: its tests will skip"; fi; \
+		}; \
+	fi
 
 # Time-boxed hypothesis campaigns over the readers of untrusted files (fuzz/), FUZZ_SECONDS
 # per target under a memory cap; the per-test timeout turns a hang into a failure with a traceback.
@@ -65,6 +79,7 @@ lint: venv node $(STUBS)
 	$(BIN)/lint-imports --no-cache --no-logo
 	$(BUF) lint
 	$(BUF) breaking proto --against compat/released
+	if command -v promtool >/dev/null; then promtool check rules deploy/prometheus/rules.yaml && promtool test rules deploy/prometheus/rules_test.yaml; fi
 
 fmt: venv
 	$(BIN)/ruff format .

@@ -80,10 +80,15 @@ def ensure_checkpoint(root: Path, name: str = "bench/llama-1g", shape: LlamaShap
 
 
 def serve_command(root: Path, address: str, *extra: str) -> list[str]:
-    """`weightserve serve` over `root` on `address`, quiet, with `extra` flags."""
+    """`weightserve serve` over `root` on `address`, quiet, with `extra` flags.
+
+    Its metrics side port takes a free port (unless `extra` says otherwise), so a
+    benchmark can run several servers at once.
+    """
+    metrics = [] if "--metrics-listen" in extra else ["--metrics-listen", "127.0.0.1:0"]
     return [
         sys.executable, "-m", "weightserve.cli", "serve", "--model-root", str(root),
-        "--listen", address, "--log-level", "WARNING", *extra,
+        "--listen", address, "--log-level", "WARNING", *metrics, *extra,
     ]  # fmt: skip
 
 
@@ -100,10 +105,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(address: str, timeout: float = 60.0) -> None:
-    """Poll until a channel to `address` connects."""
+def wait_ready(address: str, timeout: float = 60.0, credentials: grpc.ChannelCredentials | None = None) -> None:
+    """Poll until a channel to `address` connects (over TLS with `credentials`)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    with channel:
         while True:
             try:
                 grpc.channel_ready_future(channel).result(timeout=1.0)
@@ -114,11 +120,13 @@ def wait_ready(address: str, timeout: float = 60.0) -> None:
 
 
 @contextlib.contextmanager
-def subprocess_server(args: list[str], address: str) -> Iterator[subprocess.Popen[bytes]]:
+def subprocess_server(
+    args: list[str], address: str, credentials: grpc.ChannelCredentials | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server process until the block ends."""
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_ready(address)
+        wait_ready(address, credentials=credentials)
         yield proc
     finally:
         proc.terminate()
@@ -172,3 +180,24 @@ def peak_rss() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class CpuUsed:
+    """CPU seconds (user + system) a process spent inside a `server_cpu` block."""
+
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def server_cpu(pid: int) -> Iterator[CpuUsed]:
+    """Measure the CPU seconds process `pid` (and its threads) uses during the block."""
+    import psutil
+
+    process = psutil.Process(pid)
+    used = CpuUsed()
+    before = process.cpu_times()
+    try:
+        yield used
+    finally:
+        after = process.cpu_times()
+        used.seconds = (after.user - before.user) + (after.system - before.system)

@@ -13,7 +13,10 @@ Prints, from one run on a ~1 GiB bf16 checkpoint:
     copy per byte and is reported beside it);
   - client peak RSS growth over the state dict size (target <= 1.15);
   - server RSS growth while 4 clients fetch the same model, over model size
-    (target <= 0.25: no per-client copy of the model).
+    (target <= 0.25: no per-client copy of the model);
+  - the cost of metrics: the server's CPU seconds per GB fetched from the page cache
+    with metrics on (the default) and off (`--metrics-listen off`), interleaved
+    (target: on / off <= 1.05).
 Exits non-zero when a target is missed. Each figure is the best of --repeat runs,
 ceiling and ours interleaved so they see the same machine.
 """
@@ -27,6 +30,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -40,13 +44,14 @@ from _common import (
     print_table,
     run_worker,
     serve_command,
+    server_cpu,
     subprocess_server,
 )
 
 MODEL = "bench/llama-1g"
 MESSAGE = 4 * 1024 * 1024
 RAW_METHOD = "/bench.Raw/Stream"
-TARGET_RATIO, TARGET_CLIENT_RSS, TARGET_SERVER_RSS = 0.9, 1.15, 0.25
+TARGET_RATIO, TARGET_CLIENT_RSS, TARGET_SERVER_RSS, TARGET_METRICS_COST = 0.9, 1.15, 0.25, 1.05
 
 
 # ------------------------------------------------------------------- raw ceiling
@@ -159,21 +164,29 @@ def main() -> int:
     total = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     script = Path(__file__).resolve()
     ours_addr, cached_addr, raw_port = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", free_port()
+    quiet_addr = f"127.0.0.1:{free_port()}"
     raw_addr = f"127.0.0.1:{raw_port}"
     raw_cmd = [sys.executable, str(script), "--worker", "raw-server", str(raw_port), str(total)]
     cached_cmd = serve_command(root, cached_addr, "--cache-memory", str(2 * total))
 
     with (
         subprocess_server(serve_command(root, ours_addr), ours_addr) as server,
+        subprocess_server(serve_command(root, quiet_addr, "--metrics-listen", "off"), quiet_addr) as quiet,
         subprocess_server(cached_cmd, cached_addr),
         subprocess_server(raw_cmd, raw_addr),
     ):
         run_worker(script, "local", str(model_dir))  # warm the page cache
         run_worker(script, "ours", cached_addr)  # fill the memory cache
         raws, ours, cached, locals_ = [], [], [], []
+        cpu_on, cpu_off = [], []
         for _ in range(args.repeat):
             raws.append(run_worker(script, "raw", raw_addr, str(total)))
-            ours.append(run_worker(script, "ours", ours_addr))
+            with server_cpu(server.pid) as used:
+                ours.append(run_worker(script, "ours", ours_addr))
+            cpu_on.append(used.seconds / (ours[-1]["bytes"] / 1e9))
+            with server_cpu(quiet.pid) as used:
+                run_worker(script, "ours", quiet_addr)
+            cpu_off.append(used.seconds / (ours[-1]["bytes"] / 1e9))
             cached.append(run_worker(script, "ours", cached_addr))
             locals_.append(run_worker(script, "local", str(model_dir)))
         with RssSampler(server.pid) as sampler, ThreadPoolExecutor(4) as pool:
@@ -185,6 +198,7 @@ def main() -> int:
     local = max(locals_, key=gbps)
     ratio = gbps(best_cached) / gbps(raw)
     client_rss = min((r["rss_peak"] - r["rss_before"]) / r["bytes"] for r in ours + cached)
+    metrics_cost = median(cpu_on) / median(cpu_off)
     server_rss = sampler.growth / total
 
     rows = [
@@ -197,6 +211,8 @@ def main() -> int:
         ("fetch / ceiling, memory cache", f"{ratio:.3f}  (target >= {TARGET_RATIO})"),
         ("client peak RSS growth / state dict", f"{client_rss:.3f}  (target <= {TARGET_CLIENT_RSS})"),
         ("server RSS growth, 4 clients / model", f"{server_rss:.3f}  (target <= {TARGET_SERVER_RSS})"),
+        ("server CPU s/GB, metrics on / off", f"{median(cpu_on):.3f} / {median(cpu_off):.3f}"),
+        ("metrics cost (CPU on / off)", f"{metrics_cost:.3f}  (target <= {TARGET_METRICS_COST})"),
     ]
     print_table(rows)
     missed = [
@@ -205,6 +221,7 @@ def main() -> int:
             ("throughput ratio", ratio >= TARGET_RATIO),
             ("client RSS", client_rss <= TARGET_CLIENT_RSS),
             ("server RSS", server_rss <= TARGET_SERVER_RSS),
+            ("metrics cost", metrics_cost <= TARGET_METRICS_COST),
         )
         if not ok
     ]

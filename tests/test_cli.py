@@ -1,29 +1,41 @@
-"""The `weightserve` command against served roots, through cli.main(): ls, fetch, report-load, rebalance."""
+"""The `weightserve` command through cli.main(): the client commands, health, and serve's settings."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health_pb2
 from safetensors.torch import load_file
 
 from tests.server.test_experts import MODEL as MOE_MODEL
 from tests.server.test_experts import root
+from weightserve import __version__
 from weightserve.cli import main
 from weightserve.cli.control import POLICIES
 from weightserve.client import AsyncWeightClient, WeightClient
+from weightserve.config import setting_names
+from weightserve.config_file import dump_settings
 from weightserve.eplb import DEFAULT_POLICY, Policy
 from weightserve.eplb.policies.base import POLICIES as POLICIES_REGISTRY
 from weightserve.v1 import weightserve_pb2 as pb
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 __all__ = ["root"]  # the module-scoped Mixtral-shaped checkpoint fixture of tests/server/test_experts.py
 
@@ -100,7 +112,8 @@ def test_the_parser_and_help_import_neither_torch_nor_grpc() -> None:
         "import json, sys\n"
         "from weightserve.cli import build_parser, main\n"
         "build_parser()\n"
-        "for argv in (['--help'], ['rebalance', '--help'], ['report-load', '--help'], ['serve', '--help']):\n"
+        "helps = ['rebalance', 'report-load', 'serve', 'health', 'prefetch', 'fetch', 'ls']\n"
+        "for argv in (['--help'], ['--version'], *([name, '--help'] for name in helps)):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit:\n"
@@ -112,6 +125,20 @@ def test_the_parser_and_help_import_neither_torch_nor_grpc() -> None:
     *help_text, loaded = done.stdout.splitlines()
     assert json.loads(loaded) == []
     assert any("rebalance" in line for line in help_text)
+
+
+def test_health_imports_no_torch(refusing_port: int) -> None:
+    # a container probe runs it every few seconds: grpc and the client's channel security
+    # (TLS, tokens) yes; torch and the clients themselves no
+    code = (
+        "import json, sys\n"
+        "from weightserve.cli import main\n"
+        f"assert main(['health', '--server', '127.0.0.1:{refusing_port}']) == 1\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('torch', 'weightserve.client')))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    light = ["weightserve.client", "weightserve.client.call_metadata", "weightserve.client.security"]
+    assert json.loads(done.stdout.splitlines()[-1]) == light
 
 
 def test_policy_help_names_the_registered_policies(capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,7 +178,8 @@ def test_report_load_of_a_bad_table_fails_with_a_message(
     address = serve(root).address
     (tmp_path / "flat.json").write_text(json.dumps(HOT[0]))
     (tmp_path / "broken.json").write_text("[[1, 2")
-    assert main(["report-load", MOE_MODEL, "--server", address, "--counts", str(tmp_path / "flat.json")]) == 1
+    # a table the client refuses is an invalid request: exit 2, as a bad flag value is
+    assert main(["report-load", MOE_MODEL, "--server", address, "--counts", str(tmp_path / "flat.json")]) == 2
     assert "weightserve report-load: expert load must be 2-D" in capsys.readouterr().err
     assert main(["report-load", MOE_MODEL, "--server", address, "--counts", str(tmp_path / "broken.json")]) == 2
     assert f"cannot read counts from {tmp_path / 'broken.json'}" in capsys.readouterr().err
@@ -256,3 +284,232 @@ def test_shard_out_of_space_is_one_line_naming_the_directory(
     assert main(["shard", str(model_root / "org" / "tiny-llama"), "--world-size", "2", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"weightserve shard: {said} {out}")
+
+
+# ------------------------------------------------------------ version, health, --server
+
+FAST = pytest.mark.timeout(30)
+"""Far below the --timeout these commands are given: a command that waits for a server instead of
+saying at once that none listens fails on this timeout, not on a timing assertion."""
+
+
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound, never listening."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"weightserve {__version__}\n"
+
+
+@FAST
+def test_health_exits_0_only_when_serving(model_root: Path, serve, capsys: pytest.CaptureFixture[str]) -> None:
+    server = serve(model_root)
+    address = server.address
+    assert main(["health", "--server", address]) == 0
+    assert main(["health", "--server", address, "--service", "weightserve.v1.WeightService"]) == 0
+    assert capsys.readouterr().out == f"{address}: SERVING\n{address} weightserve.v1.WeightService: SERVING\n"
+
+    assert main(["health", "--server", address, "--service", "no.such.Service"]) == 1
+    assert capsys.readouterr().err == f"weightserve health: {address} has no service 'no.such.Service' (NOT_FOUND)\n"
+
+    not_serving = server.server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    asyncio.run_coroutine_threadsafe(not_serving, server._loop).result(timeout=10)
+    assert main(["health", "--server", address]) == 1
+    assert capsys.readouterr().out == f"{address}: NOT_SERVING\n"
+
+
+@FAST
+@pytest.mark.parametrize("command", ["health", "ls", "fetch", "prefetch", "report-load", "rebalance"])
+def test_nothing_listening_is_said_at_once(
+    refusing_port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    address = f"127.0.0.1:{refusing_port}"
+    extra = {
+        "fetch": ["m", "--out", str(tmp_path)],
+        "prefetch": ["m"],
+        "report-load": ["m", "--counts", str(tmp_path / "load.json")],
+        "rebalance": ["m"],
+    }
+    (tmp_path / "load.json").write_text(json.dumps(HOT))
+    assert main([command, *extra.get(command, []), "--server", address, "--timeout", "600"]) == 1
+    assert capsys.readouterr().err == f"weightserve {command}: no weightserve at {address}: connection refused\n"
+
+
+@FAST
+def test_the_server_comes_from_weightserve_server(
+    model_root: Path, serve, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WEIGHTSERVE_SERVER", serve(model_root).address)
+    assert main(["ls"]) == 0
+    assert MODEL in capsys.readouterr().out
+    monkeypatch.delenv("WEIGHTSERVE_SERVER")
+    with pytest.raises(SystemExit) as info:
+        main(["ls"])
+    assert info.value.code == 2 and "--server" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ prefetch, fetch summary
+
+
+@FAST
+@pytest.mark.parametrize("wait", [False, True])
+def test_prefetch_prints_one_summary_line(
+    model_root: Path, serve, capsys: pytest.CaptureFixture[str], wait: bool
+) -> None:
+    address = serve(model_root, cache_memory=64 * 2**20).address
+    with WeightClient(address) as client:
+        manifests = [client.get_manifest(MODEL, rank, 2) for rank in (0, 1)]
+    argv = ["prefetch", MODEL, "--server", address, "--world-size", "2", "--ranks", "0", "1"]
+    assert main([*argv, "--wait"] if wait else argv) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    nbytes = sum(m.total_bytes for m in manifests)
+    revision = manifests[0].revision
+    what = f"{MODEL} (ranks 0 1 of world size 2, revision {revision}): {nbytes:,} bytes"
+    assert line.startswith(f"prefetched {what} in ") if wait else line == f"prefetching {what}, in the background"
+
+
+@FAST
+def test_prefetch_of_a_rank_past_the_world_size_exits_2(
+    model_root: Path, serve, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = serve(model_root).address
+    assert main(["prefetch", MODEL, "--server", address, "--world-size", "2", "--ranks", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("weightserve prefetch: ") and "INVALID_ARGUMENT" in err and err.count("\n") == 1
+
+
+@FAST
+def test_rebalance_with_an_unknown_policy_is_one_line_exit_2(
+    root: Path, serve, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = serve(root).address
+    with WeightClient(address) as client:
+        client.report_expert_load(MOE_MODEL, HOT)
+    argv = ["rebalance", MOE_MODEL, "--server", address, "--policy", "no-such", "--nodes", "1", "--gpus-per-node", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("weightserve rebalance: ") and "INVALID_ARGUMENT" in err and "'no-such'" in err
+    assert err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ serve: one line per bad setting
+
+
+def serve_fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run `serve` expecting exit 2 with one line on stderr and nothing else; return that line."""
+    assert main(["serve", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err, captured.err
+    assert captured.err.startswith("weightserve serve: ")
+    return captured.err.removeprefix("weightserve serve: ").rstrip("\n")
+
+
+@pytest.mark.fault("bad or unknown server setting")
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--read-threads", "two"], "--read-threads 'two': 'two' is not a whole number"),
+        (["--read-threads", "0"], "read_threads 0 must be >= 1"),
+        (["--chunk-bytes", "lots"], "--chunk-bytes 'lots': 'lots' is not a size (try 20GiB, 512MB or a byte count)"),
+        (["--chunk-bytes", "8MiB"], "chunk_bytes 8388608 must be within [4096, 4 MiB - 16 KiB]"),
+        (
+            ["--cache-memory", "3 parsecs"],
+            "--cache-memory '3 parsecs': '3 parsecs' is not a size (try 20GiB, 512MB or a byte count)",
+        ),
+        (["--grace-seconds", "soon"], "--grace-seconds 'soon': 'soon' is not a number"),
+        (["--listen", "localhost"], "listen 'localhost' must be HOST:PORT or unix:PATH"),
+        (["--log-level", "loud"], "log_level 'loud' must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL (any case)"),
+        (["--log-format", "xml"], "log_format 'xml' must be one of text, json"),
+        (["--loader", "mmap"], "loader 'mmap' must be one of safetensors, fastsafetensors"),
+        (["--max-streams", "0"], "max_streams 0 and max_streams_per_peer 64 must be >= 1"),
+        (["--dummy", "nameless"], "--dummy 'nameless': 'nameless' is not NAME=CONFIG.json"),
+    ],
+)
+def test_a_bad_serve_flag_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], said: str
+) -> None:
+    assert serve_fails(["--model-root", str(tmp_path), *flags], capsys) == said
+
+
+def test_argparse_keeps_usage_for_what_is_not_a_value(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--no-such-flag"])
+    assert info.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.fault("bad or unknown server setting")
+@pytest.mark.parametrize("which", ["--listen", "--metrics-listen"])
+def test_a_port_in_use_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], which: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "--metrics-listen" if which == "--listen" else "--listen"
+        line = serve_fails(["--model-root", str(tmp_path), which, f"127.0.0.1:{port}", other, "127.0.0.1:0"], capsys)
+    reason = "Address already in use; is another server running there?"
+    assert line == f"{which} 127.0.0.1:{port}: cannot listen there ({reason})"
+
+
+# ------------------------------------------------------------------ serve --config, --print-config
+
+
+def printed_config(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    assert main(["serve", *argv, "--print-config"]) == 0
+    return tomllib.loads(capsys.readouterr().out)
+
+
+def test_print_config_shows_every_setting_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+    printed = printed_config(["--model-root", "/m", "--chunk-bytes", "1MiB", "--log-level", "debug"], capsys)
+    assert list(printed) == setting_names()
+    assert printed["model_roots"] == ["/m"] and printed["chunk_bytes"] == 2**20 and printed["log_level"] == "DEBUG"
+    assert printed["sharding_rules"] == "" and printed["in_place_messages"] is True
+
+
+def test_config_file_under_variables_under_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ws.toml"
+    path.write_text(
+        'model_roots = ["/models"]\nlisten = "0.0.0.0:50051"\ncache_memory = "20GiB"\n'
+        'read_threads = 3\nprefetch_depth = 4\nallow_source = ["hf://org/*"]\n'
+    )
+    monkeypatch.setenv("WEIGHTSERVE_READ_THREADS", "5")
+    monkeypatch.setenv("WEIGHTSERVE_PREFETCH_DEPTH", "6")
+    printed = printed_config(["--config", str(path), "--prefetch-depth", "7"], capsys)
+    assert printed["model_roots"] == ["/models"] and printed["listen"] == "0.0.0.0:50051"
+    assert printed["cache_memory"] == 20 * 2**30 and printed["allow_source"] == ["hf://org/*"]
+    assert (printed["read_threads"], printed["prefetch_depth"]) == (5, 7)
+
+    monkeypatch.setenv("WEIGHTSERVE_CONFIG", str(path))  # the variable names the file too
+    assert printed_config([], capsys)["listen"] == "0.0.0.0:50051"
+
+
+def test_printed_config_is_a_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--model-root", "/a", "--model-root", "/b", "--dummy", f"org/fake={tmp_path / 'config.json'}"]
+    first = printed_config([*argv, "--cache-memory", "1GiB", "--disk-cache-dir", "/cache"], capsys)
+    path = tmp_path / "ws.toml"
+    path.write_text(dump_settings(first))
+    assert printed_config(["--config", str(path)], capsys) == first
+
+
+@pytest.mark.fault("bad or unknown server setting")
+def test_a_config_file_with_an_unknown_key_names_the_closest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ws.toml"
+    path.write_text('model_root = ["/models"]\n')
+    assert serve_fails(["--config", str(path)], capsys) == (
+        f"config file {path}: unknown setting 'model_root'; did you mean model_roots?"
+    )
+    path.write_text('read_threads = "many"\n')
+    assert serve_fails(["--config", str(path)], capsys) == (
+        f"config file {path}: read_threads = 'many': 'many' is not a whole number"
+    )
+    assert serve_fails(["--config", str(tmp_path / "none.toml")], capsys).endswith("(No such file or directory)")

@@ -1,14 +1,21 @@
-"""ServerConfig.from_env: WEIGHTSERVE_* variables, overrides, and refusals."""
+"""ServerConfig.from_env: WEIGHTSERVE_* variables, a config file, overrides, and refusals; the TOML file itself."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from weightserve.config import ServerConfig, parse_size
+from weightserve.config import FILE_SETTINGS, OTHER_VARIABLES, ServerConfig, parse_setting, parse_size, setting_names
+from weightserve.config_file import MASK, dump_settings, is_secret, load_settings, masked
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 
 def test_no_variables_gives_the_defaults() -> None:
@@ -133,9 +140,12 @@ def test_an_override_wins_over_an_out_of_range_variable() -> None:
 @pytest.mark.parametrize(
     ("name", "value", "pattern"),
     [
-        ("CHUNK_BYTES", "lots", r"invalid literal"),
-        ("CHUNK_BYTES", "4.5", r"invalid literal"),
-        ("CHUNK_BYTES", "", r"invalid literal"),
+        ("CHUNK_BYTES", "lots", r"'lots' is not a size"),
+        ("CHUNK_BYTES", "4.5", r"chunk_bytes 4 must be within"),
+        ("CHUNK_BYTES", "", r"is not a size"),
+        ("READ_THREADS", "two", r"WEIGHTSERVE_READ_THREADS='two': 'two' is not a whole number"),
+        ("LOG_LEVEL", "loud", r"log_level 'loud' must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ("LOADER", "mmap", r"loader 'mmap' must be one of safetensors, fastsafetensors"),
         ("CHUNK_BYTES", "4095", r"chunk_bytes 4095 must be within"),
         ("CHUNK_BYTES", str(4 * 1024 * 1024), r"chunk_bytes 4194304 must be within"),
         ("READ_THREADS", "0", r"read_threads 0 must be >= 1"),
@@ -144,7 +154,7 @@ def test_an_override_wins_over_an_out_of_range_variable() -> None:
         ("CACHE_MEMORY", "-1GiB", r"is not a size"),
         ("DISK_CACHE_BYTES", "3 parsecs", r"is not a size"),
         ("GRACE_SECONDS", "-1", r"grace_seconds"),
-        ("GRACE_SECONDS", "soon", r"could not convert"),
+        ("GRACE_SECONDS", "soon", r"'soon' is not a number"),
         ("KEEPALIVE_SECONDS", "0", r"keepalive"),
         ("KEEPALIVE_TIMEOUT_SECONDS", "-3", r"keepalive"),
         ("LISTEN", "localhost", r"must be HOST:PORT or unix:PATH"),
@@ -192,3 +202,167 @@ def test_config_is_frozen() -> None:
     config = ServerConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.chunk_bytes = 8192  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------ sizes, levels, parse_setting
+
+
+def test_chunk_bytes_takes_size_units_like_every_size() -> None:
+    config = ServerConfig.from_env({"WEIGHTSERVE_CHUNK_BYTES": "1MiB", "WEIGHTSERVE_CACHE_MEMORY": "1GiB"})
+    assert (config.chunk_bytes, config.cache_memory) == (2**20, 2**30)
+    with pytest.raises(ValueError, match=r"chunk_bytes 8388608 must be within \[4096, 4 MiB - 16 KiB\]"):
+        ServerConfig.from_env({"WEIGHTSERVE_CHUNK_BYTES": "8MiB"})
+
+
+@pytest.mark.parametrize("level", ["debug", "Info", "WARNING", "error", "critical"])
+def test_log_levels_are_accepted_in_any_case_and_kept_upper(level: str) -> None:
+    assert ServerConfig.from_env({"WEIGHTSERVE_LOG_LEVEL": level}).log_level == level.upper()
+
+
+def test_parse_setting_takes_text_lists_and_toml_values() -> None:
+    assert parse_setting("chunk_bytes", "64KiB") == 65536
+    assert parse_setting("chunk_bytes", 65536) == 65536
+    assert parse_setting("grace_seconds", 3) == 3.0 and isinstance(parse_setting("grace_seconds", 3), float)
+    assert parse_setting("grace_seconds", "2.5") == 2.5
+    assert parse_setting("in_place_messages", False) is False
+    assert parse_setting("in_place_messages", "off") is False
+    assert parse_setting("model_roots", ["/a", "", "/b"]) == (Path("/a"), Path("/b"))
+    assert parse_setting("model_roots", os.pathsep.join(["/a", "/b"])) == (Path("/a"), Path("/b"))
+    assert parse_setting("allow_source", ["hf://*"]) == ("hf://*",)
+    assert parse_setting("dummy", ["org/x = /c.json"]) == (("org/x", Path("/c.json")),)
+    assert parse_setting("sharding_rules", "") is None
+    assert parse_setting("disk_cache_dir", "/cache") == Path("/cache")
+
+
+@pytest.mark.fault("bad or unknown server setting")
+@pytest.mark.parametrize(
+    ("name", "value", "pattern"),
+    [
+        ("read_threads", True, r"True is not a whole number"),
+        ("read_threads", 2.5, r"2.5 is not a whole number"),
+        ("cache_memory", 1.5, r"1.5 is not a size"),
+        ("in_place_messages", 1, r"1 is not true or false"),
+        ("listen", 50051, r"50051 is not a string"),
+        ("model_roots", [1, 2], r"is not a list of strings"),
+        ("dummy", ["no-equals-sign"], r"is not NAME=CONFIG.json"),
+        ("chunk_byte", "1", r"no setting 'chunk_byte'"),
+    ],
+)
+def test_parse_setting_refuses_what_does_not_fit(name: str, value: object, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        parse_setting(name, value)
+
+
+# ------------------------------------------------------------------ file values and precedence
+
+
+def test_precedence_is_flag_then_variable_then_file_then_default() -> None:
+    file_values = {"listen": "0.0.0.0:1", "read_threads": 3, "prefetch_depth": 5, "cache_memory": "1GiB"}
+    env = {"WEIGHTSERVE_READ_THREADS": "4", "WEIGHTSERVE_PREFETCH_DEPTH": "6"}
+    config = ServerConfig.from_env(env, file_values=file_values, prefetch_depth=7)
+    assert config.listen == "0.0.0.0:1"  # file over default
+    assert config.read_threads == 4  # variable over file
+    assert config.prefetch_depth == 7  # flag over variable and file
+    assert config.cache_memory == 2**30  # a file's size takes units, as a variable's does
+    assert config.chunk_bytes == ServerConfig().chunk_bytes  # default
+
+
+def test_a_bad_file_value_names_the_file_and_the_key() -> None:
+    with pytest.raises(ValueError) as info:
+        ServerConfig.from_env({}, file_values={"read_threads": "many"}, file_name="config file /etc/ws.toml")
+    assert str(info.value) == "config file /etc/ws.toml: read_threads = 'many': 'many' is not a whole number"
+    # a value that a variable or flag replaces is not judged
+    assert (
+        ServerConfig.from_env({"WEIGHTSERVE_READ_THREADS": "2"}, file_values={"read_threads": "many"}).read_threads == 2
+    )
+
+
+def test_settings_list_every_field_in_order_and_parse_back() -> None:
+    config = ServerConfig(
+        model_roots=(Path("/m/a"), Path("/m/b")),
+        allow_source=("hf://org/*",),
+        dummy=(("org/fake", Path("/c/config.json")),),
+        disk_cache_dir=Path("/cache"),
+        cache_memory=2**30,
+        grace_seconds=2.5,
+        in_place_messages=False,
+    )
+    settings = config.settings()
+    assert list(settings) == setting_names()
+    assert settings["model_roots"] == ["/m/a", "/m/b"] and settings["dummy"] == ["org/fake=/c/config.json"]
+    assert settings["sharding_rules"] == ""  # unset: parses back to None
+    assert ServerConfig.from_env({}, file_values=settings) == config
+
+
+def test_client_and_config_file_variables_are_not_unknown_settings() -> None:
+    assert {"WEIGHTSERVE_SERVER", "WEIGHTSERVE_CONFIG"} <= set(OTHER_VARIABLES)
+    env = {"WEIGHTSERVE_SERVER": "weights:50051", "WEIGHTSERVE_CONFIG": "/etc/weightserve.toml"}
+    assert ServerConfig.from_env(env) == ServerConfig()
+
+
+# ------------------------------------------------------------------ config_file: reading and writing TOML
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_load_settings_reads_top_level_keys(tmp_path: Path) -> None:
+    path = write(tmp_path / "ws.toml", 'model_roots = ["/models"]\ncache_memory = "20GiB"\nread_threads = 3\n')
+    values = load_settings(path, setting_names())
+    assert values == {"model_roots": ["/models"], "cache_memory": "20GiB", "read_threads": 3}
+    config = ServerConfig.from_env({}, file_values=values)
+    assert (config.model_roots, config.cache_memory, config.read_threads) == ((Path("/models"),), 20 * 2**30, 3)
+
+
+@pytest.mark.fault("bad or unknown server setting")
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("chunk_byte = 65536\n", "unknown setting 'chunk_byte'; did you mean chunk_bytes?"),
+        ("model_root = ['/m']\n", "unknown setting 'model_root'; did you mean model_roots?"),
+        ("zzz = 1\n", "unknown setting 'zzz'; settings are model_roots, listen, "),
+        ("[serve]\nlisten = 'x:1'\n", "serve is a table; settings are top-level keys"),
+        ("listen = \n", "not TOML"),
+    ],
+)
+def test_a_bad_file_is_one_line_naming_it(tmp_path: Path, text: str, said: str) -> None:
+    path = write(tmp_path / "ws.toml", text)
+    with pytest.raises(ValueError) as info:
+        load_settings(path, setting_names())
+    message = str(info.value)
+    assert message.startswith(f"config file {path}: ") and said in message and "\n" not in message
+
+
+def test_a_missing_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"config file .*none.toml: cannot read it \(No such file or directory\)"):
+        load_settings(tmp_path / "none.toml", setting_names())
+
+
+def test_dumped_settings_are_toml_that_reads_back(tmp_path: Path) -> None:
+    values = {
+        "text": 'quote " backslash \\ newline \n tab \t bell \x07 del \x7f é',
+        "whole": 3,
+        "number": 2.5,
+        "forever": float("inf"),
+        "flag": False,
+        "list": ["a", "b c"],
+        "empty": [],
+    }
+    text = dump_settings(values)
+    assert list(tomllib.loads(text)) == list(values)
+    assert tomllib.loads(text) == values
+
+
+def test_secrets_are_masked_when_set() -> None:
+    # no setting is secret yet; TLS keys and token files will be, by name
+    values = {"tls_key": "/etc/tls/key.pem", "auth_token_file": "", "S3_SECRET": ["x"], "listen": "0.0.0.0:1"}
+    assert [name for name in values if is_secret(name)] == ["tls_key", "auth_token_file", "S3_SECRET"]
+    assert masked(values) == {"tls_key": MASK, "auth_token_file": "", "S3_SECRET": MASK, "listen": "0.0.0.0:1"}
+    assert tomllib.loads(dump_settings(values)) == {**values, "tls_key": "***", "S3_SECRET": "***"}
+    # the settings with secret-sounding names only point at files: printed, not masked
+    assert [name for name in setting_names() if is_secret(name)] == ["tls_key", "auth_tokens"]
+    assert set(FILE_SETTINGS) >= {"tls_key", "auth_tokens", "tls_cert", "tls_client_ca"}
+    printed = {"tls_key": "/etc/tls/key.pem", "auth_tokens": "/etc/weightserve/tokens.toml"}
+    assert masked(printed, plain=FILE_SETTINGS) == printed

@@ -102,6 +102,13 @@ PROMISES = {
     "server down longer than the retry deadline": (
         "the client gives up after retry_deadline (120 s) of waiting, naming the last error"
     ),
+    "client without the server's trust, or plaintext to TLS": (
+        "the handshake fails; the client says UNAVAILABLE with gRPC's reason, not a bare deadline"
+    ),
+    "missing, unknown or out-of-scope token": (
+        "UNAUTHENTICATED or PERMISSION_DENIED naming nothing outside the token; audited, counted by reason"
+    ),
+    "token that would travel in plaintext": "the client refuses to send it (ValueError) unless told to",
     "model whose own cached chunks fill the budget": (
         "its cached chunks give way to the stream's window; it still streams"
     ),

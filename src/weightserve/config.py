@@ -51,6 +51,30 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def parse_int(text: str) -> int:
+    """An integer from its decimal text.
+
+    Raises:
+        ValueError: not a whole number.
+    """
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text[:80]!r} is not a whole number") from None
+
+
+def parse_float(text: str) -> float:
+    """A number (of seconds, mostly) from its text.
+
+    Raises:
+        ValueError: not a number.
+    """
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text[:80]!r} is not a number") from None
+
+
 def parse_bool(text: str) -> bool:
     """True for 1/true/yes/on, False for 0/false/no/off (any case).
 
@@ -79,9 +103,12 @@ def reserved_bytes(read_threads: int, chunk_bytes: int) -> int:
 
 
 LOADERS = ("safetensors", "fastsafetensors")
+"""Readers of safetensors files a server may use (`--loader`)."""
 
 LOG_FORMATS = ("text", "json")
-"""Readers of safetensors files a server may use (`--loader`)."""
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""`--log-level` names, accepted in any case."""
 
 
 def parse_dummy(text: str) -> tuple[str, Path]:
@@ -134,10 +161,19 @@ class ServerConfig:
     """HOST:PORT of /metrics, /readyz and /livez; "" is the gRPC host on port 9400; "off" disables."""
     log_format: str = "text"
     allow_missing_roots: bool = False
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server; with tls_key, the gRPC port speaks TLS only."""
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """CA bundle that client certificates must chain to: mutual TLS."""
+    auth_tokens: Path | None = None
+    """TOML file of bearer tokens and their scopes (server/tokens.py); no file, no token check."""
+    control_listen: str = ""
+    """HOST:PORT or unix:PATH serving ControlService, Prefetch and Evict apart from the data port."""
 
     def __post_init__(self) -> None:
         if self.loader not in LOADERS:
-            raise ValueError(f"loader {self.loader!r} must be one of {LOADERS}")
+            raise ValueError(f"loader {self.loader!r} must be one of {', '.join(LOADERS)}")
         if not 4096 <= self.chunk_bytes <= 4 * MiB - 16 * 1024:
             raise ValueError(f"chunk_bytes {self.chunk_bytes} must be within [4096, 4 MiB - 16 KiB]")
         if self.max_streams < 1 or self.max_streams_per_peer < 1:
@@ -170,54 +206,169 @@ class ServerConfig:
         if self.metrics_listen not in ("", "off") and not re.fullmatch(r".*:\d{1,5}", self.metrics_listen):
             raise ValueError(f"metrics_listen {self.metrics_listen!r} must be HOST:PORT, or off")
         if self.log_format not in LOG_FORMATS:
-            raise ValueError(f"log_format {self.log_format!r} must be one of {LOG_FORMATS}")
+            raise ValueError(f"log_format {self.log_format!r} must be one of {', '.join(LOG_FORMATS)}")
+        self._check_access()
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level {self.log_level!r} must be one of {', '.join(LOG_LEVELS)} (any case)")
+        object.__setattr__(self, "log_level", self.log_level.upper())  # frozen: the one normalisation
+
+    def _check_access(self) -> None:
+        """TLS files come in pairs, mTLS needs TLS, the control address is an address of its own."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both, or neither for plaintext")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca asks clients for certificates over TLS: give tls_cert and tls_key too")
+        if self.control_listen and ":" not in self.control_listen:
+            raise ValueError(f"control_listen {self.control_listen!r} must be HOST:PORT or unix:PATH")
+        if self.control_listen and self.control_listen == self.listen and not self.listen.endswith(":0"):
+            raise ValueError(f"control_listen {self.control_listen!r} must differ from listen")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
-        """Build from WEIGHTSERVE_* variables, then apply non-None `overrides` (CLI flags).
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        file_values: Mapping[str, object] | None = None,
+        file_name: str = "the config file",
+        **overrides: Any,
+    ) -> ServerConfig:
+        """Build from a config file, then WEIGHTSERVE_* variables, then non-None `overrides` (CLI flags).
 
-        WEIGHTSERVE_MODEL_ROOTS holds paths separated by os.pathsep; WEIGHTSERVE_DUMMY
-        holds NAME=CONFIG.json pairs separated by commas.
+        Each source overrides the one before it: flag > variable > file > default. A
+        variable's text and a file's value go through the same parser (parse_setting);
+        WEIGHTSERVE_MODEL_ROOTS holds paths separated by os.pathsep, WEIGHTSERVE_DUMMY
+        NAME=CONFIG.json pairs separated by commas.
+
+        Args:
+            env: the variables (default os.environ).
+            file_values: settings read from a file, by field name, as TOML gives them
+                (weightserve.config_file.load_settings).
+            file_name: how errors name the file.
+            **overrides: typed values by field name; None means not given.
 
         Raises:
             ValueError: an unknown WEIGHTSERVE_* variable, or a value that does not parse
-                or is out of range (the message names the variable).
+                or is out of range (the message names the variable or the file's key).
         """
         env = os.environ if env is None else env
         check_variables(env)
+        file_values = file_values or {}
         values: dict[str, Any] = {}
         for f in fields(cls):
+            if overrides.get(f.name) is not None:
+                continue
             variable = ENV_PREFIX + f.name.upper()
             raw = env.get(variable)
-            if raw is None or overrides.get(f.name) is not None:
-                continue
-            try:
-                values[f.name] = _parser(f.name, f.type)(raw)
-            except ValueError as e:
-                raise ValueError(f"{variable}={raw[:80]!r}: {e}") from None
+            if raw is not None:
+                try:
+                    values[f.name] = parse_setting(f.name, raw)
+                except ValueError as e:
+                    raise ValueError(f"{variable}={raw[:80]!r}: {e}") from None
+            elif f.name in file_values:
+                value = file_values[f.name]
+                try:
+                    values[f.name] = parse_setting(f.name, value)
+                except ValueError as e:
+                    raise ValueError(f"{file_name}: {f.name} = {str(value)[:80]!r}: {e}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    def settings(self) -> dict[str, str | int | float | bool | list[str]]:
+        """Every setting in field order, as TOML values that parse_setting turns back into this one.
+
+        Unset paths are "" (which parses to None) and dummy models "NAME=CONFIG.json".
+        """
+        out: dict[str, str | int | float | bool | list[str]] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "dummy":
+                out[f.name] = [f"{name}={path}" for name, path in value]
+            elif isinstance(value, tuple):
+                out[f.name] = [str(item) for item in value]
+            elif value is None or isinstance(value, Path):
+                out[f.name] = "" if value is None else str(value)
+            else:
+                out[f.name] = value
+        return out
+
+
+_LIST_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "model_roots": (os.pathsep, Path),
+    "allow_source": (",", str),
+    "dummy": (",", parse_dummy),
+}
+"""Settings that hold several values: the separator in a variable's text, and each value's parser."""
 
 _FIELD_PARSERS: dict[str, Callable[[str], Any]] = {
-    "model_roots": lambda raw: tuple(Path(p) for p in raw.split(os.pathsep) if p),
-    "allow_source": lambda raw: tuple(p for p in raw.split(",") if p),
-    "dummy": lambda raw: tuple(parse_dummy(p) for p in raw.split(",") if p.strip()),
     "sharding_rules": lambda raw: Path(raw) if raw else None,
     "disk_cache_dir": lambda raw: Path(raw) if raw else None,
+    "tls_cert": lambda raw: Path(raw) if raw else None,
+    "tls_key": lambda raw: Path(raw) if raw else None,
+    "tls_client_ca": lambda raw: Path(raw) if raw else None,
+    "auth_tokens": lambda raw: Path(raw) if raw else None,
+    "chunk_bytes": parse_size,
     "cache_memory": parse_size,
     "disk_cache_bytes": parse_size,
 }
-_TYPE_PARSERS: dict[object, Callable[[str], Any]] = {"int": int, "float": float, "bool": parse_bool}
+_TYPE_PARSERS: dict[object, Callable[[str], Any]] = {"int": parse_int, "float": parse_float, "bool": parse_bool}
+_TYPE_NAMES = {"int": "a whole number", "float": "a number", "bool": "true or false"}
+
+
+_ANNOTATIONS: dict[str, object] = {f.name: f.type for f in fields(ServerConfig)}
+
+FILE_SETTINGS = tuple(name for name, annotation in _ANNOTATIONS.items() if annotation == "Path | None")
+"""Settings that name a file (a key, a token file): printed as paths, never masked as secrets."""
 
 
 def _parser(name: str, annotation: object) -> Callable[[str], Any]:
     return _FIELD_PARSERS.get(name) or _TYPE_PARSERS.get(annotation, str)
 
 
+def setting_names() -> list[str]:
+    """Every ServerConfig field name, in field order: the keys a config file may use."""
+    return [f.name for f in fields(ServerConfig)]
+
+
+def parse_setting(name: str, value: object) -> Any:
+    """A setting's typed value from a variable's or flag's text, a repeated flag's texts or a TOML value.
+
+    Text goes through the setting's parser (sizes take units: 20GiB); a list setting
+    takes a list of texts, or one text split as its variable is; integers, numbers and
+    booleans may also come as TOML gives them.
+
+    Raises:
+        ValueError: not a setting, or a value that does not parse (range checks are
+            ServerConfig's).
+    """
+    annotation = _ANNOTATIONS.get(name)
+    if annotation is None:
+        raise ValueError(f"no setting {name!r}")
+    if name in _LIST_SETTINGS:
+        separator, item = _LIST_SETTINGS[name]
+        parts = value.split(separator) if isinstance(value, str) else value
+        if not isinstance(parts, (list, tuple)) or not all(isinstance(p, str) for p in parts):
+            raise ValueError(f"{value!r} is not a list of strings")
+        return tuple(item(p) for p in parts if p.strip())
+    if isinstance(value, str):
+        return _parser(name, annotation)(value)
+    if isinstance(value, bool):  # before int: a bool is an int
+        if annotation == "bool":
+            return value
+    elif isinstance(value, int) and annotation in ("int", "float"):
+        return value if annotation == "int" else float(value)
+    elif isinstance(value, float) and annotation == "float":
+        return value
+    wanted = "a size" if _FIELD_PARSERS.get(name) is parse_size else _TYPE_NAMES.get(str(annotation), "a string")
+    raise ValueError(f"{value!r} is not {wanted}")
+
+
 OTHER_VARIABLES = {
     "WEIGHTSERVE_DEMO_DIR": "where `weightserve demo` keeps its generated checkpoint",
     "WEIGHTSERVE_BENCH_DIR": "where benchmarks keep their generated checkpoints",
+    "WEIGHTSERVE_CONFIG": "a TOML file of settings for `weightserve serve` (what --config names)",
+    "WEIGHTSERVE_SERVER": "the server the client commands call when --server is not given",
+    "WEIGHTSERVE_TOKEN": "the bearer token clients and client commands send (what --token gives)",
+    "WEIGHTSERVE_TLS_CA": "PEM CA bundle clients check the server's certificate against; turns TLS on",
 }
 """Documented WEIGHTSERVE_* variables that are not server settings (the README lists them)."""
 

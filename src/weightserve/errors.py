@@ -50,7 +50,12 @@ class CorruptCheckpointError(WeightserveError, ValueError):
 
 
 class PermissionDeniedError(WeightserveError, PermissionError):
-    """The caller may not have this (a remote source outside the allow-list, a bad token)."""
+    """The caller may not have this (a remote source outside the allow-list, a model or an
+    action outside the caller's token)."""
+
+
+class UnauthenticatedError(WeightserveError, PermissionError):
+    """The call carries no token, or one the server does not know."""
 
 
 class ResourceExhaustedError(WeightserveError, MemoryError):

@@ -27,16 +27,22 @@ class Recorder:
     def rpc_message_sent(self, service: str, method: str, kind: str) -> None:
         """A call sent one response message."""
 
+    def auth_refused(self, reason: str) -> None:
+        """A call was refused by the token check: missing_token, unknown_token, scope or model."""
+
     # -------------------------------------------------------------- data plane
 
     def stream_started(self, model: str, layout: str, resumed: bool) -> None:
         """A FetchShard stream began (`resumed`: it asked for a resume point)."""
 
     def first_chunk(self, model: str, seconds: float) -> None:
-        """A stream sent its first chunk `seconds` after it began."""
+        """A stream sent its first chunk `seconds` after its call began (opening the model included)."""
+
+    def bytes_sent(self, model: str, layout: str, nbytes: int) -> None:
+        """A stream sent a message of `nbytes` (counted as it goes, so throughput is a line, not a step)."""
 
     def stream_finished(self, model: str, layout: str, nbytes: int, seconds: float) -> None:
-        """A stream ended (whole or not) having sent `nbytes` of messages."""
+        """A stream ended (whole or not) having sent `nbytes` of messages, `seconds` after its call began."""
 
     def bytes_read(self, source: str, nbytes: int) -> None:
         """Payload bytes a stream took from `source`: local, hf, s3, dummy, or cache."""
@@ -62,6 +68,9 @@ class Recorder:
 
     def load_report(self, model: str) -> None:
         """An expert load report was counted."""
+
+    def rebalance_started(self, model: str, policy: str) -> None:
+        """A rebalance job began."""
 
     def rebalance_finished(
         self, model: str, policy: str, outcome: str, seconds: float, before: float, after: float

@@ -11,6 +11,8 @@ import-linter contract keeps it so): it imports torch and the whole server.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
 import math
 import threading
@@ -20,6 +22,10 @@ from pathlib import Path
 from types import TracebackType
 
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from safetensors.torch import save_file
 
 from weightserve.atomic import atomic_write
@@ -152,6 +158,17 @@ class BackgroundServer:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.server.port}"
 
+    @property
+    def control_address(self) -> str:
+        """Where ControlService, Prefetch and Evict answer: the control port, or `address` without one."""
+        assert self.server is not None
+        listen = self.config.control_listen
+        if not listen:
+            return self.address
+        if listen.startswith("unix:"):
+            return listen
+        return f"{listen.rsplit(':', 1)[0]}:{self.server.control_port}"
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         try:
@@ -185,3 +202,85 @@ class BackgroundServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+# --------------------------------------------------------------- TLS test certificates
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A test certificate and its key, as PEM (made with `cryptography`: make_ca, make_leaf)."""
+
+    cert: bytes
+    key: bytes
+    certificate: x509.Certificate
+    private_key: ec.EllipticCurvePrivateKey
+
+    def write(self, folder: Path, stem: str) -> tuple[Path, Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        cert, key = folder / f"{stem}.crt", folder / f"{stem}.key"
+        cert.write_bytes(self.cert)
+        key.write_bytes(self.key)
+        return cert, key
+
+
+def _pair(certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Pair:
+    return Pair(
+        certificate.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        certificate,
+        key,
+    )
+
+
+def make_ca(name: str = "weightserve test CA") -> Pair:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(utc_now() - datetime.timedelta(days=1))
+        .not_valid_after(utc_now() + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return _pair(certificate, key)
+
+
+def make_leaf(
+    ca: Pair,
+    common_name: str,
+    *,
+    client: bool = False,
+    dns: tuple[str, ...] = ("localhost",),
+    ips: tuple[str, ...] = ("127.0.0.1",),
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> Pair:
+    """A server (or, with `client`, a client) certificate signed by `ca`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or utc_now() - datetime.timedelta(days=1))
+        .not_valid_after(not_after or utc_now() + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca.private_key, hashes.SHA256())
+    )
+    return _pair(certificate, key)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from weightserve import AsyncWeightClient, FetchError, WeightClient, WeightserveError, wire
+from weightserve.client import FetchStats
 from weightserve.client.files import FileWriter
 from weightserve.config import ServerConfig
 from weightserve.errors import InvalidRequestError
@@ -365,3 +368,93 @@ def test_prefetch_and_evict(client: WeightClient) -> None:
     assert (response.revision, response.bytes) == (manifest.revision, manifest.total_bytes)
     assert client.evict(MODEL) is True
     assert client.evict(MODEL) is False
+
+
+def test_evict_of_an_unknown_model_is_not_found(client: WeightClient) -> None:
+    with pytest.raises(FetchError) as info:
+        client.evict("org/nope")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# ------------------------------------------------------------- what a fetch did
+
+
+def check_stats(stats: FetchStats | None, state: dict[str, torch.Tensor], address: str) -> FetchStats:
+    assert stats is not None
+    assert stats.tensors == len(state)
+    assert stats.payload_bytes == sum(t.numel() * t.element_size() for t in state.values())
+    assert stats.time_to_first_chunk is not None and 0 < stats.time_to_first_chunk <= stats.seconds
+    assert (stats.resumes, stats.rerequests, stats.replica) == (0, 0, address)
+    return stats
+
+
+def test_last_fetch_stats_and_the_summary_line(
+    client: WeightClient, address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="weightserve.client"):
+        state = client.fetch_state_dict(MODEL, rank=1, world_size=2)
+    stats = check_stats(client.last_fetch_stats, state, address)
+    assert client.last_stats is stats  # the name it had first
+    (record,) = [r for r in caplog.records if r.name == "weightserve.client"]
+    assert record.levelno == logging.INFO
+    line = record.getMessage()
+    assert line.startswith(f"fetched {MODEL} rank 1/2: {len(state)} tensors, ")
+    assert re.search(r" in \d+\.\d\d s \(\d+\.\d\d GB/s\), first chunk after \d+\.\d\d s, ", line), line
+    assert line.endswith(f", 0 resumes, 0 re-requests from {address}")
+
+
+def test_async_last_fetch_stats(address: str) -> None:
+    async def main() -> tuple[dict[str, torch.Tensor], FetchStats | None]:
+        async with AsyncWeightClient(address) as c:
+            return await c.fetch_state_dict(MODEL), c.last_fetch_stats
+
+    state, stats = asyncio.run(main())
+    check_stats(stats, state, address)
+
+
+def test_fetch_stats_summary_reads_like_a_person_wrote_it() -> None:
+    stats = FetchStats(payload_bytes=1_200_000_000, tensors=812, seconds=1.4, time_to_first_chunk=0.05)
+    stats.replica, stats.reconnects = "weights:50051", 2
+    assert stats.summary() == (
+        "812 tensors, 1.2 GB in 1.40 s (0.86 GB/s), first chunk after 0.05 s, 2 resumes, 0 re-requests "
+        "from weights:50051"
+    )
+
+
+# ------------------------------------------------------------- devices
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("build", ["cpu-only torch", "no GPU visible"])
+def test_cuda_without_cuda_is_a_failed_precondition_before_any_call(
+    monkeypatch: pytest.MonkeyPatch, build: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None if build == "cpu-only torch" else "12.4")
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    said = "has no CUDA build" if build == "cpu-only torch" else "no CUDA device is visible"
+    # nothing listens there: a network call would wait out the client's timeout, not fail at once
+    with WeightClient("127.0.0.1:9", timeout=600) as c:
+        with pytest.raises(FetchError, match=said) as info:
+            c.fetch_state_dict(MODEL, device="cuda")
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert c.last_fetch_stats is None
+
+    async def fetch_async() -> None:
+        async with AsyncWeightClient("127.0.0.1:9", timeout=600) as c:
+            await c.fetch_state_dict(MODEL, device="cuda:0")
+
+    with pytest.raises(FetchError, match=said):
+        asyncio.run(fetch_async())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fetch_to_cuda_equals_the_files(client: WeightClient, model_root: Path, address: str) -> None:
+    state = client.fetch_state_dict(MODEL, device="cuda")
+    assert all(t.device.type == "cuda" for t in state.values())
+    assert_bitwise_equal({k: v.cpu() for k, v in state.items()}, reference(model_root / MODEL))
+    check_stats(client.last_fetch_stats, state, address)
+    with pytest.raises(FetchError, match="CUDA device") as info:
+        client.fetch_state_dict(MODEL, device=f"cuda:{torch.cuda.device_count()}")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION

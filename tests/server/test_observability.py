@@ -97,6 +97,10 @@ def test_metrics_of_expert_load_and_rebalances(moe_root: Path, serve) -> None:  
     samples = scrape(server)
     assert value(samples, "weightserve_eplb_load_reports_total", model=MOE) == 1
     assert value(samples, "weightserve_eplb_rebalances_total", model=MOE, outcome="succeeded") == 1
+    failed = [
+        v for (n, ls), v in samples.items() if n == "weightserve_eplb_rebalances_total" and ("outcome", "failed") in ls
+    ]
+    assert failed == [0.0]  # present from the job's start, at 0, so increase() sees a first failure
     assert value(samples, "weightserve_eplb_mapping_version", model=MOE) == job.mapping.version
     assert value(samples, "weightserve_eplb_balancedness", model=MOE, when="after") == pytest.approx(
         job.balancedness_after

@@ -570,6 +570,19 @@ def test_evict(model_root: Path, serve, stub) -> None:
     assemble(fetch(s, manifest_id=manifest.manifest_id), manifest)  # reopened on demand
 
 
+def test_evict_of_an_unknown_model_is_not_found(model_root: Path, serve, stub) -> None:
+    s = stub(serve(model_root).address)
+    rpc_error(lambda: s.Evict(pb.EvictRequest(model="org/tiny-lama")), grpc.StatusCode.NOT_FOUND, "org/tiny-lama")
+    assert s.Evict(pb.EvictRequest(model=MODEL)).evicted is False  # known but cold: still no error
+
+
+def test_rebalance_with_an_unknown_policy_is_invalid_argument_at_once(model_root: Path, serve, channels) -> None:
+    control = pb_grpc.ControlServiceStub(channels(serve(model_root).address))
+    request = pb.RebalanceRequest(model=MODEL, policy="no-such-policy")
+    details = rpc_error(lambda: control.Rebalance(request), grpc.StatusCode.INVALID_ARGUMENT, "no-such-policy")
+    assert "hierarchical" in details  # the message lists the policies there are
+
+
 # ------------------------------------------------------------ health, reflection
 
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from weightserve.cli.remote import add_server_args, client_options, connect, reach, security_of
+
 if TYPE_CHECKING:
     from weightserve.client import AsyncWeightClient
     from weightserve.v1 import weightserve_pb2 as pb
@@ -27,7 +29,7 @@ LONGEST_WAIT_SECONDS = 300.0
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     report = sub.add_parser("report-load", help="report a MoE model's expert token counts (one worker's load)")
     report.add_argument("model")
-    report.add_argument("--server", required=True, help="HOST:PORT or unix:PATH")
+    add_server_args(report)
     report.add_argument(
         "--counts", required=True, metavar="FILE",
         help="[moe_layers, experts] integer table: .json (a list of lists), .npy or .pt; '-' reads JSON from stdin",
@@ -36,7 +38,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     rebalance = sub.add_parser("rebalance", help="rebalance a MoE model's experts from the reported load")
     rebalance.add_argument("model")
-    rebalance.add_argument("--server", required=True, help="HOST:PORT or unix:PATH")
+    add_server_args(rebalance, timeout=600.0, timeout_help="seconds to wait for the server and the job (default 600)")
     rebalance.add_argument(
         "--policy", help=f"{POLICIES[0]} (the default), {', '.join(POLICIES[1:])}, or one registered on the server"
     )
@@ -47,7 +49,6 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     rebalance.add_argument("--nodes", type=int, help="server nodes (with --gpus-per-node; needed the first time)")
     rebalance.add_argument("--gpus-per-node", type=int, help="EP ranks per node")
     rebalance.add_argument("--groups", type=int, help="expert groups of the model (default 1; with the topology)")
-    rebalance.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job (default 600)")
     rebalance.set_defaults(run=run_rebalance)
 
 
@@ -85,15 +86,14 @@ def run_report(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         sys.stderr.write(f"weightserve report-load: cannot read counts from {args.counts}: {e}\n")
         return 2
-    from weightserve.client import WeightClient
-
-    with WeightClient(args.server) as client:
+    with connect(args) as client:
         reports = client.report_expert_load(args.model, counts)
     sys.stdout.write(f"{args.model}: {reports} report(s) in the load window\n")
     return 0
 
 
 def run_rebalance(args: argparse.Namespace) -> int:
+    reach(args.server, args.timeout, security_of(args))
     job = asyncio.run(_rebalance(args))
     return print_job(args.model, job)
 
@@ -101,7 +101,7 @@ def run_rebalance(args: argparse.Namespace) -> int:
 async def _rebalance(args: argparse.Namespace) -> pb.GetRebalanceResponse:
     from weightserve.client import AsyncWeightClient
 
-    async with AsyncWeightClient(args.server) as client:
+    async with AsyncWeightClient(args.server, timeout=args.timeout, **client_options(security_of(args))) as client:
         job_id = await client.rebalance(
             args.model,
             policy=args.policy,

@@ -1,4 +1,4 @@
-"""`weightserve fetch` and `weightserve ls`: a rank's state dict and the server's models, from a shell."""
+"""`weightserve fetch`, `ls` and `prefetch`: a rank's state dict, the server's models, a warm cache."""
 
 from __future__ import annotations
 
@@ -6,12 +6,22 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from weightserve.cli.remote import add_server_args, connect
+
+if TYPE_CHECKING:
+    from weightserve.client import WeightClient
+    from weightserve.v1 import weightserve_pb2 as pb
+
+POLL_SECONDS = 0.5
+"""How often `prefetch --wait` on a terminal looks at the model's resident bytes."""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fetch = sub.add_parser("fetch", help="fetch a rank's state dict and the model's files")
     fetch.add_argument("model")
-    fetch.add_argument("--server", required=True, help="HOST:PORT or unix:PATH")
+    add_server_args(fetch)
     fetch.add_argument("--out", required=True, help="directory to write into")
     fetch.add_argument("--rank", type=int, default=0)
     fetch.add_argument("--world-size", type=int, default=1)
@@ -20,34 +30,73 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     fetch.set_defaults(run=run_fetch)
 
     ls = sub.add_parser("ls", help="list the server's models")
-    ls.add_argument("--server", required=True)
+    add_server_args(ls)
     ls.set_defaults(run=run_ls)
+
+    prefetch = sub.add_parser("prefetch", help="warm a model's ranks in the server's cache")
+    prefetch.add_argument("model")
+    add_server_args(prefetch, timeout=600.0, timeout_help="seconds the call may take, the warming with --wait (600)")
+    prefetch.add_argument("--world-size", type=int, default=1, help="tensor-parallel size of the ranks (default 1)")
+    prefetch.add_argument("--ranks", type=int, nargs="+", metavar="RANK", help="ranks to warm (default: all)")
+    prefetch.add_argument("--wait", action="store_true", help="answer when the warming is done (default: at once)")
+    prefetch.set_defaults(run=run_prefetch)
 
 
 def run_fetch(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from weightserve.atomic import atomic_write
-    from weightserve.client import WeightClient
 
     out = Path(args.out)
-    with WeightClient(args.server) as client:
+    with connect(args) as client:
         state = client.fetch_state_dict(
             args.model, args.rank, args.world_size, revision=args.revision, format=args.format
         )
         name = "model.safetensors" if args.world_size == 1 else f"model-rank-{args.rank}-part-0.safetensors"
         atomic_write(out / name, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp)))
         files = client.fetch_files(args.model, out, revision=args.revision)
+        stats = client.last_fetch_stats
     total = sum(t.numel() * t.element_size() for t in state.values())
-    sys.stdout.write(f"wrote {len(state)} tensors ({total:,} bytes) to {out / name} and {len(files)} files\n")
+    took = f" in {stats.seconds:.2f}s" if stats is not None else ""
+    sys.stdout.write(f"wrote {len(state)} tensors ({total:,} bytes{took}) to {out / name} and {len(files)} files\n")
     return 0
 
 
+def run_prefetch(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        started = time.monotonic()
+        if args.wait and sys.stderr.isatty():
+            response = _prefetch_showing_progress(client, args)
+        else:
+            response = client.prefetch(args.model, args.world_size, args.ranks, wait=args.wait)
+    ranks = f"rank{'s' * (len(args.ranks) > 1)} {' '.join(map(str, args.ranks))}" if args.ranks else "every rank"
+    what = f"{args.model} ({ranks} of world size {args.world_size}, revision {response.revision})"
+    if args.wait:
+        sys.stdout.write(f"prefetched {what}: {response.bytes:,} bytes in {time.monotonic() - started:.2f}s\n")
+    else:
+        sys.stdout.write(f"prefetching {what}: {response.bytes:,} bytes, in the background\n")
+    return 0
+
+
+def _prefetch_showing_progress(client: WeightClient, args: argparse.Namespace) -> pb.PrefetchResponse:
+    """Prefetch with wait, showing the model's bytes resident in the server's cache as they grow."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait as wait_for
+
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(1) as pool, tqdm(unit="B", unit_scale=True, desc=args.model, leave=False) as bar:
+        call = pool.submit(client.prefetch, args.model, args.world_size, args.ranks, wait=True)
+        while not wait_for([call], timeout=POLL_SECONDS).done:
+            resident = max((m.cache.resident_bytes for m in client.list_models() if m.name == args.model), default=0)
+            bar.update(max(resident - bar.n, 0))
+        return call.result()
+
+
 def run_ls(args: argparse.Namespace) -> int:
-    from weightserve.client import WeightClient
     from weightserve.v1 import weightserve_pb2 as pb
 
-    with WeightClient(args.server) as client:
+    with connect(args) as client:
         models = client.list_models()
     rows = [("MODEL", "FORMAT", "BYTES", "REVISION", "CACHE", "RESIDENT", "STREAMS", "LAST USED", "LOAD")]
     for m in models:

@@ -11,13 +11,15 @@ from typing import Any
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typing_extensions import Unpack
 
 from weightserve.client import control
 from weightserve.client.assembly import FetchStats
-from weightserve.client.call_metadata import AsyncIdentityInterceptor, is_unix
+from weightserve.client.call_metadata import CallMetadata, async_metadata_interceptors, is_unix, target
 from weightserve.client.common import (
     FETCH_SHARD,
+    PROBE_SECONDS,
     FetchOptions,
     Pause,
     ResumeLoop,
@@ -25,11 +27,12 @@ from weightserve.client.common import (
     channel_options,
     fetch_args,
     fetch_error,
-    target,
+    unreachable,
 )
 from weightserve.client.files import FileWriter
 from weightserve.client.manifest_pages import ManifestPages
 from weightserve.client.retry import RetryPolicy
+from weightserve.client.security import Pem, security_from
 from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
@@ -45,18 +48,60 @@ class AsyncWeightClient:
             channel to become ready within it and is not retried.
     """
 
-    def __init__(self, address: str, *, retry: RetryPolicy | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
+        allow_insecure_token: bool = False,
+    ) -> None:
         self.address = address
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
-        interceptors: Any = [AsyncIdentityInterceptor()] if is_unix(target(address)) else None
-        self._channel = grpc.aio.insecure_channel(target(address), options=channel_options(), interceptors=interceptors)
+        security = security_from(
+            target(address),
+            token=token,
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            allow_insecure_token=allow_insecure_token,
+        )
+        metadata = CallMetadata(security.metadata(), is_unix(target(address)))
+        interceptors: Any = async_metadata_interceptors(metadata) if metadata else None
+        credentials = security.credentials()
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(
+                target(address), options=channel_options(), interceptors=interceptors
+            )
+        else:
+            self._channel = grpc.aio.secure_channel(
+                target(address), credentials, options=channel_options(), interceptors=interceptors
+            )
         self._stub = pb_grpc.WeightServiceStub(self._channel)
         self._control = pb_grpc.ControlServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._fetch = self._channel.unary_stream(
             FETCH_SHARD, request_serializer=pb.FetchShardRequest.SerializeToString, response_deserializer=None
         )
-        self.last_stats: FetchStats | None = None
+        self.last_fetch_stats: FetchStats | None = None
+        """What the latest fetch_state_dict did (bytes, seconds, time to first chunk, resumes, checksum
+        re-requests, replica); set once its manifest arrives and filled in as it runs."""
+
+    @property
+    def last_stats(self) -> FetchStats | None:
+        """The name last_fetch_stats had first."""
+        return self.last_fetch_stats
+
+    @last_stats.setter
+    def last_stats(self, stats: FetchStats | None) -> None:
+        self.last_fetch_stats = stats
 
     async def __aenter__(self) -> AsyncWeightClient:
         return self
@@ -72,7 +117,17 @@ class AsyncWeightClient:
         try:
             return await method(request, timeout=self.timeout + extra_seconds, wait_for_ready=True)
         except grpc.RpcError as e:
-            raise fetch_error(e, action) from None
+            raise await self._why_not_ready(e) or fetch_error(e, action) from None
+
+    async def _why_not_ready(self, error: grpc.RpcError) -> FetchError | None:
+        """See WeightClient._why_not_ready."""
+        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return None
+        try:
+            await self._health.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_SECONDS)
+        except grpc.RpcError as probe:
+            return unreachable(self.address, probe)
+        return None
 
     async def list_models(self) -> list[pb.ModelInfo]:
         response = await self._call("list models", self._stub.ListModels, pb.ListModelsRequest())
@@ -98,9 +153,11 @@ class AsyncWeightClient:
         self, model: str, rank: int = 0, world_size: int = 1, **options: Unpack[FetchOptions]
     ) -> dict[str, torch.Tensor]:
         """See WeightClient.fetch_state_dict."""
+        started, self.last_fetch_stats = time.monotonic(), None  # never an earlier fetch's, should this one fail
         fetch = fetch_args(model, rank, world_size, options)
-        loop = ResumeLoop(fetch, await self._manifest(fetch.shard), self.retry)
-        self.last_stats = loop.stats
+        manifest = await self._manifest(fetch.shard)
+        loop = ResumeLoop(fetch, manifest, self.retry, replica=self.address, started=started)
+        self.last_fetch_stats = loop.stats
         while (shard_request := loop.next_request()) is not None:
             stream = self._fetch(shard_request, wait_for_ready=loop.resuming)
             try:

@@ -1,7 +1,8 @@
-"""Metadata the client adds to every call: who is calling, over a Unix socket.
+"""Metadata the client adds to every call: its token, and who is calling over a Unix socket.
 
-The server limits concurrent streams per peer; over TCP a peer is an IP address, but
-every caller on a Unix socket looks the same to gRPC, so the client names its process
+The token (client/security.py) is `authorization: Bearer ...`. The server limits
+concurrent streams per peer; over TCP a peer is an IP address, but every caller on a
+Unix socket looks the same to gRPC, so the client names its process
 (`x-weightserve-pid`). It is a courtesy, not a credential: a process that lies evades
 only its own per-peer limit, never the server's overall one.
 """
@@ -17,6 +18,11 @@ import grpc
 PID_METADATA = "x-weightserve-pid"
 
 
+def target(address: str) -> str:
+    """A gRPC target from 'host:port', 'unix:/path' or a bare '/path' socket."""
+    return f"unix:{address}" if address.startswith("/") else address
+
+
 def is_unix(target: str) -> bool:
     """Whether a gRPC target is a Unix socket ('unix:/path', 'unix-abstract:name')."""
     return target.startswith(("unix:", "unix-abstract:"))
@@ -25,6 +31,20 @@ def is_unix(target: str) -> bool:
 def identity() -> tuple[tuple[str, str], ...]:
     """The metadata that names this process (computed per call: a forked worker has its own pid)."""
     return ((PID_METADATA, str(os.getpid())),)
+
+
+class CallMetadata:
+    """What every call of one channel carries: fixed pairs (the token) and, over a Unix socket, the pid."""
+
+    def __init__(self, fixed: tuple[tuple[str, str], ...], unix: bool) -> None:
+        self.fixed = fixed
+        self.unix = unix
+
+    def __bool__(self) -> bool:
+        return bool(self.fixed) or self.unix
+
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        return (*self.fixed, *identity()) if self.unix else self.fixed
 
 
 class _Details(grpc.ClientCallDetails):
@@ -37,36 +57,47 @@ class _Details(grpc.ClientCallDetails):
         self.compression = getattr(details, "compression", None)
 
 
-def _with_identity(details: Any) -> Any:
-    return _Details(details, (*tuple(details.metadata or ()), *identity()))
-
-
-class IdentityInterceptor(
+class MetadataInterceptor(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
 ):
-    """Adds the caller's pid to every call of a (sync) channel."""
+    """Adds a channel's CallMetadata to every call of a (sync) channel."""
+
+    def __init__(self, metadata: CallMetadata) -> None:
+        self.metadata = metadata
+
+    def _details(self, details: Any) -> Any:
+        return _Details(details, (*tuple(details.metadata or ()), *self.metadata.pairs()))
 
     def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return continuation(_with_identity(details), request)
+        return continuation(self._details(details), request)
 
     def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return continuation(_with_identity(details), request)
+        return continuation(self._details(details), request)
 
 
-class AsyncIdentityInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-):
-    """Adds the caller's pid to every call of an asyncio channel."""
+class _AsyncMetadata:
+    def __init__(self, metadata: CallMetadata) -> None:
+        self.metadata = metadata
 
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=grpc.aio.Metadata(*tuple(details.metadata or ()), *self.metadata.pairs()))
+
+
+class _AsyncUnaryUnary(_AsyncMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return await continuation(_with_aio_identity(details), request)
+        return await continuation(self._details(details), request)
 
+
+class _AsyncUnaryStream(_AsyncMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return await continuation(_with_aio_identity(details), request)
+        return await continuation(self._details(details), request)
 
 
-def _with_aio_identity(details: Any) -> Any:
-    metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *identity())
-    return details._replace(metadata=metadata)
+def async_metadata_interceptors(metadata: CallMetadata) -> list[Any]:
+    """Interceptors that add `metadata` to every call of an asyncio channel.
+
+    One per kind of call: grpc.aio files an interceptor under the first kind it is an
+    instance of, so one object for both would never see a stream.
+    """
+    return [_AsyncUnaryUnary(metadata), _AsyncUnaryStream(metadata)]

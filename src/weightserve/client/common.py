@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -17,6 +18,9 @@ from weightserve.client.expert_slots import check_expert_slots
 from weightserve.client.retry import RetryPolicy, retry_after
 from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
+
+logger = logging.getLogger("weightserve.client")
+"""The package's logger, named as users configure it: one INFO line per finished fetch."""
 
 FETCH_SHARD = "/weightserve.v1.WeightService/FetchShard"
 
@@ -34,11 +38,6 @@ def channel_options() -> list[tuple[str, int]]:
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2_000),
     ]
-
-
-def target(address: str) -> str:
-    """A gRPC target from 'host:port', 'unix:/path' or a bare '/path' socket."""
-    return f"unix:{address}" if address.startswith("/") else address
 
 
 @dataclass(frozen=True)
@@ -148,19 +147,59 @@ def fetch_args(model: str, rank: int, world_size: int, options: FetchOptions) ->
 
     Raises:
         TypeError: an option this function does not know (a misspelt keyword).
+        FetchError: FAILED_PRECONDITION for a CUDA device this process cannot use (a
+            torch without CUDA, no GPU visible), before anything is asked of the server.
     """
     unknown = set(options) - FetchOptions.__optional_keys__
     if unknown:
         have = ", ".join(sorted(FetchOptions.__optional_keys__))
         raise TypeError(f"unexpected fetch option(s) {', '.join(sorted(unknown))}; the options are {have}")
     picked: dict[str, Any] = {key: value for key, value in options.items() if key in _SHARD_OPTIONS}
+    device = torch.device(options.get("device", "cpu"))
+    check_device(device, model)
     return FetchArgs(
         shard=ShardArgs(model, rank, world_size, **picked),
         names=options.get("names"),
-        device=torch.device(options.get("device", "cpu")),
+        device=device,
         dtype=options.get("dtype"),
         destinations=options.get("destinations"),
     )
+
+
+def check_device(device: torch.device, model: str) -> None:
+    """Refuse a CUDA device this process cannot allocate on, saying why.
+
+    Raises:
+        FetchError: FAILED_PRECONDITION: torch has no CUDA (or ROCm) build, no GPU is
+            visible, or the device index is past the GPUs there are.
+    """
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        built = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+        reason = (
+            "no CUDA device is visible to this process" if built else f"torch {torch.__version__} has no CUDA build"
+        )
+    elif device.index is not None and device.index >= torch.cuda.device_count():
+        reason = f"this process sees {torch.cuda.device_count()} CUDA device(s)"
+    else:
+        return
+    raise FetchError(
+        f"fetch {model}: FAILED_PRECONDITION: device {device} was asked for, but {reason}; fetch to 'cpu' instead",
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+
+
+PROBE_SECONDS = 2.0
+"""How long the probe that explains a call's timeout waits (it does not wait for the channel)."""
+
+
+def unreachable(address: str, probe: grpc.RpcError) -> FetchError | None:
+    """The error of a server the channel never reached, from a probe that did not wait for it
+    (gRPC's words: connection refused, a failed TLS handshake); None when the probe was only slow."""
+    if probe.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    return FetchError(f"cannot reach {address}: {probe.details()}", grpc.StatusCode.UNAVAILABLE)
 
 
 def fetch_error(error: grpc.RpcError, action: str) -> FetchError:
@@ -177,7 +216,16 @@ def progress_bar(total: int, desc: str) -> tqdm:
 class ResumeLoop:
     """Decides, stream after stream, what to request and whether to go on."""
 
-    def __init__(self, fetch: FetchArgs, manifest: pb.GetManifestResponse, policy: RetryPolicy) -> None:
+    def __init__(
+        self,
+        fetch: FetchArgs,
+        manifest: pb.GetManifestResponse,
+        policy: RetryPolicy,
+        *,
+        replica: str = "",
+        started: float | None = None,
+    ) -> None:
+        """`replica`: the address streamed from; `started`: time.monotonic() when the fetch began (default: now)."""
         self.args = fetch.shard
         self.dtype = fetch.dtype
         check_expert_slots(manifest, fetch.shard.model)
@@ -190,6 +238,9 @@ class ResumeLoop:
         self.session = FetchSession(
             manifest, fetch.names, fetch.device, on_bytes=self.bar.update, destinations=fetch.destinations
         )
+        self.started = time.monotonic() if started is None else started
+        self.session.stats.replica = replica
+        self.session.stats.tensors = len(self.session.pending)
         self.attempt = 0
         self._integrity_failures = 0
         self._last_error: grpc.RpcError | None = None
@@ -206,7 +257,8 @@ class ResumeLoop:
     def next_request(self) -> pb.FetchShardRequest | None:
         """The request for the next stream, or None when everything has arrived."""
         if self.session.complete:
-            self.bar.close()
+            self._stop()
+            logger.info("fetched %s %s: %s", self.args.model, _ranks(self.args), self.stats.summary())
             return None
         self.attempt += 1
         self.session.stats.attempts = self.attempt
@@ -222,6 +274,8 @@ class ResumeLoop:
 
     def on_message(self, message: bytes) -> None:
         stats = self.session.stats
+        if stats.time_to_first_chunk is None:
+            stats.time_to_first_chunk = time.monotonic() - self.started
         stats.bytes_received += len(message)
         if stats.reconnects:
             stats.bytes_after_reconnect += len(message)
@@ -236,7 +290,7 @@ class ResumeLoop:
         self._integrity_failures += 1
         self.session.stats.integrity_retries = self._integrity_failures
         if self._integrity_failures > self.policy.integrity_retries:
-            self.bar.close()
+            self._stop()
             raise FetchError(
                 f"fetch {self.args.model}: DATA_LOSS: {error} ({self._integrity_failures} checksum failures)",
                 grpc.StatusCode.DATA_LOSS,
@@ -255,7 +309,7 @@ class ResumeLoop:
         """
         hint = retry_after(_trailing_metadata(error))
         if not self.policy.should_retry(error.code(), self.attempt, hinted=hint is not None):
-            self.bar.close()
+            self._stop()
             raise fetch_error(error, f"fetch {self.args.model} (attempt {self.attempt})") from None
         self._last_error = error
         left = self.policy.retry_deadline - self.session.stats.retry_wait_seconds
@@ -273,8 +327,13 @@ class ResumeLoop:
             assert self._last_error is not None
             raise self._gave_up(self._last_error) from None
 
-    def _gave_up(self, error: grpc.RpcError) -> FetchError:
+    def _stop(self) -> None:
+        """The fetch ends here, done or failed: close the bar, take the time."""
         self.bar.close()
+        self.session.stats.seconds = time.monotonic() - self.started
+
+    def _gave_up(self, error: grpc.RpcError) -> FetchError:
+        self._stop()
         waited = self.session.stats.retry_wait_seconds
         code = error.code()
         return FetchError(
@@ -283,6 +342,16 @@ class ResumeLoop:
             f"{error.details()}",
             code,
         )
+
+
+def _ranks(shard: ShardArgs) -> str:
+    """Which ranks: "rank 3/8", with the pipeline stage and the EP rank when the fetch names them."""
+    text = f"rank {shard.rank}/{shard.world_size}"
+    if shard.pp_size > 1:
+        text += f" pp {shard.pp_rank}/{shard.pp_size}"
+    if shard.ep_size:
+        text += f" ep {shard.ep_rank}/{shard.ep_size}"
+    return text
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,15 @@ from typing import Any
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typing_extensions import Unpack
 
 from weightserve.client import control
 from weightserve.client.assembly import FetchStats
-from weightserve.client.call_metadata import IdentityInterceptor, is_unix
+from weightserve.client.call_metadata import CallMetadata, MetadataInterceptor, is_unix, target
 from weightserve.client.common import (
     FETCH_SHARD,
+    PROBE_SECONDS,
     FetchOptions,
     Pause,
     ResumeLoop,
@@ -24,12 +26,13 @@ from weightserve.client.common import (
     channel_options,
     fetch_args,
     fetch_error,
-    target,
+    unreachable,
 )
 from weightserve.client.files import FileWriter
 from weightserve.client.manifest_pages import ManifestPages
 from weightserve.client.modules import check_keys, module_destinations
 from weightserve.client.retry import RetryPolicy
+from weightserve.client.security import Pem, security_from
 from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
@@ -44,25 +47,75 @@ class WeightClient:
         timeout: the deadline of each unary call, in seconds. A call waits for the
             channel to become ready within it, so a client may start before its server
             (or ride out a restart) without retrying; a call that fails is not retried.
+        token: bearer token for a server with --auth-tokens (default $WEIGHTSERVE_TOKEN).
+            Sent only over TLS, to loopback or to a Unix socket, unless allow_insecure_token.
+        tls: speak TLS, trusting the system's CAs unless root_certificates is given.
+        root_certificates: PEM bytes or path of the CA bundle for the server's certificate
+            (default $WEIGHTSERVE_TLS_CA; giving it turns TLS on).
+        certificate_chain, private_key: the client certificate and key for mutual TLS
+            (default $WEIGHTSERVE_TLS_CERT and $WEIGHTSERVE_TLS_KEY).
+        allow_insecure_token: send the token over plaintext to another host anyway.
+
+    Raises:
+        ValueError: a PEM file cannot be read, a certificate lacks its key, or a token
+            would travel in plaintext.
 
     Example:
         >>> with WeightClient("weights:50051") as client:  # doctest: +SKIP
         ...     sd = client.fetch_state_dict("org/llama-7b", device="cuda")
     """
 
-    def __init__(self, address: str, *, retry: RetryPolicy | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
+        allow_insecure_token: bool = False,
+    ) -> None:
         self.address = address
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target(address), options=channel_options())
-        if is_unix(target(address)):  # name this process for the server's per-peer limits
-            self._channel = grpc.intercept_channel(self._channel, IdentityInterceptor())
+        security = security_from(
+            target(address),
+            token=token,
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            allow_insecure_token=allow_insecure_token,
+        )
+        credentials = security.credentials()
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target(address), options=channel_options())
+        else:
+            self._channel = grpc.secure_channel(target(address), credentials, options=channel_options())
+        metadata = CallMetadata(security.metadata(), is_unix(target(address)))
+        if metadata:  # the token; over a Unix socket, this process's pid for the per-peer limits
+            self._channel = grpc.intercept_channel(self._channel, MetadataInterceptor(metadata))
         self._stub = pb_grpc.WeightServiceStub(self._channel)
         self._control = pb_grpc.ControlServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._fetch = self._channel.unary_stream(
             FETCH_SHARD, request_serializer=pb.FetchShardRequest.SerializeToString, response_deserializer=None
         )
-        self.last_stats: FetchStats | None = None
+        self.last_fetch_stats: FetchStats | None = None
+        """What the latest fetch_state_dict did (bytes, seconds, time to first chunk, resumes, checksum
+        re-requests, replica); set once its manifest arrives and filled in as it runs."""
+
+    @property
+    def last_stats(self) -> FetchStats | None:
+        """The name last_fetch_stats had first."""
+        return self.last_fetch_stats
+
+    @last_stats.setter
+    def last_stats(self, stats: FetchStats | None) -> None:
+        self.last_fetch_stats = stats
 
     def __enter__(self) -> WeightClient:
         return self
@@ -78,7 +131,18 @@ class WeightClient:
         try:
             return method(request, timeout=self.timeout + extra_seconds, wait_for_ready=True)
         except grpc.RpcError as e:
-            raise fetch_error(e, action) from None
+            raise self._why_not_ready(e) or fetch_error(e, action) from None
+
+    def _why_not_ready(self, error: grpc.RpcError) -> FetchError | None:
+        """After a wait_for_ready call ran out of time: why the channel never connected (a refused
+        connection, a failed TLS handshake), or None when it is connected and the server was slow."""
+        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return None
+        try:
+            self._health.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_SECONDS)
+        except grpc.RpcError as probe:
+            return unreachable(self.address, probe)
+        return None
 
     def list_models(self) -> list[pb.ModelInfo]:
         """Every model the server can serve."""
@@ -116,13 +180,19 @@ class WeightClient:
                 format, layout, pp_rank/pp_size, ep_rank/ep_size, since_mapping,
                 destinations); `weightserve.client.common.fetch_args` says what each does.
 
+        Afterwards `last_fetch_stats` says what the fetch did, and one INFO line on the
+        `weightserve.client` logger sums it up.
+
         Raises:
             FetchError: `.code()` is the grpc.StatusCode (NOT_FOUND, INVALID_ARGUMENT,
-                FAILED_PRECONDITION when the model changed mid-fetch, DATA_LOSS, ...).
+                FAILED_PRECONDITION when the model changed mid-fetch or `device` is a CUDA
+                device this process cannot use, DATA_LOSS, ...).
         """
+        started, self.last_fetch_stats = time.monotonic(), None  # never an earlier fetch's, should this one fail
         fetch = fetch_args(model, rank, world_size, options)
-        loop = ResumeLoop(fetch, self._manifest(fetch.shard), self.retry)
-        self.last_stats = loop.stats
+        manifest = self._manifest(fetch.shard)
+        loop = ResumeLoop(fetch, manifest, self.retry, replica=self.address, started=started)
+        self.last_fetch_stats = loop.stats
         while (shard_request := loop.next_request()) is not None:
             stream = self._fetch(shard_request, wait_for_ready=loop.resuming)
             try:

@@ -6,6 +6,7 @@ picks a free port, so tests can run many); nothing listens or scans until `start
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from weightserve.config import ServerConfig, reserved_bytes
 from weightserve.loaders.dummy import dummy_locations
 from weightserve.recording import NULL_RECORDER, Recorder
 from weightserve.server import gauges
+from weightserve.server.auth import AuthInterceptor
 from weightserve.server.control_plane import ControlPlane
 from weightserve.server.control_servicer import ControlServicer
 from weightserve.server.data_plane import DataPlane
@@ -29,6 +31,8 @@ from weightserve.server.memory import MemoryTrimmer
 from weightserve.server.metrics import PrometheusRecorder, StateCollector
 from weightserve.server.process import Server, SidePortSpec
 from weightserve.server.stream_gate import StreamGate
+from weightserve.server.tls import ReloadingCertificates, TlsFiles
+from weightserve.server.tokens import TokenFile
 from weightserve.server.weight_servicer import PREENCODED_RESPONSES, WeightServicer
 from weightserve.storage import allowed_schemes, storage_for
 from weightserve.storage.local import LocalRoots
@@ -67,19 +71,44 @@ def build_server(config: ServerConfig) -> Server:
     plane = DataPlane(config, cache, executor, control)
     trimmer = MemoryTrimmer(executor)
     gate = StreamGate(config.max_streams, config.max_streams_per_peer, config.stream_idle_seconds, trimmer.after_stream)
-    server = grpc.aio.server(options=server_options(config), interceptors=[ObservingInterceptor(recorder)])
-    server.add_generic_rpc_handlers(
-        [
-            _handlers(WeightServicer(plane, gate), SERVICE_NAME, PREENCODED_RESPONSES),
-            _handlers(ControlServicer(control), CONTROL_SERVICE_NAME, frozenset()),
-        ]
-    )
+    tokens = TokenFile(config.auth_tokens) if config.auth_tokens is not None else None
+    certificates = ReloadingCertificates(tls_files(config)) if config.tls_cert is not None else None
+    interceptors = [ObservingInterceptor(recorder), AuthInterceptor(tokens, recorder)]
+    weights, controls = WeightServicer(plane, gate), ControlServicer(control)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    _enable_reflection(server)
-    port = server.add_insecure_port(config.listen)
-    if port == 0 and not config.listen.startswith("unix:"):
-        raise OSError(f"could not bind {config.listen}")
+    server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
+    if config.control_listen:  # the data port answers the control methods with where they are
+        server.add_generic_rpc_handlers(
+            [_handlers(weights, SERVICE_NAME, PREENCODED_RESPONSES, elsewhere=CONTROL_METHODS)]
+        )
+        control_server: grpc.aio.Server | None = grpc.aio.server(
+            options=server_options(config), interceptors=interceptors
+        )
+        control_server.add_generic_rpc_handlers(  # type: ignore[union-attr]
+            [
+                _handlers(weights, SERVICE_NAME, PREENCODED_RESPONSES, only=CONTROL_METHODS),
+                _handlers(controls, CONTROL_SERVICE_NAME, frozenset()),
+            ]
+        )
+    else:
+        control_server = None
+        server.add_generic_rpc_handlers(
+            [
+                _handlers(weights, SERVICE_NAME, PREENCODED_RESPONSES),
+                _handlers(controls, CONTROL_SERVICE_NAME, frozenset()),
+            ]
+        )
+    ports = []
+    for grpc_server, flag, address in (
+        (server, "--listen", config.listen),
+        (control_server, "--control-listen", config.control_listen),
+    ):
+        if grpc_server is None:
+            continue
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        _enable_reflection(grpc_server)
+        ports.append(_listen(grpc_server, flag, address, certificates))
+    warn_if_exposed(config)
     side = None
     if metrics:
         label = _model_label(cache)
@@ -88,7 +117,72 @@ def build_server(config: ServerConfig) -> Server:
         host, side_port = metrics_address(config)
         side = SidePortSpec(host, side_port, prometheus.registry)
     services = (SERVICE_NAME, CONTROL_SERVICE_NAME)
-    return Server(server, port, health_servicer, services, cache, executor, gate, side)
+    return Server(
+        server,
+        ports[0],
+        health_servicer,
+        services,
+        cache,
+        executor,
+        gate,
+        side,
+        control_server=control_server,
+        control_port=ports[1] if control_server is not None else 0,
+        tokens=tokens,
+        certificates=certificates,
+    )
+
+
+CONTROL_METHODS = frozenset({"Prefetch", "Evict"})
+"""WeightService methods that move to --control-listen with ControlService."""
+
+
+def tls_files(config: ServerConfig) -> TlsFiles:
+    assert config.tls_cert is not None and config.tls_key is not None  # ServerConfig pairs them
+    return TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+
+
+def _listen(server: grpc.aio.Server, flag: str, address: str, certificates: ReloadingCertificates | None) -> int:
+    """Bind `address` (TLS when there are certificates); the port bound.
+
+    Raises:
+        OSError: one line naming the flag when the address cannot be bound.
+    """
+    try:
+        if certificates is not None:
+            port = server.add_secure_port(address, certificates.credentials())
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise OSError(f"{flag} {address}: cannot listen there ({e}; is another server running there?)") from None
+    if port == 0 and not address.startswith("unix:"):
+        raise OSError(f"{flag} {address}: cannot listen there (is another server running there?)")
+    return port
+
+
+def warn_if_exposed(config: ServerConfig) -> None:
+    """One warning at start when a port beyond loopback has neither TLS nor tokens."""
+    if config.tls_cert is not None or config.auth_tokens is not None:
+        return
+    exposed = [a for a in (config.listen, config.control_listen) if a and not _is_local_address(a)]
+    if exposed:
+        logger.warning(
+            "serving %s with neither TLS nor tokens: anyone who can reach it can read every model, evict the "
+            "cache and rebalance experts; give --tls-cert/--tls-key and --auth-tokens on a shared network",
+            " and ".join(exposed),
+        )
+
+
+def _is_local_address(address: str) -> bool:
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_roots(config: ServerConfig) -> None:
@@ -164,19 +258,42 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1})])
 
 
-def _handlers(servicer: Any, service_name: str, preencoded: frozenset[str]) -> grpc.GenericRpcHandler:
-    """Method handlers built from the proto descriptor; `preencoded` methods yield bytes."""
+def _handlers(
+    servicer: Any,
+    service_name: str,
+    preencoded: frozenset[str],
+    *,
+    only: frozenset[str] | None = None,
+    elsewhere: frozenset[str] = frozenset(),
+) -> grpc.GenericRpcHandler:
+    """Method handlers built from the proto descriptor; `preencoded` methods yield bytes.
+
+    `only` limits the service to those methods; `elsewhere` methods answer that they are
+    served on the control address (rather than grpc's bare UNIMPLEMENTED).
+    """
     service = pb.DESCRIPTOR.services_by_name[service_name.rsplit(".", 1)[-1]]
     handlers = {}
     for method in service.methods:
+        if only is not None and method.name not in only:
+            continue
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
         factory = (
             grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         )
+        behavior = _served_elsewhere(method.name) if method.name in elsewhere else getattr(servicer, method.name)
         handlers[method.name] = factory(
-            getattr(servicer, method.name),
+            behavior,
             request_deserializer=request_cls.FromString,
             response_serializer=None if method.name in preencoded else response_cls.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _served_elsewhere(method: str) -> Any:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"{method} is served on the control address (--control-listen), not here"
+        )
+
+    return refuse

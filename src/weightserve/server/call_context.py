@@ -36,6 +36,8 @@ class CallRecord:
     method: str = ""
     peer: str = ""
     request_id: str = ""
+    caller: str = ""
+    """The name of the caller's token (anonymous without --auth-tokens)."""
     started: float = field(default_factory=time.perf_counter)
     model: str = ""
     shard: str = ""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from weightserve.cache.model_cache import ModelCache
-from weightserve.eplb import DEFAULT_POLICY, ExpertMapping, Topology, balancedness, rebalance_experts
+from weightserve.eplb import DEFAULT_POLICY, ExpertMapping, Topology, balancedness, policy_for, rebalance_experts
 from weightserve.errors import InvalidRequestError, JobNotFoundError, PreconditionError
 from weightserve.recording import NULL_RECORDER, Recorder
 from weightserve.sharding.experts import ExpertSlots, MoeLayout, is_expert
@@ -169,7 +169,13 @@ class ControlPlane:
         return published
 
     async def rebalance(self, model: str, policy: str, replicas: int, topology: Topology | None) -> tuple[str, bool]:
-        """Start a job (or return the running one's id)."""
+        """Start a job (or return the running one's id).
+
+        Raises:
+            UnknownNameError: no policy is registered as `policy` (INVALID_ARGUMENT at once,
+                not a job that fails later).
+        """
+        policy_for(policy or DEFAULT_POLICY)
         if model in self.running:
             return self.running[model], True
         info = await self.experts_of(model)
@@ -194,6 +200,7 @@ class ControlPlane:
         job = RebalanceJob(uuid.uuid4().hex[:16], model)
         self.jobs[job.job_id] = job
         self.running[model] = job.job_id
+        self.recorder.rebalance_started(model, policy or DEFAULT_POLICY)
         weight = window.total.clone()
         task = asyncio.ensure_future(self._run(job, weight, policy, replicas, topology, previous, info))
         task.add_done_callback(lambda _: self.running.pop(model, None))

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from weightserve.eplb import ExpertMapping, Topology
+from weightserve.errors import JobNotFoundError
+from weightserve.server.auth import current_caller
 from weightserve.server.control_plane import ControlPlane, RebalanceJob
 from weightserve.server.proto_convert import model_name
 from weightserve.server.request_limits import MAX_JOB_ID_BYTES, MAX_POLICY_BYTES, check_text
@@ -86,6 +88,8 @@ class ControlServicer:
         self, request: pb.GetRebalanceRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetRebalanceResponse:
         job_id = check_text("job id", request.job_id, MAX_JOB_ID_BYTES)
+        if not current_caller().may_read(self.control.job(job_id).model):
+            raise JobNotFoundError(f"no rebalance job {job_id[:64]!r} of a model your token covers")
         return job_to(await self.control.wait_job(job_id, request.wait_seconds))
 
     @stream_errors

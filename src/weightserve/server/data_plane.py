@@ -28,6 +28,7 @@ from weightserve.server.prefetch import Warmer
 from weightserve.sharding.plan import plan_shard
 from weightserve.sharding.rules import RuleSet, load_rules
 from weightserve.sharding.spec import ShardSpec
+from weightserve.storage.base import parse_remote
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class DataPlane:
             CorruptCheckpointError: a file was truncated or changed while read.
             ResourceExhaustedError: the memory budget has no room for the stream's window.
         """
+        started = time.perf_counter()  # time to first chunk counts opening the model, as a caller waits for it
         async with self.cache.use(spec.model, spec.format, spec.revision) as entry:
             manifest = self.plan(entry, spec)
             if manifest_id and manifest_id != manifest.manifest_id:
@@ -161,7 +163,7 @@ class DataPlane:
             selection, start = _selection(manifest, names, manifest_id, resume)
             framer = ChunkFramer(manifest.tensors, dict(manifest.digests))
             window = self.config.prefetch_depth * self.config.chunk_bytes
-            started, sent = time.perf_counter(), 0
+            sent = 0
             jobs = chunk_jobs(manifest.tensors, selection, start, self.config.chunk_bytes)
             recorder = self.cache.recorder
             with self.cache.stream_window(window):
@@ -180,6 +182,7 @@ class DataPlane:
                         if not sent:
                             recorder.first_chunk(spec.model, time.perf_counter() - started)
                         sent += len(message)
+                        recorder.bytes_sent(spec.model, spec.layout, len(message))
                         current_call().add_bytes(len(message))
                         yield message
                 finally:
@@ -212,9 +215,20 @@ class DataPlane:
         """Warm the given ranks' chunks in the background; see Warmer."""
         return await self.warmer.prefetch(spec, ranks, wait)
 
-    def evict(self, name: str) -> bool:
-        """Drop the model's cache entries."""
-        return self.cache.evict(name)
+    async def evict(self, name: str) -> bool:
+        """Drop the model's cache entries; False for a known model that had none open.
+
+        A remote name with nothing open answers False without being resolved: resolving
+        it could download the model just to learn that it is cold.
+
+        Raises:
+            ModelNotFoundError: no model has that name (a typo is not a cold model).
+        """
+        if self.cache.evict(name):
+            return True
+        if parse_remote(name) is None:
+            await self.cache.locate(name)
+        return False
 
 
 def _selection(

@@ -14,7 +14,7 @@ from prometheus_client.core import Metric
 
 from weightserve.cache.model_cache import ModelCache
 from weightserve.server.control_plane import ControlPlane
-from weightserve.server.metrics import GaugeSource, age_seconds, gauge
+from weightserve.server.metrics import GaugeSource, age_seconds, counter, gauge
 from weightserve.server.stream_gate import StreamGate
 from weightserve.storage.base import Storage
 
@@ -46,10 +46,10 @@ def stream_gauges(gate: StreamGate) -> GaugeSource:
     def read() -> Iterator[Metric]:
         yield gauge("weightserve_active_streams", "Data streams (FetchShard, FetchFiles) in flight", (),
                     [((), gate.active)])  # fmt: skip
-        yield gauge("weightserve_stream_refusals", "Streams refused by --max-streams(-per-peer), since start", (),
-                    [((), gate.refused)])  # fmt: skip
-        yield gauge("weightserve_stream_stalls", "Streams cut for making no progress, since start", (),
-                    [((), gate.stalled)])  # fmt: skip
+        yield counter("weightserve_stream_refusals", "Streams refused by a stream limit (server, peer or token)",
+                      (), [((), gate.refused)])  # fmt: skip
+        yield counter("weightserve_stream_stalls", "Streams cut for making no progress", (),
+                      [((), gate.stalled)])  # fmt: skip
 
     return read
 
@@ -59,8 +59,8 @@ def disk_cache_gauges(remotes: Mapping[str, Storage]) -> GaugeSource:
         usage = [(scheme, cache) for scheme, storage in remotes.items() if (cache := getattr(storage, "cache", None))]
         yield gauge("weightserve_disk_cache_bytes", "Bytes of remote models in the disk cache", ("backend",),
                     [((scheme,), cache.used_bytes()) for scheme, cache in usage])  # fmt: skip
-        yield gauge("weightserve_disk_cache_downloads", "Models downloaded into the disk cache, since start",
-                    ("backend",), [((scheme,), cache.downloads) for scheme, cache in usage])  # fmt: skip
+        yield counter("weightserve_disk_cache_downloads", "Models downloaded into the disk cache",
+                      ("backend",), [((scheme,), cache.downloads) for scheme, cache in usage])  # fmt: skip
 
     return read
 

@@ -173,7 +173,7 @@ def log_call(record: CallRecord, seconds: float) -> None:
         return
     access_log.log(
         level,
-        "%s %s%s%s %d bytes %.3fs %s peer=%s request_id=%s%s",
+        "%s %s%s%s %d bytes %.3fs %s peer=%s token=%s request_id=%s%s",
         record.method,
         record.model or "-",
         f" [{record.shard}]" if record.shard else "",
@@ -182,6 +182,7 @@ def log_call(record: CallRecord, seconds: float) -> None:
         seconds,
         record.code,
         record.peer,
+        record.caller or "-",
         record.request_id,
         f" ({record.details[:200]})" if record.details and record.code != "OK" else "",
         extra={
@@ -194,6 +195,7 @@ def log_call(record: CallRecord, seconds: float) -> None:
             "seconds": round(seconds, 6),
             "code": record.code,
             "peer": record.peer,
+            "token": record.caller,
             "request_id": record.request_id,
             "details": record.details[:200],
         },

@@ -20,17 +20,30 @@ logger = logging.getLogger(__name__)
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully."""
     server = build_server(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        # A port taken between the CLI's check and the bind: close what did start, on this
+        # loop, rather than leave grpc to clean up after the loop is gone.
+        await server.stop(0)
+        raise
     host = config.listen.rsplit(":", 1)[0]
     side = f", metrics and probes on http://{server.side.address}" if server.side is not None else ""
+    control = (
+        f", control on {config.control_listen.rsplit(':', 1)[0]}:{server.control_port}" if server.control_server else ""
+    )
+    security = ("TLS" if server.certificates else "plaintext") + (", tokens" if server.tokens else "")
     logger.info(
-        "weightserve listening on %s:%d%s; %d models under %s",
-        host, server.port, side, server.models_at_start, [str(r) for r in config.model_roots],
+        "weightserve listening on %s:%d (%s)%s%s; %d models under %s",
+        host, server.port, security, control, side, server.models_at_start, [str(r) for r in config.model_roots],
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if server.tokens is not None:
+        tokens = server.tokens
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, tokens.reload))
     await stop.wait()
     logger.info("draining: refusing new calls, waiting up to %.0fs for streams in flight", config.grace_seconds)
     await server.stop(config.grace_seconds)

@@ -28,8 +28,9 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from weightserve._version import __version__
@@ -67,6 +68,7 @@ class PrometheusRecorder(Recorder):
     """Records into its own registry; `known_model` says which names may be labels."""
 
     def __init__(self, known_model: Callable[[str], bool] = lambda _: True) -> None:
+        disable_created_metrics()  # process-wide: *_created would double every counter's series
         self.registry = CollectorRegistry()
         self.known_model = known_model
         r = self.registry
@@ -100,6 +102,9 @@ class PrometheusRecorder(Recorder):
             ("model",),
             buckets=FETCH_BUCKETS,
             registry=r,
+        )
+        self.auth_refusals = Counter(
+            "weightserve_auth_refusals", "Calls refused by the token check, by reason", ("reason",), registry=r
         )
         self.streams_total = Counter("weightserve_streams", "FetchShard streams started", ("model",), registry=r)
         self.resumed_total = Counter(
@@ -179,10 +184,12 @@ class PrometheusRecorder(Recorder):
         self.first_chunk_seconds.labels(self.model_label(model)).observe(seconds)
 
     @_never_raises
+    def bytes_sent(self, model: str, layout: str, nbytes: int) -> None:
+        self.sent_bytes.labels(self.model_label(model), layout).inc(nbytes)
+
+    @_never_raises
     def stream_finished(self, model: str, layout: str, nbytes: int, seconds: float) -> None:
-        label = self.model_label(model)
-        self.sent_bytes.labels(label, layout).inc(nbytes)
-        self.fetch_seconds.labels(label).observe(seconds)
+        self.fetch_seconds.labels(self.model_label(model)).observe(seconds)
 
     @_never_raises
     def bytes_read(self, source: str, nbytes: int) -> None:
@@ -207,12 +214,22 @@ class PrometheusRecorder(Recorder):
         self.load_bytes.labels(source).inc(nbytes)
 
     @_never_raises
+    def auth_refused(self, reason: str) -> None:
+        self.auth_refusals.labels(reason).inc()
+
+    @_never_raises
     def budget_refusal(self) -> None:
         self.refusals.inc()
 
     @_never_raises
     def load_report(self, model: str) -> None:
         self.load_reports.labels(self.model_label(model)).inc()
+
+    @_never_raises
+    def rebalance_started(self, model: str, policy: str) -> None:
+        label = self.model_label(model)
+        for outcome in ("succeeded", "failed"):  # both at 0 from the start, so increase() sees the first of each
+            self.rebalances.labels(label, policy, outcome)
 
     @_never_raises
     def rebalance_finished(
@@ -251,6 +268,16 @@ def gauge(
 ) -> Metric:
     """A gauge family with the given label values."""
     family = GaugeMetricFamily(name, documentation, labels=list(labels))
+    for label_values, value in values:
+        family.add_metric(list(label_values), value)
+    return family
+
+
+def counter(
+    name: str, documentation: str, labels: Iterable[str], values: Iterable[tuple[Iterable[str], float]]
+) -> Metric:
+    """A counter family (exported as `name`_total) read from a count the server keeps since start."""
+    family = CounterMetricFamily(name, documentation, labels=list(labels))
     for label_values, value in values:
         family.add_metric(list(label_values), value)
     return family

@@ -20,6 +20,8 @@ from grpc_health.v1 import health_pb2
 from weightserve.cache.model_cache import ModelCache
 from weightserve.server.http_endpoints import SidePort
 from weightserve.server.stream_gate import StreamGate
+from weightserve.server.tls import ReloadingCertificates
+from weightserve.server.tokens import TokenFile
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +39,25 @@ class Server:
     gate: StreamGate
     side_port: SidePortSpec | None = None
     side: SidePort | None = None
+    control_server: grpc.aio.Server | None = None
+    """The second gRPC server of --control-listen (ControlService, Prefetch, Evict), if any."""
+    control_port: int = 0
+    tokens: TokenFile | None = None
+    """The --auth-tokens file in force (reloaded on SIGHUP by the process entry)."""
+    certificates: ReloadingCertificates | None = None
     ready: bool = False
     models_at_start: int = field(default=0)
+
+    @property
+    def grpc_servers(self) -> list[grpc.aio.Server]:
+        return [s for s in (self.grpc_server, self.control_server) if s is not None]
 
     async def start(self) -> None:
         """Listen, scan the roots, then report SERVING (and start the side port)."""
         for service in ("", *self.services):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.grpc_server.start()
+        for grpc_server in self.grpc_servers:
+            await grpc_server.start()
         if self.side_port is not None:
             spec = self.side_port
             self.side = SidePort(spec.host, spec.port, spec.registry, lambda: self.ready, asyncio.get_running_loop())
@@ -58,7 +71,7 @@ class Server:
         """Not ready, health NOT_SERVING, refuse new RPCs, drain streams for `grace` seconds, close."""
         self.ready = False
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace)
+        await asyncio.gather(*(grpc_server.stop(grace) for grpc_server in self.grpc_servers))
         self.cache.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.side is not None:

@@ -13,17 +13,23 @@ else. Three bounds keep that in check:
   DEADLINE_EXCEEDED ("no progress"); the client may resume where it stopped;
 - a refusal is RESOURCE_EXHAUSTED with a retry-after hint, never an error that a
   client must not retry.
+
+A token from `--auth-tokens` may add its own bounds (server/tokens.py): `max_streams`
+over all its callers, and `bytes_per_second` shared by all its streams. The pacing wait
+comes before the idle timer starts, so a slow token is never mistaken for a stalled client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from weightserve.errors import ResourceExhaustedError, StreamStalledError
+from weightserve.server.tokens import ANONYMOUS, Token
 
 PID_METADATA = "x-weightserve-pid"
 RETRY_AFTER_SECONDS = 2.0
@@ -57,35 +63,53 @@ class StreamGate:
         self.idle_seconds = idle_seconds
         self.active = 0
         self.by_peer: collections.Counter[str] = collections.Counter()
+        self.by_token: collections.Counter[str] = collections.Counter()
+        self.rates: dict[str, RateLimit] = {}
         self.refused = 0
         self.stalled = 0
 
     @contextmanager
-    def admit(self, peer: str) -> Iterator[None]:
-        """Hold a stream slot for `peer` for the block.
+    def admit(self, peer: str, caller: Token = ANONYMOUS) -> Iterator[Stream]:
+        """Hold a stream slot for `peer` and `caller` for the block; write the stream through what it yields.
 
         Raises:
-            ResourceExhaustedError: the overall or the peer's limit is reached (with a retry-after hint).
+            ResourceExhaustedError: the overall, the peer's or the token's limit is reached
+                (with a retry-after hint).
         """
-        if self.active >= self.max_streams or self.by_peer[peer] >= self.max_per_peer:
+        which = ""
+        if self.active >= self.max_streams:
+            which = f"{self.active} streams of at most {self.max_streams} (--max-streams)"
+        elif self.by_peer[peer] >= self.max_per_peer:
+            which = f"{self.by_peer[peer]} streams from {peer} of at most {self.max_per_peer} (--max-streams-per-peer)"
+        elif caller.max_streams and self.by_token[caller.name] >= caller.max_streams:
+            which = f"{self.by_token[caller.name]} streams of token {caller.name!r}, its max_streams"
+        if which:
             self.refused += 1
-            which = (
-                f"{self.active} streams of at most {self.max_streams} (--max-streams)"
-                if self.active >= self.max_streams
-                else f"{self.by_peer[peer]} streams from {peer} of at most {self.max_per_peer} (--max-streams-per-peer)"
-            )
             raise ResourceExhaustedError(f"the server is serving {which}; retry shortly", RETRY_AFTER_SECONDS)
         self.active += 1
         self.by_peer[peer] += 1
+        self.by_token[caller.name] += 1
+        rate = self._rate(caller)
         try:
-            yield
+            yield Stream(self, rate)
         finally:
             self.active -= 1
-            self.by_peer[peer] -= 1
-            if not self.by_peer[peer]:
-                del self.by_peer[peer]
+            for counter, key in ((self.by_peer, peer), (self.by_token, caller.name)):
+                counter[key] -= 1
+                if not counter[key]:
+                    del counter[key]
+            if rate is not None and not self.by_token[caller.name]:
+                self.rates.pop(caller.name, None)
             if self.on_end is not None:
                 self.on_end()
+
+    def _rate(self, caller: Token) -> RateLimit | None:
+        if not caller.bytes_per_second:
+            return None
+        rate = self.rates.get(caller.name)
+        if rate is None or rate.rate != caller.bytes_per_second:  # a reloaded token file may change it
+            rate = self.rates[caller.name] = RateLimit(caller.bytes_per_second)
+        return rate
 
     async def write(self, context: Any, message: object) -> None:
         """Hand `message` to the transport, or end the stream if the client takes nothing for idle_seconds.
@@ -105,3 +129,39 @@ class StreamGate:
             # grpc fails a write (ExecuteBatchError) once the client has gone, before the
             # context says so: that is a cancel, for grpc to end quietly, not a server error
             raise asyncio.CancelledError(f"the client went away mid-stream ({type(e).__name__})") from e
+
+
+class Stream:
+    """One admitted stream: its writes are paced by its token's rate, then bounded by the idle time."""
+
+    def __init__(self, gate: StreamGate, rate: RateLimit | None) -> None:
+        self.gate = gate
+        self.rate = rate
+
+    async def write(self, context: Any, message: bytes | Any) -> None:
+        """See StreamGate.write; waits first when the token's rate is spent."""
+        if self.rate is not None:
+            await self.rate.take(len(message) if isinstance(message, bytes) else message.ByteSize())
+        await self.gate.write(context, message)
+
+
+class RateLimit:
+    """A byte rate shared by several streams: each take() waits until the rate allows its bytes.
+
+    Up to one second's worth may go at once after a quiet spell; takes beyond that wait
+    in turn (the allowance goes negative, so streams that share a rate share it fairly).
+    """
+
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self._clock = clock
+        self.allowance = float(rate)
+        self._last = clock()
+
+    async def take(self, nbytes: int) -> None:
+        now = self._clock()
+        self.allowance = min(float(self.rate), self.allowance + (now - self._last) * self.rate)
+        self._last = now
+        self.allowance -= nbytes
+        if self.allowance < 0:
+            await asyncio.sleep(-self.allowance / self.rate)

@@ -9,6 +9,7 @@ import grpc
 from weightserve.server import manifest_pages as pages
 from weightserve.server import proto_convert as convert
 from weightserve.server import request_limits as limits
+from weightserve.server.auth import current_caller
 from weightserve.server.data_plane import DataPlane
 from weightserve.server.status_codes import call_errors
 from weightserve.server.stream_gate import StreamGate
@@ -30,7 +31,8 @@ class WeightServicer:
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        models = await self.plane.list_models()
+        caller = current_caller()
+        models = [m for m in await self.plane.list_models() if caller.may_read(m.name)]
         return pb.ListModelsResponse(models=[convert.model_info(m) for m in models])
 
     @call_errors
@@ -45,16 +47,16 @@ class WeightServicer:
     async def FetchShard(self, request: pb.FetchShardRequest, context: grpc.aio.ServicerContext) -> None:
         spec, names = convert.shard_spec(request.shard), convert.fetch_names(request)
         resume = convert.resume_from(request)
-        with self.gate.admit(convert.peer_of(context)):
+        with self.gate.admit(convert.peer_of(context), current_caller()) as stream:
             async for message in self.plane.fetch(spec, names, request.manifest_id, resume):
-                await self.gate.write(context, message)
+                await stream.write(context, message)
 
     @call_errors
     async def FetchFiles(self, request: pb.FetchFilesRequest, context: grpc.aio.ServicerContext) -> None:
         patterns = convert.file_patterns(request)
-        with self.gate.admit(convert.peer_of(context)):
+        with self.gate.admit(convert.peer_of(context), current_caller()) as stream:
             async for piece in self.plane.files(convert.model_name(request.model), request.revision, patterns):
-                await self.gate.write(context, convert.file_chunk(piece))
+                await stream.write(context, convert.file_chunk(piece))
 
     @call_errors
     async def Prefetch(self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext) -> pb.PrefetchResponse:
@@ -70,4 +72,4 @@ class WeightServicer:
 
     @call_errors
     async def Evict(self, request: pb.EvictRequest, context: grpc.aio.ServicerContext) -> pb.EvictResponse:
-        return pb.EvictResponse(evicted=self.plane.evict(convert.model_name(request.model)))
+        return pb.EvictResponse(evicted=await self.plane.evict(convert.model_name(request.model)))

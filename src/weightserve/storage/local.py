@@ -43,12 +43,14 @@ class LocalRoots:
         """
         rel = PurePosixPath(name)
         if not name or "\\" in name or "\x00" in name or rel.is_absolute() or ".." in rel.parts:
-            raise ModelNotFoundError(f"model {name!r} is not a valid model name; {self._have()}")
+            raise ModelNotFoundError(f"model {name!r} is not a valid model name")
         for root in self.roots:
             candidate = (root / rel).resolve()
             if _inside(candidate, root) and candidate.is_dir() and candidate != root:
                 return candidate
-        raise ModelNotFoundError(f"model {name!r} not under any --model-root; {self._have()}")
+        # No list of the models there are: with tokens, a caller may see only some of them
+        # (ListModels filters), and walking every root per miss would cost a typo a scan.
+        raise ModelNotFoundError(f"model {name!r} not under any --model-root (ListModels shows what is served)")
 
     def list_models(self) -> dict[str, Path]:
         """Every model name the roots hold, the first root winning a clash."""
@@ -79,11 +81,6 @@ class LocalRoots:
             if depth and any(f.endswith(WEIGHT_SUFFIXES) for f in filenames):
                 dirnames[:] = []  # a model's subfolders are its own business
                 yield here.relative_to(root).as_posix(), here
-
-    def _have(self) -> str:
-        names = list(self.list_models())
-        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-        return f"have: {shown or 'nothing'}"
 
 
 def local_revision(model_dir: Path, files: Iterable[Path]) -> str:
