@@ -109,6 +109,11 @@ PROMISES = {
         "UNAUTHENTICATED or PERMISSION_DENIED naming nothing outside the token; audited, counted by reason"
     ),
     "token that would travel in plaintext": "the client refuses to send it (ValueError) unless told to",
+    "shared-memory segment unsealed, resized or mislabelled": (
+        "the client refuses to map it (DATA_LOSS) and closes the descriptor"
+    ),
+    "client killed while holding shared-memory segments": "its lease connection closes; the segments are released",
+    "server gone while clients hold shared-memory segments": "the clients' tensors stay valid and writable",
     "model whose own cached chunks fill the budget": (
         "its cached chunks give way to the stream's window; it still streams"
     ),

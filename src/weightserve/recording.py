@@ -44,6 +44,9 @@ class Recorder:
     def stream_finished(self, model: str, layout: str, nbytes: int, seconds: float) -> None:
         """A stream ended (whole or not) having sent `nbytes` of messages, `seconds` after its call began."""
 
+    def segments_granted(self, model: str, layout: str, nbytes: int) -> None:
+        """A FetchShardSegments call granted `nbytes` of tensors in shared memory."""
+
     def bytes_read(self, source: str, nbytes: int) -> None:
         """Payload bytes a stream took from `source`: local, hf, s3, dummy, or cache."""
 

@@ -121,6 +121,22 @@ class MemoryBudget:
         if self.enabled:
             self.windows -= nbytes
 
+    def make_room(self, nbytes: int, what: str) -> None:
+        """Make room for `nbytes` that must be held (new shared-memory segments), evicting as a window does.
+
+        Raises:
+            ResourceExhaustedError: what is leased and streamed leaves too little (with a retry hint).
+        """
+        if not self.enabled or self._evict_until(nbytes, pinned_too=True):
+            return
+        self.recorder.budget_refusal()
+        raise ResourceExhaustedError(
+            f"cache memory budget {self.limit} bytes: {self.resident()} held by chunks, manifests and leased "
+            f"segments and {self.windows} by stream windows leave less than the {nbytes} bytes {what} needs; "
+            "retry when clients release their segments, or raise --cache-memory",
+            retry_after=WINDOW_RETRY_SECONDS,
+        )
+
     def admit(self, nbytes: int) -> bool:
         """Whether a chunk of `nbytes` may be kept (evicting unpinned entries to make room)."""
         return self.enabled and self._evict_until(nbytes)

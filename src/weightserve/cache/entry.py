@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from weightserve.cache.manifests import ManifestStore
+from weightserve.cache.segments import RecordIndex, Segment, SegmentKey, SegmentSet
 from weightserve.loaders.base import Loader
 from weightserve.loaders.sources import Source
 from weightserve.sharding.experts import MoeLayout, moe_layout
@@ -51,7 +52,7 @@ class LoadStats:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: kept in sets (ModelCache.lingering)
 class ModelEntry:
     """A model revision opened for serving; pinned while any stream reads it."""
 
@@ -73,6 +74,16 @@ class ModelEntry:
     retired: bool = False
     moe: MoeLayout | None = None
     moe_known: bool = False
+    segments: SegmentSet = field(default_factory=SegmentSet)
+    """Shared-memory segments of this revision (cache/segments.py)."""
+    segment_builds: dict[SegmentKey, asyncio.Task[Segment]] = field(default_factory=dict)
+    _record_index: RecordIndex | None = None
+
+    def record_index(self) -> RecordIndex:
+        """The checkpoint's tensors by byte range (built once), to share segments between ranks."""
+        if self._record_index is None:
+            self._record_index = RecordIndex(self.loader.records)
+        return self._record_index
 
     def moe_layout(self) -> MoeLayout | None:
         """The checkpoint's MoE layers and expert count (None for a dense model), found once."""
@@ -87,8 +98,8 @@ class ModelEntry:
 
     @property
     def resident_bytes(self) -> int:
-        """Memory the entry holds that the budget counts: cached chunks and manifests."""
-        return self.chunk_bytes + self.manifests.nbytes
+        """Memory the entry holds that the budget counts: cached chunks, manifests and segments."""
+        return self.chunk_bytes + self.manifests.nbytes + self.segments.nbytes
 
     @property
     def pinned(self) -> bool:
@@ -108,12 +119,12 @@ class ModelEntry:
             self.chunk_bytes += len(chunk.message)
 
     def drop_chunks(self) -> int:
-        """Drop cached chunks and manifests (both are rebuilt on demand); return the bytes freed."""
-        freed = self.resident_bytes
+        """Drop cached chunks, manifests and unleased segments (all rebuilt on demand); return the bytes freed."""
+        freed = self.chunk_bytes + self.manifests.nbytes
         self.chunks.clear()
         self.chunk_bytes = 0
         self.manifests.clear()
-        return freed
+        return freed + self.segments.drop_idle()
 
     def close_if_unused(self) -> None:
         """Close files once retired and no stream holds the entry."""

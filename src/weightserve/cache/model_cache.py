@@ -82,7 +82,11 @@ class ModelCache:
         self.entries: dict[EntryKey, ModelEntry] = {}
         """Open entries by key; read through open_entries() and status() outside this package."""
         self.current: dict[tuple[str, str], EntryKey] = {}
-        self.budget = MemoryBudget(memory_bytes, lambda: list(self.entries.values()), reserved_bytes, recorder)
+        self.lingering: set[ModelEntry] = set()
+        """Retired entries whose shared-memory segments clients still lease (still counted in the budget)."""
+        self.budget = MemoryBudget(
+            memory_bytes, lambda: [*self.entries.values(), *self.lingering], reserved_bytes, recorder
+        )
         self._loads: dict[EntryKey, asyncio.Task[ModelEntry]] = {}
         self.loads_started = 0
 
@@ -149,9 +153,7 @@ class ModelCache:
         entry = ModelEntry(key[0], location.source, found.format, found.revision, loader, model_config, stats)
         previous = self.current.get((key[0], key[1]))
         if previous is not None and previous in self.entries and previous != key:
-            old = self.entries.pop(previous)
-            old.retired = True
-            old.close_if_unused()
+            self._retire(self.entries.pop(previous))
         self.entries[key] = entry
         self.current[(key[0], key[1])] = key
         logger.info(
@@ -257,10 +259,16 @@ class ModelCache:
         for key in keys:
             entry = self.entries.pop(key)
             self.current.pop((key[0], key[1]), None)
-            entry.retired = True
             entry.drop_chunks()
-            entry.close_if_unused()
+            self._retire(entry)
         return bool(keys)
+
+    def _retire(self, entry: ModelEntry) -> None:
+        """Stop serving an entry: streams and segment leases in flight keep it until they end."""
+        entry.retired = True
+        if entry.segments.leased:
+            self.lingering.add(entry)
+        entry.close_if_unused()
 
     def close(self) -> None:
         """Close everything (at shutdown, after streams have drained)."""

@@ -14,9 +14,10 @@ from tqdm import tqdm
 from typing_extensions import TypedDict
 
 from weightserve.client.assembly import FetchSession, FetchStats
+from weightserve.client.call_metadata import is_unix
 from weightserve.client.expert_slots import check_expert_slots
 from weightserve.client.retry import RetryPolicy, retry_after
-from weightserve.errors import FetchError, IntegrityError
+from weightserve.errors import FetchError, IntegrityError, InvalidRequestError
 from weightserve.v1 import weightserve_pb2 as pb
 
 logger = logging.getLogger("weightserve.client")
@@ -96,6 +97,9 @@ class FetchOptions(TypedDict, total=False):
     num_redundant_experts: int
     since_mapping: int | None
     destinations: dict[str, torch.Tensor] | None
+    transport: str
+    copy: bool
+    verify: bool
 
 
 _SHARD_OPTIONS = frozenset(f.name for f in fields(ShardArgs)) - {"model", "rank", "world_size"}
@@ -110,6 +114,12 @@ class FetchArgs:
     device: torch.device
     dtype: torch.dtype | None
     destinations: dict[str, torch.Tensor] | None
+    transport: str = "auto"
+    copy: bool = False
+    verify: bool = False
+
+
+TRANSPORTS = ("auto", "shm", "grpc")
 
 
 def fetch_args(model: str, rank: int, world_size: int, options: FetchOptions) -> FetchArgs:
@@ -140,6 +150,13 @@ def fetch_args(model: str, rank: int, world_size: int, options: FetchOptions) ->
               that mapping version.
             - destinations: tensors to write into instead of allocating (load_into
               passes a module's parameters).
+            - transport: "auto" (the default: shared memory over a Unix socket to the
+              server, gRPC chunks otherwise), "shm" or "grpc". Shared memory asked for
+              over TCP falls back to chunks, saying why once.
+            - copy: with shared memory, copy each tensor once into storage of its own
+              instead of viewing the server's segments (the default keeps views).
+            - verify: with shared memory, check every tensor's crc32c (chunks are always
+              checked as they arrive).
 
     Returns:
         The plan's ShardArgs and the names, device, dtype and destinations the resume
@@ -157,13 +174,45 @@ def fetch_args(model: str, rank: int, world_size: int, options: FetchOptions) ->
     picked: dict[str, Any] = {key: value for key, value in options.items() if key in _SHARD_OPTIONS}
     device = torch.device(options.get("device", "cpu"))
     check_device(device, model)
+    transport = options.get("transport", "auto")
+    if transport not in TRANSPORTS:
+        raise InvalidRequestError(f"transport {transport!r} must be one of {', '.join(TRANSPORTS)}")
     return FetchArgs(
         shard=ShardArgs(model, rank, world_size, **picked),
         names=options.get("names"),
         device=device,
         dtype=options.get("dtype"),
         destinations=options.get("destinations"),
+        transport=transport,
+        copy=bool(options.get("copy", False)),
+        verify=bool(options.get("verify", False)),
     )
+
+
+def segments_request(fetch: FetchArgs, manifest: pb.GetManifestResponse) -> pb.FetchShardSegmentsRequest:
+    """FetchShardSegments for the plan the manifest pins."""
+    return pb.FetchShardSegmentsRequest(
+        shard=fetch.shard.proto(manifest.revision), names=fetch.names or [], manifest_id=manifest.manifest_id
+    )
+
+
+def shm_unsupported(error: FetchError) -> bool:
+    """Whether a FetchShardSegments failure means "stream chunks instead" (an older server, or one on TCP)."""
+    code = error.code()
+    return code == grpc.StatusCode.UNIMPLEMENTED or (
+        code == grpc.StatusCode.FAILED_PRECONDITION and "listening on a Unix socket" in str(error)
+    )
+
+
+def shm_fallback(fetch: FetchArgs, target: str) -> str | None:
+    """Why this fetch streams chunks rather than shared memory ('' when it simply should); None: use shm."""
+    if fetch.transport == "grpc":
+        return ""
+    if is_unix(target):
+        return None
+    if fetch.transport == "shm":
+        return f"shared memory needs the server on this host over a Unix socket, and {target} is TCP"
+    return ""
 
 
 def check_device(device: torch.device, model: str) -> None:

@@ -13,12 +13,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typing_extensions import Unpack
 
-from weightserve.client import control
+from weightserve.client import control, shm
 from weightserve.client.assembly import FetchStats
 from weightserve.client.call_metadata import CallMetadata, MetadataInterceptor, is_unix, target
 from weightserve.client.common import (
     FETCH_SHARD,
     PROBE_SECONDS,
+    FetchArgs,
     FetchOptions,
     Pause,
     ResumeLoop,
@@ -26,8 +27,13 @@ from weightserve.client.common import (
     channel_options,
     fetch_args,
     fetch_error,
+    logger,
+    segments_request,
+    shm_fallback,
+    shm_unsupported,
     unreachable,
 )
+from weightserve.client.expert_slots import check_expert_slots
 from weightserve.client.files import FileWriter
 from weightserve.client.manifest_pages import ManifestPages
 from weightserve.client.modules import check_keys, module_destinations
@@ -101,6 +107,7 @@ class WeightClient:
         self._stub = pb_grpc.WeightServiceStub(self._channel)
         self._control = pb_grpc.ControlServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._said_fallback = False
         self._fetch = self._channel.unary_stream(
             FETCH_SHARD, request_serializer=pb.FetchShardRequest.SerializeToString, response_deserializer=None
         )
@@ -191,6 +198,10 @@ class WeightClient:
         started, self.last_fetch_stats = time.monotonic(), None  # never an earlier fetch's, should this one fail
         fetch = fetch_args(model, rank, world_size, options)
         manifest = self._manifest(fetch.shard)
+        if self._shared_memory(fetch):
+            state = self._fetch_segments(fetch, manifest, started)
+            if state is not None:
+                return state
         loop = ResumeLoop(fetch, manifest, self.retry, replica=self.address, started=started)
         self.last_fetch_stats = loop.stats
         while (shard_request := loop.next_request()) is not None:
@@ -206,6 +217,33 @@ class WeightClient:
             finally:
                 stream.cancel()
         return loop.state_dict()
+
+    def _shared_memory(self, fetch: FetchArgs) -> bool:
+        """Whether this fetch goes over shared memory (saying once why not, when it was asked for)."""
+        reason = shm_fallback(fetch, target(self.address))
+        if reason and not self._said_fallback:
+            self._said_fallback = True
+            logger.info("%s: streaming chunks: %s", self.address, reason)
+        return reason is None
+
+    def _fetch_segments(
+        self, fetch: FetchArgs, manifest: pb.GetManifestResponse, started: float
+    ) -> dict[str, torch.Tensor] | None:
+        """The state dict over shared memory; None when this server cannot (it then streams chunks)."""
+        check_expert_slots(manifest, fetch.shard.model)
+        request = segments_request(fetch, manifest)
+        try:
+            grant = self._call(f"segments of {fetch.shard.model}", self._stub.FetchShardSegments, request)
+        except FetchError as e:
+            if not shm_unsupported(e):
+                raise
+            logger.info("%s: streaming chunks: the server does not serve shared memory (%s)", self.address, e)
+            return None
+        stats = FetchStats(replica=self.address)
+        self.last_fetch_stats = stats
+        state = shm.receive(fetch, manifest, grant, stats, self.timeout, started)
+        logger.info("fetched %s over shared memory: %s", fetch.shard.model, stats.summary())
+        return state
 
     def _pause(self, pause: Pause) -> bool:
         """Sleep the pause's floor, then wait for the channel to be ready; False if it was not in time."""

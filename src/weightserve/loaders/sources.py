@@ -63,6 +63,10 @@ class Source(ABC):
         for i, at in enumerate(range(0, len(dest), row_bytes)):
             self.read_into(offset + i * stride, dest[at : at + row_bytes], check=False)
 
+    def send_to(self, out_fd: int, out_offset: int, offset: int, nbytes: int) -> bool:
+        """Copy bytes to another descriptor inside the kernel; False where this source cannot."""
+        return False
+
     def check_unchanged(self) -> None:  # noqa: B027 - only files can change underneath
         """Raise if the bytes behind the source changed since it was opened."""
 
@@ -152,6 +156,26 @@ class FileSource(Source):
             if preadv(fd, [part], offset + i * stride) != row_bytes:
                 self.read_into(offset + i * stride, part, check=False)  # short read: retry or raise
                 self.bytes_read -= row_bytes  # counted once, by read_rows
+
+    def send_to(self, out_fd: int, out_offset: int, offset: int, nbytes: int) -> bool:
+        """sendfile() the range to `out_fd` at `out_offset`: one copy, in the kernel (a memfd fill)."""
+        if offset < 0 or offset + nbytes > self.size:
+            raise CorruptCheckpointError(
+                f"{self.label}: read of [{offset}, {offset + nbytes}) is past the end ({self.size} bytes)"
+            )
+        os.lseek(out_fd, out_offset, os.SEEK_SET)
+        done = 0
+        while done < nbytes:
+            n = os.sendfile(out_fd, self._fd, offset + done, nbytes - done)
+            if n <= 0:
+                raise CorruptCheckpointError(
+                    f"{self.label}: file ends at {offset + done}, expected {offset + nbytes} bytes; "
+                    "it was truncated while being served"
+                )
+            done += n
+        self.bytes_read += nbytes
+        self.check_unchanged()
+        return True
 
     def check_unchanged(self) -> None:
         """Raise if the file was truncated or rewritten in place since it was opened."""

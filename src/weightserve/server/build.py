@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflectionServicer
 
 from weightserve.cache.model_cache import ModelCache
+from weightserve.cache.segment_leases import SegmentLeases
 from weightserve.config import ServerConfig, reserved_bytes
 from weightserve.loaders.dummy import dummy_locations
 from weightserve.recording import NULL_RECORDER, Recorder
@@ -26,10 +27,12 @@ from weightserve.server.auth import AuthInterceptor
 from weightserve.server.control_plane import ControlPlane
 from weightserve.server.control_servicer import ControlServicer
 from weightserve.server.data_plane import DataPlane
+from weightserve.server.fd_handoff import Handoff, handoff_path
 from weightserve.server.interceptors import ObservingInterceptor
 from weightserve.server.memory import MemoryTrimmer
 from weightserve.server.metrics import PrometheusRecorder, StateCollector
 from weightserve.server.process import Server, SidePortSpec
+from weightserve.server.segment_plane import SegmentPlane
 from weightserve.server.stream_gate import StreamGate
 from weightserve.server.tls import ReloadingCertificates, TlsFiles
 from weightserve.server.tokens import TokenFile
@@ -74,7 +77,10 @@ def build_server(config: ServerConfig) -> Server:
     tokens = TokenFile(config.auth_tokens) if config.auth_tokens is not None else None
     certificates = ReloadingCertificates(tls_files(config)) if config.tls_cert is not None else None
     interceptors = [ObservingInterceptor(recorder), AuthInterceptor(tokens, recorder)]
-    weights, controls = WeightServicer(plane, gate), ControlServicer(control)
+    handoff_at = handoff_path(config.listen)
+    handoff = Handoff(handoff_at) if handoff_at is not None else None
+    segments = SegmentPlane(plane, SegmentLeases(cache, executor), handoff, executor)
+    weights, controls = WeightServicer(plane, gate, segments), ControlServicer(control)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
     if config.control_listen:  # the data port answers the control methods with where they are
@@ -130,6 +136,7 @@ def build_server(config: ServerConfig) -> Server:
         control_port=ports[1] if control_server is not None else 0,
         tokens=tokens,
         certificates=certificates,
+        handoff=handoff,
     )
 
 

@@ -236,14 +236,7 @@ def _selection(
 ) -> tuple[list[int], int]:
     """Indices of the tensors to send, in manifest order, and the first one's start offset."""
     position = {t.name: i for i, t in enumerate(manifest.tensors)}
-    if names:
-        missing = [n for n in names if n not in position]
-        if missing:
-            raise TensorNotFoundError(f"no tensor {missing[0]!r} in this plan ({len(missing)} unknown names)")
-        wanted = set(names)
-        selection = [i for i, t in enumerate(manifest.tensors) if t.name in wanted]
-    else:
-        selection = list(range(len(manifest.tensors)))
+    selection = selection_of(manifest, names)
     if resume is None:
         return selection, 0
     if not manifest_id:
@@ -255,3 +248,19 @@ def _selection(
     if resume.offset > size:
         raise InvalidRequestError(f"resume offset {resume.offset} is past tensor {resume.tensor!r} ({size} bytes)")
     return selection[selection.index(index) :], resume.offset
+
+
+def selection_of(manifest: Manifest, names: list[str] | None) -> list[int]:
+    """Indices of the named tensors (all without names), in manifest order.
+
+    Raises:
+        TensorNotFoundError: a name is not in the plan.
+    """
+    if not names:
+        return list(range(len(manifest.tensors)))
+    position = {t.name for t in manifest.tensors}
+    missing = [n for n in names if n not in position]
+    if missing:
+        raise TensorNotFoundError(f"no tensor {missing[0]!r} in this plan ({len(missing)} unknown names)")
+    wanted = set(names)
+    return [i for i, t in enumerate(manifest.tensors) if t.name in wanted]

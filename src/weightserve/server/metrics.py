@@ -106,6 +106,12 @@ class PrometheusRecorder(Recorder):
         self.auth_refusals = Counter(
             "weightserve_auth_refusals", "Calls refused by the token check, by reason", ("reason",), registry=r
         )
+        self.shm_granted_bytes = Counter(
+            "weightserve_shm_granted_bytes",
+            "Bytes of tensors granted in shared-memory segments (FetchShardSegments)",
+            ("model", "layout"),
+            registry=r,
+        )
         self.streams_total = Counter("weightserve_streams", "FetchShard streams started", ("model",), registry=r)
         self.resumed_total = Counter(
             "weightserve_resumed_streams", "FetchShard streams that asked for a resume point", ("model",), registry=r
@@ -190,6 +196,10 @@ class PrometheusRecorder(Recorder):
     @_never_raises
     def stream_finished(self, model: str, layout: str, nbytes: int, seconds: float) -> None:
         self.fetch_seconds.labels(self.model_label(model)).observe(seconds)
+
+    @_never_raises
+    def segments_granted(self, model: str, layout: str, nbytes: int) -> None:
+        self.shm_granted_bytes.labels(self.model_label(model), layout).inc(nbytes)
 
     @_never_raises
     def bytes_read(self, source: str, nbytes: int) -> None:

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from weightserve.cache.model_cache import ModelCache
+from weightserve.server.fd_handoff import Handoff
 from weightserve.server.http_endpoints import SidePort
 from weightserve.server.stream_gate import StreamGate
 from weightserve.server.tls import ReloadingCertificates
@@ -45,6 +46,8 @@ class Server:
     tokens: TokenFile | None = None
     """The --auth-tokens file in force (reloaded on SIGHUP by the process entry)."""
     certificates: ReloadingCertificates | None = None
+    handoff: Handoff | None = None
+    """The side socket of shared-memory segments (a server on a Unix socket only)."""
     ready: bool = False
     models_at_start: int = field(default=0)
 
@@ -58,6 +61,8 @@ class Server:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         for grpc_server in self.grpc_servers:
             await grpc_server.start()
+        if self.handoff is not None:
+            await self.handoff.start()
         if self.side_port is not None:
             spec = self.side_port
             self.side = SidePort(spec.host, spec.port, spec.registry, lambda: self.ready, asyncio.get_running_loop())
@@ -72,6 +77,8 @@ class Server:
         self.ready = False
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(*(grpc_server.stop(grace) for grpc_server in self.grpc_servers))
+        if self.handoff is not None:  # clients keep their mappings; their leases end here
+            await self.handoff.stop()
         self.cache.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.side is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from weightserve.cache.manifests import Manifest
 from weightserve.errors import InvalidRequestError
@@ -17,6 +17,9 @@ from weightserve.sharding.spec import ShardSpec
 from weightserve.storage.base import canonical_name
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.wire import WIRE_VERSION
+
+if TYPE_CHECKING:
+    from weightserve.server.segment_plane import SegmentGrant
 
 _LAYOUTS: dict[int, str] = {
     pb.LAYOUT_UNSPECIFIED: "checkpoint",
@@ -74,6 +77,8 @@ def fetch_names(request: pb.FetchShardRequest) -> list[str]:
     Raises:
         InvalidRequestError: too many or too long names, or a transport this server does not speak.
     """
+    if request.transport == pb.TRANSPORT_SHARED_MEMORY:
+        raise InvalidRequestError("TRANSPORT_SHARED_MEMORY is FetchShardSegments' to serve; FetchShard streams chunks")
     if request.transport not in _TRANSPORTS:
         raise InvalidRequestError(
             f"transport {request.transport} is not one this server speaks "
@@ -81,6 +86,26 @@ def fetch_names(request: pb.FetchShardRequest) -> list[str]:
         )
     limits.check_text("manifest id", request.manifest_id, limits.MAX_REVISION_BYTES)
     return limits.check_names(request.names)
+
+
+def segment_names(request: pb.FetchShardSegmentsRequest) -> list[str]:
+    """The tensors a FetchShardSegments asks for (all when empty), after the request's static checks."""
+    limits.check_text("manifest id", request.manifest_id, limits.MAX_REVISION_BYTES)
+    return limits.check_names(request.names)
+
+
+def shard_segments(grant: SegmentGrant) -> pb.ShardSegments:
+    return pb.ShardSegments(
+        manifest_id=grant.manifest_id,
+        segments=[pb.SegmentInfo(size=size) for size in grant.sizes],
+        tensors=[
+            pb.TensorPlacement(tensor_index=t.index, segment=t.segment, offset=t.offset, crc32c=t.crc32c)
+            for t in grant.tensors
+        ],
+        ticket=grant.ticket,
+        handoff_socket=grant.socket,
+        ticket_ttl_ms=grant.ticket_ms,
+    )
 
 
 def file_patterns(request: pb.FetchFilesRequest) -> list[str]:

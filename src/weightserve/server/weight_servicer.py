@@ -11,6 +11,7 @@ from weightserve.server import proto_convert as convert
 from weightserve.server import request_limits as limits
 from weightserve.server.auth import current_caller
 from weightserve.server.data_plane import DataPlane
+from weightserve.server.segment_plane import SegmentPlane
 from weightserve.server.status_codes import call_errors
 from weightserve.server.stream_gate import StreamGate
 from weightserve.sharding.spec import ShardSpec
@@ -23,9 +24,10 @@ PREENCODED_RESPONSES = frozenset({"FetchShard"})
 class WeightServicer:
     """Implements weightserve.v1.WeightService over a DataPlane."""
 
-    def __init__(self, plane: DataPlane, gate: StreamGate) -> None:
+    def __init__(self, plane: DataPlane, gate: StreamGate, segments: SegmentPlane) -> None:
         self.plane = plane
         self.gate = gate
+        self.segments = segments
 
     @call_errors
     async def ListModels(
@@ -50,6 +52,14 @@ class WeightServicer:
         with self.gate.admit(convert.peer_of(context), current_caller()) as stream:
             async for message in self.plane.fetch(spec, names, request.manifest_id, resume):
                 await stream.write(context, message)
+
+    @call_errors
+    async def FetchShardSegments(
+        self, request: pb.FetchShardSegmentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ShardSegments:
+        spec, names = convert.shard_spec(request.shard), convert.segment_names(request)
+        grant = await self.segments.grant(spec, names, request.manifest_id)
+        return convert.shard_segments(grant)
 
     @call_errors
     async def FetchFiles(self, request: pb.FetchFilesRequest, context: grpc.aio.ServicerContext) -> None:

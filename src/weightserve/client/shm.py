@@ -1,0 +1,327 @@
+"""Receiving a rank's tensors as shared-memory segments from a server on the same host.
+
+FetchShardSegments answers with the segment table and a one-time ticket; `redeem`
+trades the ticket for the segments' descriptors on the server's side socket (the
+connection it leaves open is the lease: the server keeps the segments counted until it
+closes). Each descriptor must carry the write, shrink and grow seals before it is
+mapped, so no one can change or truncate the bytes under the tensors; segments are
+mapped MAP_PRIVATE, so writing into a tensor copies that page instead of faulting.
+
+Tensors are views of the mappings (nothing is copied) unless `copy=True`, which copies
+each once into its own storage and ends the lease at once. Views end the lease when the
+last of them is garbage-collected. `verify=True` checks every tensor's crc32c.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import socket
+import struct
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from weightserve import wire
+from weightserve.client.assembly import FetchStats
+from weightserve.client.common import FetchArgs
+from weightserve.errors import FetchError
+from weightserve.v1 import weightserve_pb2 as pb
+
+MAGIC = b"WSFD1"
+BATCH_HEADER = struct.Struct("!2sII")
+MAX_FDS_PER_MESSAGE = 250
+REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+MADV_POPULATE_READ = 22
+"""Linux 5.14+: map every page of a range for reading in one call (no copy-on-write break)."""
+COPY_BLOCK = 64 << 20
+
+
+class Lease:
+    """The side-socket connection that keeps a grant's segments counted on the server; closes once."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock: socket.socket | None = sock
+        self.holders = 0
+
+    def hold(self) -> None:
+        self.holders += 1
+
+    def drop(self) -> None:
+        self.holders -= 1
+        if self.holders <= 0:
+            self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def redeem(path: str, ticket: bytes, count: int, timeout: float) -> tuple[Lease, list[int]]:
+    """The `count` descriptors a ticket grants, and the lease connection that holds them.
+
+    Raises:
+        FetchError: UNAVAILABLE when the side socket cannot be reached; FAILED_PRECONDITION
+            when the server refuses the ticket (used or expired) or sends the wrong number.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(timeout)
+    fds: list[int] = []
+    try:
+        try:
+            sock.connect(path)
+            sock.sendall(MAGIC + ticket)
+        except OSError as e:
+            raise FetchError(f"shared memory: cannot reach {path}: {e}", grpc.StatusCode.UNAVAILABLE) from None
+        while True:
+            message, received, flags, _ = socket.recv_fds(sock, 4096, MAX_FDS_PER_MESSAGE)
+            fds += received
+            if flags & socket.MSG_CTRUNC:
+                raise FetchError("shared memory: descriptors were cut off (open files limit?)",
+                                 grpc.StatusCode.RESOURCE_EXHAUSTED)  # fmt: skip
+            if not message.startswith(b"OK"):
+                reason = message[2:].decode(errors="replace") if message.startswith(b"ER") else "no answer"
+                raise FetchError(f"shared memory: {reason}", grpc.StatusCode.FAILED_PRECONDITION)
+            _, batch, total = BATCH_HEADER.unpack(message[: BATCH_HEADER.size])
+            if total != count or batch != len(received):
+                raise FetchError(f"shared memory: {total} descriptors offered for {count} segments",
+                                 grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+            if len(fds) >= count:
+                return Lease(sock), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        sock.close()
+        raise
+
+
+@dataclass
+class Mapped:
+    """One segment mapped into this process."""
+
+    view: memoryview
+
+
+def map_segments(fds: Sequence[int], sizes: Sequence[int], lease: Lease) -> list[Mapped]:
+    """Check each descriptor's seals and size, map it MAP_PRIVATE, and close the descriptor.
+
+    Raises:
+        FetchError: DATA_LOSS when a segment is not sealed or not its stated size.
+    """
+    mapped: list[Mapped] = []
+    try:
+        for fd, size in zip(fds, sizes, strict=True):
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+                raise FetchError(f"shared memory: a segment lacks its seals ({seals:#x})", grpc.StatusCode.DATA_LOSS)
+            if os.fstat(fd).st_size != size:
+                raise FetchError(f"shared memory: a segment is not {size} bytes", grpc.StatusCode.DATA_LOSS)
+            region = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            view = memoryview(region)
+            lease.hold()
+            weakref.finalize(view, lease.drop)  # the lease ends with the last tensor viewing a segment
+            mapped.append(Mapped(view))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return mapped
+
+
+def populate(region: memoryview) -> None:
+    """Map every page of a segment now, read-only, in one call (where the kernel can)."""
+    obj = region.obj
+    if isinstance(obj, mmap.mmap):
+        with contextlib.suppress(OSError):  # before Linux 5.14: pages fault in on first use instead
+            obj.madvise(MADV_POPULATE_READ)
+
+
+def tensor_views(
+    manifest: pb.GetManifestResponse, grant: pb.ShardSegments, mapped: Sequence[Mapped], names: set[str] | None
+) -> dict[str, torch.Tensor]:
+    """The granted tensors as views of their segments, in manifest order (empty tensors allocated)."""
+    placed = {t.tensor_index: t for t in grant.tensors}
+    out: dict[str, torch.Tensor] = {}
+    for index, info in enumerate(manifest.tensors):
+        if names is not None and info.name not in names:
+            continue
+        dtype = wire.torch_dtype(info.dtype)
+        at = placed.get(index)
+        if at is None:
+            if info.nbytes:
+                raise FetchError(f"shared memory: no segment holds {info.name!r}", grpc.StatusCode.DATA_LOSS)
+            out[info.name] = torch.empty(tuple(info.shape), dtype=dtype)
+            continue
+        if at.segment >= len(mapped) or at.offset + info.nbytes > len(mapped[at.segment].view):
+            raise FetchError(f"shared memory: {info.name!r} lies outside its segment", grpc.StatusCode.DATA_LOSS)
+        raw = torch.frombuffer(mapped[at.segment].view, dtype=torch.uint8, count=info.nbytes, offset=at.offset)
+        out[info.name] = raw.view(dtype).reshape(tuple(info.shape))
+    return out
+
+
+def verify(grant: pb.ShardSegments, manifest: pb.GetManifestResponse, tensors: dict[str, torch.Tensor]) -> None:
+    """Check each tensor's crc32c against the grant's.
+
+    Raises:
+        FetchError: DATA_LOSS naming the first tensor that does not match.
+    """
+    for at in grant.tensors:
+        name = manifest.tensors[at.tensor_index].name
+        tensor = tensors.get(name)
+        if tensor is None:
+            continue
+        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+        if wire.crc32c(data) != at.crc32c:
+            raise FetchError(f"shared memory: tensor {name!r} failed its crc32c", grpc.StatusCode.DATA_LOSS)
+
+
+def copied(
+    tensors: dict[str, torch.Tensor], device: torch.device, into: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Each tensor copied once into storage of its own on `device` (or into `into[name]` where it fits).
+
+    To a GPU the bytes go through a small ring of pinned buffers on a side stream, so
+    host memory beyond the mappings stays at the ring's size and copies overlap.
+    """
+    ring = _PinnedRing(device) if device.type == "cuda" else None
+    fits = {name for name, view in tensors.items() if _fits(into.get(name), view, device)}
+    arena = None
+    if device.type == "cpu":
+        arena = Arena(sum(v.numel() * v.element_size() for n, v in tensors.items() if n not in fits))
+    out = {}
+    for name, view in tensors.items():
+        if name in fits:
+            dest = into[name]
+        elif arena is not None:
+            dest = arena.take(view)
+        else:
+            dest = torch.empty(view.shape, dtype=view.dtype, device=device)
+        if ring is not None:
+            ring.copy(view, dest)
+        else:
+            dest.copy_(view)
+        out[name] = dest
+    if ring is not None:
+        ring.finish()
+    return out
+
+
+def _fits(dest: torch.Tensor | None, view: torch.Tensor, device: torch.device) -> bool:
+    return (
+        dest is not None
+        and dest.shape == view.shape
+        and dest.dtype == view.dtype
+        and dest.device == device
+        and dest.is_contiguous()
+    )
+
+
+class Arena:
+    """One anonymous mapping for a fetch's copied tensors, backed by huge pages where the kernel allows.
+
+    A fresh tensor's first touch faults in every 4 KiB page (about half the cost of a
+    copy); one mapping advised MADV_HUGEPAGE faults 2 MiB at a time. Each tensor still
+    gets a storage of its own bytes (torch.frombuffer), so saving one saves only it.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, nbytes: int) -> None:
+        self.region = mmap.mmap(-1, max(nbytes + self.ALIGN * 1024, 1))
+        with contextlib.suppress(OSError, AttributeError):
+            self.region.madvise(mmap.MADV_HUGEPAGE)
+        self.view = memoryview(self.region)
+        self.used = 0
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        nbytes = like.numel() * like.element_size()
+        if nbytes == 0:
+            return torch.empty(like.shape, dtype=like.dtype)
+        at = -(-self.used // self.ALIGN) * self.ALIGN
+        self.used = at + nbytes
+        raw = torch.frombuffer(self.view, dtype=torch.uint8, count=nbytes, offset=at)
+        return raw.view(like.dtype).reshape(like.shape)
+
+
+class _PinnedRing:
+    """Host-to-device copies through RING pinned buffers of COPY_BLOCK bytes on a side stream."""
+
+    RING = 4
+    BLOCK = 16 << 20
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device)
+        self.buffers = [torch.empty(self.BLOCK, dtype=torch.uint8, pin_memory=True) for _ in range(self.RING)]
+        self.done: list[torch.cuda.Event | None] = [None] * self.RING
+        self.slot = 0
+
+    def copy(self, view: torch.Tensor, dest: torch.Tensor) -> None:
+        src = view.reshape(-1).view(torch.uint8)
+        flat = dest.reshape(-1).view(torch.uint8)
+        for start in range(0, src.numel(), self.BLOCK):
+            n = min(self.BLOCK, src.numel() - start)
+            slot, self.slot = self.slot, (self.slot + 1) % self.RING
+            event = self.done[slot]
+            if event is not None:
+                event.synchronize()  # the copy that last used this buffer has finished
+            staging = self.buffers[slot][:n]
+            staging.copy_(src[start : start + n])
+            with torch.cuda.stream(self.stream):
+                flat[start : start + n].copy_(staging, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self.done[slot] = event
+
+    def finish(self) -> None:
+        self.stream.synchronize()
+
+
+def receive(
+    fetch: FetchArgs,
+    manifest: pb.GetManifestResponse,
+    grant: pb.ShardSegments,
+    stats: FetchStats,
+    timeout: float,
+    started: float,
+) -> dict[str, torch.Tensor]:
+    """The state dict a grant describes: redeem, check, map, and view (or copy) every tensor.
+
+    Raises:
+        FetchError: the side socket refused or could not be reached, a segment is not
+            sealed or not its size, or (with verify) a tensor failed its crc32c.
+    """
+    lease, fds = redeem(grant.handoff_socket, grant.ticket, len(grant.segments), timeout)
+    try:
+        mapped = map_segments(fds, [s.size for s in grant.segments], lease)
+        stats.time_to_first_chunk = time.monotonic() - started
+        names = set(fetch.names) if fetch.names else None
+        views = tensor_views(manifest, grant, mapped, names)
+        if fetch.verify:
+            verify(grant, manifest, views)
+        destinations = fetch.destinations or {}
+        if fetch.copy or fetch.device.type != "cpu" or destinations:
+            for region in mapped:
+                populate(region.view)  # one call maps the source pages, rather than a fault each
+            state = copied(views, fetch.device, destinations)
+        else:
+            for region in mapped:
+                populate(region.view)
+            state = views
+        del views, mapped
+    finally:
+        if lease.holders == 0:  # nothing views the segments (copied, or failed): end the lease now
+            lease.close()
+    if fetch.dtype is not None:
+        dtype = fetch.dtype
+        state = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state.items()}
+    stats.payload_bytes = sum(manifest.tensors[t.tensor_index].nbytes for t in grant.tensors)
+    stats.tensors = len(state)
+    stats.attempts = 1
+    stats.seconds = time.monotonic() - started
+    return state
