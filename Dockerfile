@@ -1,10 +1,19 @@
 # weightserve server image (CPU torch by default).
 #
-#   docker build -t weightserve .
-#   docker run -p 50051:50051 -v /path/to/models:/models:ro weightserve
+#   make docker                                   # docker build -t weightserve:$(VERSION) .
+#   docker run -p 50051:50051 -p 9400:9400 -v /path/to/models:/models:ro weightserve:0.1.0
 #
+# Pin the base image by digest for a reproducible build (the default is a tag, since a
+# digest cannot be checked without reaching a registry):
+#   --build-arg PYTHON_IMAGE=python:3.11-slim@sha256:<digest>
+# For arm64: docker buildx build --platform linux/arm64 -t weightserve:0.1.0-arm64 .
+# (the CPU torch index has aarch64 wheels; a CUDA build needs an index with them).
 # For a CUDA build of torch, pass its index and spec, for example
 #   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 --build-arg TORCH_SPEC=torch==2.13.0
+#
+# podman and buildah write OCI images by default, and the OCI format has no HEALTHCHECK:
+# build with `podman build --format docker` to keep it. Kubernetes ignores HEALTHCHECK
+# either way; deploy/k8s probes /readyz and /livez on the metrics port instead.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -23,24 +32,41 @@ WORKDIR /src
 COPY pyproject.toml hatch_build.py README.md ./
 COPY proto ./proto
 COPY src ./src
-# The build hook generates the gRPC stubs from proto/ into the installed package.
+# The build hook generates the gRPC stubs from proto/ into the installed package; the
+# package is this tree, and its dependencies are bounded in pyproject.toml.
+# hadolint ignore=DL3013
 RUN pip install ".[hf,s3,gguf]"
 
 FROM ${PYTHON_IMAGE}
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="weightserve" \
+      org.opencontainers.image.description="gRPC weight-serving microservice for LLM inference: per-rank checkpoint shards, checksummed and resumable" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# HF_HOME and the disk cache (XDG_CACHE_HOME/weightserve, what --disk-cache-dir
+# defaults to) share one directory, the one VOLUME that takes downloads: with a read-only
+# root filesystem it is the only place (with /tmp) the server writes.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
-RUN useradd --system --uid 10001 --create-home --home-dir /home/weightserve weightserve \
-    && mkdir /models \
-    && chown weightserve /models
+    PYTHONDONTWRITEBYTECODE=1 \
+    XDG_CACHE_HOME=/var/cache \
+    HF_HOME=/var/cache/weightserve/huggingface
+RUN groupadd --system --gid 10001 weightserve \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/weightserve weightserve \
+    && mkdir -p /models /var/cache/weightserve/huggingface \
+    && chown weightserve:weightserve /models /var/cache/weightserve /var/cache/weightserve/huggingface
 COPY --from=build /opt/venv /opt/venv
-USER 10001
+USER 10001:10001
 WORKDIR /home/weightserve
-VOLUME ["/models"]
-# 50051: gRPC (WeightService, ControlService, health, reflection).
-EXPOSE 50051
-# Standard grpc.health.v1 check on the plaintext port; with TLS on, probe from outside.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+VOLUME ["/models", "/var/cache/weightserve"]
+# 50051: gRPC (WeightService, ControlService, health, reflection); 9400: /metrics,
+# /readyz and /livez in plain HTTP (--metrics-listen).
+EXPOSE 50051 9400
+# The standard grpc.health.v1 check. With TLS on, set WEIGHTSERVE_TLS_CA to a CA whose
+# certificate names 127.0.0.1, or rely on an orchestrator's probes of /readyz instead.
+HEALTHCHECK --interval=15s --timeout=6s --start-period=30s --retries=3 \
+    CMD ["weightserve", "health", "--server", "127.0.0.1:50051", "--timeout", "5"]
 ENTRYPOINT ["weightserve"]
-CMD ["serve", "--model-root", "/models", "--listen", "0.0.0.0:50051"]
+CMD ["serve", "--model-root", "/models", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9400"]

@@ -14,7 +14,7 @@ BUF := node_modules/.bin/buf
 PROTOS := $(shell find proto -name '*.proto')
 STUBS := src/weightserve/v1/weightserve_pb2.py
 
-.PHONY: venv node proto demo test fuzz lint fmt clean
+.PHONY: venv node proto demo test fuzz lint fmt clean docker
 
 venv: $(VENV)/.installed
 
@@ -50,10 +50,11 @@ demo: venv $(STUBS)
 test: venv node $(STUBS) test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# tests/observability runs a real Prometheus: installed here when missing, as root with
-# apt-get; otherwise its tests skip and say why, and the build goes on. Under systemd the
-# package starts and enables a prometheus service; it is stopped and disabled at once (the
-# tests start their own on a free port), so nothing is left running.
+# tests/observability runs a real Prometheus and tests/fleet a real redis-server: each is
+# installed here when missing, as root with
+# apt-get; otherwise its tests skip and say why, and the build goes on. Under systemd each
+# package starts and enables its service; it is stopped and disabled at once (the tests
+# start their own on a free port), so nothing is left running.
 .PHONY: test-deps
 test-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -61,6 +62,13 @@ test-deps:
 			if DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; then \
 				if [ -d /run/systemd/system ]; then systemctl disable --now prometheus.service || true; fi; \
 			else echo "prometheus not installed: its tests will skip"; fi; \
+		}; \
+		command -v kubectl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends kubectl \
+			|| echo "kubectl not installed: tests/deploy will skip"; \
+		command -v redis-server >/dev/null || { \
+			if DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; then \
+				if [ -d /run/systemd/system ]; then systemctl disable --now redis-server.service || true; fi; \
+			else echo "redis-server not installed: the fleet coordination tests will skip"; fi; \
 		}; \
 	fi
 
@@ -79,7 +87,18 @@ lint: venv node $(STUBS)
 	$(BIN)/lint-imports --no-cache --no-logo
 	$(BUF) lint
 	$(BUF) breaking proto --against compat/released
+	$(BIN)/hadolint Dockerfile
 	if command -v promtool >/dev/null; then promtool check rules deploy/prometheus/rules.yaml && promtool test rules deploy/prometheus/rules_test.yaml; fi
+
+# The server image, where a container engine is (docker, or ENGINE=podman, which needs
+# --format docker to keep the HEALTHCHECK). docs/deployment.md: digests, arm64.
+ENGINE ?= docker
+IMAGE ?= weightserve
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/weightserve/_version.py)
+REVISION := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+docker:
+	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format docker) \
+		--build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) -t $(IMAGE):$(VERSION) .
 
 fmt: venv
 	$(BIN)/ruff format .
