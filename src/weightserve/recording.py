@@ -76,9 +76,23 @@ class Recorder:
         """A rebalance job began."""
 
     def rebalance_finished(
-        self, model: str, policy: str, outcome: str, seconds: float, before: float, after: float
+        self,
+        model: str,
+        policy: str,
+        outcome: str,
+        seconds: float,
+        before: float,
+        after: float,
+        locality: tuple[float, float] = (0.0, 0.0),
+        dispatch: tuple[float, float] = (0.0, 0.0),
+        bound: float = 0.0,
     ) -> None:
-        """A rebalance job ended (`outcome`: succeeded or failed) with these balancedness figures."""
+        """A rebalance job ended (`outcome`: succeeded or failed) with these figures.
+
+        `before`/`after` are balancedness; `locality` and `dispatch` are group locality and
+        estimated dispatch nodes per token, (before, after); `bound` is the best balancedness
+        with every group on one node (0.0: groups cannot each sit on one node).
+        """
 
 
 NULL_RECORDER = Recorder()

@@ -134,9 +134,11 @@ def test_default_policy_is_at_least_as_balanced_as_greedy_on_skewed_loads(
         assert default >= greedy
 
 
-def test_default_policy_beats_greedy_by_a_third_on_a_deepseek_v3_zipf_load() -> None:
+def test_default_policy_beats_greedy_by_a_fifth_with_groups_kept_and_by_a_third_relaxed() -> None:
     weight = zipf_load(58, 256, 1.2, seed=0)
     greedy = balancedness(weight, rebalance_experts(weight, 288, 8, 4, 32, policy="greedy"))
     default = balancedness(weight, rebalance_experts(weight, 288, 8, 4, 32))
-    # Measured: greedy 0.504, default 0.999 (1.98x).
-    assert default >= 1.3 * greedy
+    relaxed = balancedness(weight, rebalance_experts(weight, 288, 8, 4, 32, locality="relaxed"))
+    # Measured: greedy 0.504, default 0.636 (1.26x, 0.99 of the locality bound), relaxed 0.999 (1.98x).
+    assert default >= 1.2 * greedy
+    assert relaxed >= 1.3 * greedy

@@ -105,9 +105,43 @@ def test_metrics_of_expert_load_and_rebalances(moe_root: Path, serve) -> None:  
     assert value(samples, "weightserve_eplb_balancedness", model=MOE, when="after") == pytest.approx(
         job.balancedness_after
     )
+    # one node, one group: every slot is on its group's node and a token reaches that node only
+    assert value(samples, "weightserve_eplb_group_locality", model=MOE, when="after") == 1.0
+    assert value(samples, "weightserve_eplb_dispatch_nodes_per_token", model=MOE, when="after") == pytest.approx(1.0)
+    assert value(samples, "weightserve_eplb_balancedness_bound", model=MOE) == pytest.approx(job.locality_bound)
     assert 0 <= value(samples, "weightserve_eplb_last_report_age_seconds", model=MOE) < 60
     imbalance = {ls: v for (n, ls), v in samples.items() if n == "weightserve_eplb_layer_load_imbalance"}
     assert len(imbalance) == 2 and all(v >= 1 for v in imbalance.values())  # one series per MoE layer, none per expert
+
+
+def test_metrics_of_the_locality_trade_off(moe_root: Path, serve) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """A relaxed rebalance over two nodes: the gauges hold GetRebalance's figures, per model only."""
+    server = serve(moe_root)
+    with WeightClient(server.address, timeout=30) as client:
+        client.report_expert_load(MOE, [[1000, 900, 800, 700, 5, 5, 5, 5], [5, 5, 5, 5, 800, 700, 600, 500]])
+        topology = {"num_nodes": 2, "gpus_per_node": 2, "num_groups": 2, "topk_group": 1}
+        grouped = client.get_rebalance(client.rebalance(MOE, num_replicas=12, **topology), wait=60)
+        assert grouped.state == pb.JOB_STATE_SUCCEEDED, grouped.error
+        job = client.get_rebalance(client.rebalance(MOE, locality="relaxed", **topology), wait=60)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    samples = scrape(server)
+    # the last job's figures, which relaxing made non-trivial: groups split over nodes
+    assert job.group_locality_after < 1.0 < job.dispatch_nodes_after and job.locality_bound > 0
+    figures = {
+        "weightserve_eplb_group_locality": (job.group_locality_before, job.group_locality_after),
+        "weightserve_eplb_dispatch_nodes_per_token": (job.dispatch_nodes_before, job.dispatch_nodes_after),
+        "weightserve_eplb_balancedness": (job.balancedness_before, job.balancedness_after),
+    }
+    for name, (before, after) in figures.items():
+        assert value(samples, name, model=MOE, when="before") == pytest.approx(before), name
+        assert value(samples, name, model=MOE, when="after") == pytest.approx(after), name
+    assert value(samples, "weightserve_eplb_balancedness_bound", model=MOE) == pytest.approx(job.locality_bound)
+    # the grouped job before it kept every group on one node: its "after" is the relaxed job's "before"
+    assert job.group_locality_before == pytest.approx(grouped.group_locality_after) == 1.0
+    labels = {name: {key for key, _ in ls} for (name, ls) in samples if name.startswith("weightserve_eplb_") and ls}
+    assert labels["weightserve_eplb_group_locality"] == {"model", "when"}
+    assert labels["weightserve_eplb_dispatch_nodes_per_token"] == {"model", "when"}
+    assert labels["weightserve_eplb_balancedness_bound"] == {"model"}
 
 
 def test_access_lines_for_success_failure_and_cancel(model_root: Path, serve, caplog) -> None:  # type: ignore[no-untyped-def]

@@ -49,6 +49,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     rebalance.add_argument("--nodes", type=int, help="server nodes (with --gpus-per-node; needed the first time)")
     rebalance.add_argument("--gpus-per-node", type=int, help="EP ranks per node")
     rebalance.add_argument("--groups", type=int, help="expert groups of the model (default 1; with the topology)")
+    rebalance.add_argument(
+        "--topk-group", type=int,
+        help="groups each token is routed to, for the dispatch estimate "
+        "(default the model config's topk_group, else half the groups; with the topology)",
+    )  # fmt: skip
+    rebalance.add_argument(
+        "--locality", choices=("group", "relaxed"),
+        help="group (the default): every expert group on one node, as node-limited routing needs; "
+        "relaxed: replicas may cross nodes, more balance for more inter-node traffic",
+    )  # fmt: skip
     rebalance.set_defaults(run=run_rebalance)
 
 
@@ -109,6 +119,8 @@ async def _rebalance(args: argparse.Namespace) -> pb.GetRebalanceResponse:
             num_nodes=args.nodes,
             gpus_per_node=args.gpus_per_node,
             num_groups=args.groups,
+            locality=args.locality,
+            topk_group=args.topk_group,
         )
         return await finished_job(client, args.model, job_id, args.timeout)
 
@@ -165,7 +177,10 @@ def print_job(model: str, job: pb.GetRebalanceResponse) -> int:
         out.write(f"rebalance {job.job_id} of {model}: {' '.join(filter(None, (state, job.error)))}\n")
         return 1
     out.write(
-        f"rebalanced {model} to mapping v{job.mapping.version} in {job.seconds:.2f}s\n"
+        f"rebalanced {model} to mapping v{job.mapping.version} in {job.seconds:.2f}s; "
+        f"group locality {job.group_locality_before:.3f} -> {job.group_locality_after:.3f}, "
+        f"dispatch nodes per token {job.dispatch_nodes_before:.2f} -> {job.dispatch_nodes_after:.2f}, "
+        f"best balancedness with every group on one node {job.locality_bound:.3f}\n"
         f"balancedness {job.balancedness_before:.3f} -> {job.balancedness_after:.3f}\n"
         f"{'EP RANK':>7}  {'EXPERTS':>7}  BYTES TO FETCH\n"
     )

@@ -70,26 +70,36 @@ def rebalance_request(
     num_nodes: int | None = None,
     gpus_per_node: int | None = None,
     num_groups: int | None = None,
+    locality: str | None = None,
+    topk_group: int | None = None,
 ) -> pb.RebalanceRequest:
     """A Rebalance request; unset fields keep what the model's current mapping has.
 
     The topology travels as one message, so it is sent only when `num_nodes` or
-    `gpus_per_node` is given (the other defaults to 1, `num_groups` to 1); without
-    either the server keeps the current mapping's topology.
+    `gpus_per_node` is given (the other defaults to 1, `num_groups` to 1, `topk_group`
+    to the model config's, else half the groups, on the server); without either the server keeps the current
+    mapping's topology. `locality` is "group" (the server's default: every expert group
+    on one node) or "relaxed" (replicas may cross nodes).
 
     Raises:
-        InvalidRequestError: `num_groups` without a topology, which the server would
-            otherwise ignore.
+        InvalidRequestError: `num_groups` or `topk_group` without a topology, which the
+            server would otherwise ignore.
     """
-    request = pb.RebalanceRequest(model=model, policy=policy or "", num_replicas=num_replicas or 0)
+    request = pb.RebalanceRequest(
+        model=model, policy=policy or "", num_replicas=num_replicas or 0, locality=locality or ""
+    )
     if num_nodes or gpus_per_node:
         request.topology.CopyFrom(
-            pb.ExpertTopology(num_nodes=num_nodes or 1, gpus_per_node=gpus_per_node or 1, num_groups=num_groups or 1)
+            pb.ExpertTopology(
+                num_nodes=num_nodes or 1,
+                gpus_per_node=gpus_per_node or 1,
+                num_groups=num_groups or 1,
+                topk_group=topk_group or 0,
+            )
         )
-    elif num_groups:
-        raise InvalidRequestError(
-            f"num_groups={num_groups} needs num_nodes or gpus_per_node: the topology is sent whole or not at all"
-        )
+    elif num_groups or topk_group:
+        given = f"num_groups={num_groups}" if num_groups else f"topk_group={topk_group}"
+        raise InvalidRequestError(f"{given} needs num_nodes or gpus_per_node: the topology is sent whole or not at all")
     return request
 
 

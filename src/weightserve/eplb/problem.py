@@ -22,11 +22,14 @@ class Problem:
         weight: [layers, num_logical] float64 token counts (finite, >= 0), on the CPU.
         num_physical: physical slots per layer over all GPUs.
         topology: nodes, GPUs per node and expert groups.
+        locality: "group" keeps each expert group, with its replicas, on one node
+            where groups divide over nodes; "relaxed" lets replicas cross nodes.
     """
 
     weight: torch.Tensor
     num_physical: int
     topology: Topology
+    locality: str = "group"
 
     @property
     def num_layers(self) -> int:
@@ -58,6 +61,20 @@ class Problem:
         """Whether groups divide over nodes, so the node-first scheme applies."""
         return self.topology.num_groups % self.topology.num_nodes == 0
 
+    @property
+    def keeps_groups(self) -> bool:
+        """Whether placements must keep every group on one node (locality "group", groups divide nodes).
+
+        On one node every placement does; when groups do not divide over nodes (a model
+        without group-limited routing has one group) DeepSeek's scheme falls back to
+        global balancing, and so do the policies.
+        """
+        return self.locality == "group" and self.hierarchical and self.topology.num_nodes > 1
+
+
+LOCALITIES = ("group", "relaxed")
+"""Placement constraints a request may ask for; the first is the default."""
+
 
 def _positive(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -87,15 +104,19 @@ def _weight_table(weight: object) -> torch.Tensor:
     return table
 
 
-def make_problem(weight: object, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> Problem:
+def make_problem(
+    weight: object, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, locality: str = "group"
+) -> Problem:
     """Validate a rebalance request and return it as a Problem.
 
     Raises:
         InvalidRequestError: a count is not a positive integer, slots do not divide
             over GPUs, GPUs do not divide over nodes, there are fewer slots than
-            experts, groups do not divide the experts, or a token count is negative
-            or not finite.
+            experts, groups do not divide the experts, a token count is negative
+            or not finite, or `locality` is not one of LOCALITIES.
     """
+    if locality not in LOCALITIES:
+        raise InvalidRequestError(f"locality must be one of {list(LOCALITIES)}, got {locality!r}")
     for name, value in (
         ("num_replicas", num_replicas),
         ("num_groups", num_groups),
@@ -116,7 +137,7 @@ def make_problem(weight: object, num_replicas: int, num_groups: int, num_nodes: 
     if num_logical % num_groups:
         raise InvalidRequestError(f"{num_logical} logical experts do not split into {num_groups} groups")
     topology = Topology(num_nodes=num_nodes, gpus_per_node=num_gpus // num_nodes, num_groups=num_groups)
-    return Problem(weight=table, num_physical=num_replicas, topology=topology)
+    return Problem(weight=table, num_physical=num_replicas, topology=topology, locality=locality)
 
 
 def check_previous(problem: Problem, previous: ExpertMapping | None) -> None:

@@ -22,6 +22,7 @@ def rebalance_experts(
     *,
     policy: str | Policy | None = None,
     previous: ExpertMapping | None = None,
+    locality: str = "group",
 ) -> ExpertMapping:
     """Place `num_replicas` expert replicas per layer on `num_gpus` GPUs.
 
@@ -38,13 +39,17 @@ def rebalance_experts(
             (`hierarchical`).
         previous: the mapping in force; its version + 1 becomes the new version and
             move-limiting policies start from it.
+        locality: "group" (default) keeps every expert group, with all its
+            replicas, on one node whenever groups divide over nodes, which is what
+            node-limited routing needs; "relaxed" lets replicas cross nodes for
+            balance (for engines that do not limit routing by node).
 
     Returns:
         The new ExpertMapping (version 1 without `previous`).
 
     Raises:
         InvalidRequestError: inconsistent sizes, negative or non-finite weights, an
-            unknown policy, a `previous` for another shape, or a policy that broke an
+            unknown policy or locality, a `previous` for another shape, or a policy that broke an
             invariant.
 
     Example:
@@ -52,7 +57,7 @@ def rebalance_experts(
         >>> m.phy2log.shape, int(m.logcnt.min()) >= 1
         (torch.Size([1, 8]), True)
     """
-    problem = make_problem(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    problem = make_problem(weight, num_replicas, num_groups, num_nodes, num_gpus, locality)
     check_previous(problem, previous)
     chosen = resolve_policy(policy)
     with one_thread():

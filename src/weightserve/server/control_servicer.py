@@ -50,6 +50,11 @@ def job_to(job: RebalanceJob) -> pb.GetRebalanceResponse:
         balancedness_after=job.after,
         deltas=[pb.RankDelta(ep_rank=r, experts=n, bytes=b) for r, n, b in job.deltas],
         seconds=job.seconds,
+        group_locality_before=job.locality_before,
+        group_locality_after=job.locality_after,
+        dispatch_nodes_before=job.dispatch_before,
+        dispatch_nodes_after=job.dispatch_after,
+        locality_bound=job.bound,
     )
 
 
@@ -80,6 +85,8 @@ class ControlServicer:
             check_text("policy", request.policy, MAX_POLICY_BYTES),
             request.num_replicas,
             topology,
+            check_text("locality", request.locality, MAX_POLICY_BYTES),
+            request.topology.topk_group if request.HasField("topology") else 0,
         )
         return pb.RebalanceResponse(job_id=job_id, already_running=running)
 

@@ -161,6 +161,26 @@ class PrometheusRecorder(Recorder):
             ("model", "when"),
             registry=r,
         )
+        self.group_locality = Gauge(
+            "weightserve_eplb_group_locality",
+            "Share of expert slots on the node holding most of their group's slots, before and after the last "
+            "rebalance",
+            ("model", "when"),
+            registry=r,
+        )
+        self.dispatch_nodes = Gauge(
+            "weightserve_eplb_dispatch_nodes_per_token",
+            "Estimated nodes one token's dispatch reaches per MoE layer, before and after the last rebalance",
+            ("model", "when"),
+            registry=r,
+        )
+        self.balancedness_bound = Gauge(
+            "weightserve_eplb_balancedness_bound",
+            "Best balancedness any placement with every group on one node reaches on the last rebalance's load "
+            "(0: groups cannot each sit on one node)",
+            ("model",),
+            registry=r,
+        )
 
     def model_label(self, model: str) -> str:
         return model if model and self.known_model(model) else OTHER_MODEL
@@ -243,14 +263,28 @@ class PrometheusRecorder(Recorder):
 
     @_never_raises
     def rebalance_finished(
-        self, model: str, policy: str, outcome: str, seconds: float, before: float, after: float
+        self,
+        model: str,
+        policy: str,
+        outcome: str,
+        seconds: float,
+        before: float,
+        after: float,
+        locality: tuple[float, float] = (0.0, 0.0),
+        dispatch: tuple[float, float] = (0.0, 0.0),
+        bound: float = 0.0,
     ) -> None:
         label = self.model_label(model)
         self.rebalances.labels(label, policy, outcome).inc()
         self.rebalance_seconds.labels(policy).observe(seconds)
         if outcome == "succeeded":
-            self.balancedness.labels(label, "before").set(before)
-            self.balancedness.labels(label, "after").set(after)
+            for when, balance, local, nodes in zip(
+                ("before", "after"), (before, after), locality, dispatch, strict=True
+            ):
+                self.balancedness.labels(label, when).set(balance)
+                self.group_locality.labels(label, when).set(local)
+                self.dispatch_nodes.labels(label, when).set(nodes)
+            self.balancedness_bound.labels(label).set(bound)
 
 
 GaugeSource = Callable[[], Iterable[Metric]]

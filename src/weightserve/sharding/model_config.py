@@ -23,6 +23,10 @@ class ModelConfig:
     vocab_size: int = 0
     num_hidden_layers: int = 0
     tie_word_embeddings: bool = False
+    n_group: int = 0
+    """Expert groups of group-limited routing (DeepSeek-V3 style); 0: none named."""
+    topk_group: int = 0
+    """Groups each token is routed to; 0: none named. Read for EPLB's dispatch estimate only."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -41,6 +45,8 @@ class ModelConfig:
             vocab_size=_int(cfg, "vocab_size"),
             num_hidden_layers=_int(cfg, "num_hidden_layers"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
+            n_group=_hint(cfg, "n_group"),
+            topk_group=_hint(cfg, "topk_group"),
         )
 
     @classmethod
@@ -65,6 +71,12 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise CorruptCheckpointError(f"{path.name}: not a JSON object")
         return cls.from_dict(raw)
+
+
+def _hint(cfg: dict[str, Any], key: str) -> int:
+    """A positive integer field that only estimates use: anything else reads as 0, never an error."""
+    value = cfg.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _int(cfg: dict[str, Any], key: str) -> int:

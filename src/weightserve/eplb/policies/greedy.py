@@ -72,12 +72,16 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
     return pack, rank
 
 
-def replicate_experts(weight: torch.Tensor, num_physical: int) -> tuple[torch.Tensor, torch.Tensor]:
+def replicate_experts(
+    weight: torch.Tensor, num_physical: int, most: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Give each redundant slot to the expert with the highest load per replica.
 
     Args:
         weight: [rows, num_logical].
         num_physical: slots per row, >= num_logical.
+        most: replicas an expert may get while another has fewer (None: no cap, as
+            DeepSeek's); with `most` GPUs, more replicas than GPUs put two on one GPU.
 
     Returns:
         (phy2log, logcnt): slot i < num_logical holds expert i, later slots hold the
@@ -88,7 +92,10 @@ def replicate_experts(weight: torch.Tensor, num_physical: int) -> tuple[torch.Te
     logcnt = torch.ones(rows, num_logical, dtype=torch.int64)
     row = torch.arange(rows)
     for slot in range(num_logical, num_physical):
-        hottest = (weight / logcnt).argmax(dim=-1)
+        share = weight / logcnt
+        if most is not None:
+            share = share.masked_fill(logcnt >= most, -1.0)
+        hottest = share.argmax(dim=-1)
         phy2log[:, slot] = hottest
         logcnt[row, hottest] += 1
     return phy2log, logcnt

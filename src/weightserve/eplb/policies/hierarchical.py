@@ -1,6 +1,9 @@
 """The default policy: DeepSeek's hierarchical scheme, then the swap refinement.
 
-Each layer is placed twice and the better result kept:
+Under locality "group" (the default) with groups that divide over nodes, every group
+stays on one node with all its replicas (`grouped.grouped_placement`). Otherwise
+(locality "relaxed", or DeepSeek's global fallback) each layer is placed twice and the
+better result kept:
 
 - DeepSeek's own placement (groups packed onto nodes, hottest experts replicated within
   each node, replicas packed onto GPUs; global when groups do not divide over nodes),
@@ -11,8 +14,8 @@ Each layer is placed twice and the better result kept:
 The refinement never raises a layer's top GPU load, so every layer ends at least as
 balanced as plain DeepSeek. Node packing of whole groups can leave a node with far more
 than its share of tokens (one hot expert group), and then only the second start, which
-may spread a group's replicas over nodes, balances the GPUs; `locality-aware` is the
-policy that keeps groups together where it can.
+spreads a group's replicas over nodes, balances the GPUs further: that is the balance
+"relaxed" buys with inter-node traffic.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from weightserve.eplb.mapping import ExpertMapping, gpu_loads
 from weightserve.eplb.policies.base import Policy, register_policy
 from weightserve.eplb.policies.greedy import deepseek_greedy, greedy_placement
+from weightserve.eplb.policies.grouped import grouped_placement
 from weightserve.eplb.problem import Problem
 from weightserve.eplb.refine import SwapPreference, refine_swaps
 
@@ -62,7 +66,9 @@ class HierarchicalPolicy(Policy):
         self.refine = refine
 
     def place(self, problem: Problem, previous: ExpertMapping | None) -> torch.Tensor:
-        """phy2log: the better of the two refined starts, per layer."""
+        """phy2log: the better of the refined starts, per layer."""
+        if problem.keeps_groups:
+            return grouped_placement(problem, self.refine)
         start = greedy_placement(problem)
         if not self.refine:
             return start

@@ -1,5 +1,10 @@
 """Balance like `hierarchical`, but move few experts and keep groups on their node.
 
+Under locality "group" (the default) with groups that divide over nodes, every group
+keeps all its replicas on one node: without a previous mapping this is `hierarchical`'s
+grouped placement, and with one `grouped_moves.grouped_from` limits the moves node by
+node. The rest of this docstring is locality "relaxed" (or DeepSeek's global fallback).
+
 Without a previous mapping this is `hierarchical` whose refinement, among the swaps
 that lower a layer's top load, takes first those that keep replicas on their group's
 home node (the node DeepSeek's placement gives the group).
@@ -27,6 +32,8 @@ import torch
 from weightserve.eplb.mapping import ExpertMapping, gpu_loads, held_by_gpu, replica_counts
 from weightserve.eplb.policies.base import Policy, register_policy
 from weightserve.eplb.policies.greedy import greedy_placement
+from weightserve.eplb.policies.grouped import grouped_placement
+from weightserve.eplb.policies.grouped_moves import grouped_from
 from weightserve.eplb.policies.hierarchical import HierarchicalPolicy, best_of, global_placement
 from weightserve.eplb.problem import Problem
 from weightserve.eplb.refine import SwapPreference, match_gpus, refine_swaps, sticky_packing
@@ -94,6 +101,9 @@ class LocalityAwarePolicy(Policy):
 
     def place(self, problem: Problem, previous: ExpertMapping | None) -> torch.Tensor:
         """phy2log; see the module docstring for how `previous` is used."""
+        if problem.keeps_groups:
+            scratch = grouped_placement(problem)
+            return scratch if previous is None else grouped_from(problem, previous.phy2log, scratch, SLACKS)
         if previous is None:
             start = greedy_placement(problem)
             starts = [start]

@@ -6,8 +6,8 @@ from one expert to another. `state.py` holds their shared working state and cost
 `align.py` matches a new placement's GPUs to the previous one so few experts move.
 """
 
-from weightserve.eplb.refine.align import match_gpus, sticky_packing
+from weightserve.eplb.refine.align import match_gpus, match_held, sticky_packing
 from weightserve.eplb.refine.state import SwapPreference
 from weightserve.eplb.refine.swaps import refine_swaps
 
-__all__ = ["SwapPreference", "match_gpus", "refine_swaps", "sticky_packing"]
+__all__ = ["SwapPreference", "match_gpus", "match_held", "refine_swaps", "sticky_packing"]

@@ -22,10 +22,15 @@ def match_gpus(phy2log: torch.Tensor, previous: torch.Tensor, num_logical: int, 
     Greedy matching on the overlap table: repeatedly pair the (new GPU, old GPU) that
     share the most experts among those still unpaired. Loads are unchanged.
     """
+    return match_held(phy2log, held_by_gpu(previous, num_logical, num_gpus), num_logical, num_gpus)
+
+
+def match_held(phy2log: torch.Tensor, held_before: torch.Tensor, num_logical: int, num_gpus: int) -> torch.Tensor:
+    """`match_gpus` against [layers, num_gpus, num_logical] bool: what each GPU held before."""
     layers, num_physical = phy2log.shape
     per_gpu = num_physical // num_gpus
     now = held_by_gpu(phy2log, num_logical, num_gpus).to(torch.float32)
-    before = held_by_gpu(previous, num_logical, num_gpus).to(torch.float32)
+    before = held_before.to(torch.float32)
     overlap = torch.bmm(now, before.transpose(1, 2))  # [layers, new GPU, old GPU]
     dest = torch.empty(layers, num_gpus, dtype=torch.int64)
     rows = torch.arange(layers)
