@@ -154,7 +154,9 @@ def reach(address: str, timeout: float, security: Security | None = None) -> Non
 def connect(args: argparse.Namespace) -> WeightClient:
     """A WeightClient for --server with --timeout, once something answers there."""
     from weightserve.client import WeightClient
+    from weightserve.client.routing import is_fleet
 
     security = security_of(args)
-    reach(args.server, args.timeout, security)
+    if not is_fleet(args.server):  # a fleet ("a,b", dns:///) probes each replica itself and skips dead ones
+        reach(args.server, args.timeout, security)
     return WeightClient(args.server, timeout=args.timeout, **client_options(security))

@@ -29,11 +29,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
 
 from weightserve.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
 from weightserve.errors import ResourceExhaustedError
+
+if TYPE_CHECKING:
+    from weightserve.storage.fleet_fill import FleetFill
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +101,8 @@ class DiskCache:
         self.in_use = in_use or open_in_this_process
         self.downloads = 0
         """Models this process downloaded into the cache (for the metrics)."""
+        self.fleet: FleetFill | None = None
+        """Set by the server under --coordination: populate then coordinates with the other replicas."""
         for sub in (".locks", ".trash"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -113,10 +119,22 @@ class DiskCache:
         """Publish `key` by calling `fill(directory)`, unless another process already did.
 
         Concurrent calls for one key, from threads or processes, run `fill` once; the
-        others wait and get the published directory.
+        others wait and get the published directory. With `fleet` set (--coordination),
+        one replica of the fleet runs `fill` (the origin download) and the others copy
+        its published directory from it (storage/fleet_fill.py).
 
         Raises:
             ResourceExhaustedError: the model does not fit the budget beside models in use.
+        """
+        if self.fleet is not None:
+            return self.fleet.populate(self, key, expected_bytes, fill)
+        return self.populate_here(key, expected_bytes, fill)
+
+    def populate_here(self, key: str, expected_bytes: int, fill: Callable[[Path], None], token: int = 0) -> Path:
+        """`populate` within this cache only: `fill` runs here, whatever other replicas do.
+
+        `token`: the fleet's lease token of the copy (storage/coordination.py), kept in the
+        marker so a replica serves another only the copy Redis names; 0 outside a fleet.
         """
         name = slug(key)
         with self._lock(name):
@@ -131,13 +149,25 @@ class DiskCache:
                 atomic_write_text(partial / _RESERVED, str(expected_bytes))
             try:
                 fill(partial / "files")
-                self._publish(key, partial, self.root / name)
+                self._publish(key, partial, self.root / name, token)
                 self.downloads += 1
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
         logger.info("disk cache: stored %s (%d bytes) in %s", key, expected_bytes, self.root / name)
         return self.root / name / "files"
+
+    def published_files(self, key: str) -> tuple[Path, list[str], int] | None:
+        """A published model's files directory, its files (relative, '/'-separated, sorted) and its fleet
+        token (0 outside a fleet); None if absent."""
+        entry = self.root / slug(key)
+        try:
+            meta = json.loads((entry / MARKER).read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("key") != key:
+            return None
+        return entry / "files", sorted(str(f) for f in meta.get("files", [])), int(meta.get("token", 0))
 
     def entries(self) -> list[CachedModel]:
         """Published models, least recently used first."""
@@ -165,13 +195,14 @@ class DiskCache:
     def _lock(self, name: str, timeout: float = -1) -> FileLock:
         return FileLock(self.root / ".locks" / f"{name}.lock", timeout=timeout)
 
-    def _publish(self, key: str, partial: Path, final: Path) -> None:
+    def _publish(self, key: str, partial: Path, final: Path, token: int = 0) -> None:
         files_dir = partial / "files"
         files = sorted(p.relative_to(files_dir).as_posix() for p in files_dir.rglob("*") if p.is_file())
         total = sum((files_dir / f).stat().st_size for f in files)
         fsync_dir(files_dir)
         (partial / _RESERVED).unlink()
-        atomic_write_bytes(partial / MARKER, json.dumps({"key": key, "bytes": total, "files": files}).encode())
+        marker = {"key": key, "bytes": total, "files": files, **({"token": token} if token else {})}
+        atomic_write_bytes(partial / MARKER, json.dumps(marker).encode())
         fsync_dir(partial)
         if final.exists():  # not ours (no marker); keep the name free for the complete model
             os.rename(final, self.root / ".trash" / f"{final.name}.{os.getpid()}.{time.monotonic_ns()}")
