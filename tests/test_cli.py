@@ -20,6 +20,7 @@ import torch
 from grpc_health.v1 import health_pb2
 from safetensors.torch import load_file
 
+from tests.integration.faultkit import free_port, server_env, wait_serving
 from tests.server.test_experts import MODEL as MOE_MODEL
 from tests.server.test_experts import root
 from weightserve import __version__
@@ -513,3 +514,19 @@ def test_a_config_file_with_an_unknown_key_names_the_closest(
         f"config file {path}: read_threads = 'many': 'many' is not a whole number"
     )
     assert serve_fails(["--config", str(tmp_path / "none.toml")], capsys).endswith("(No such file or directory)")
+
+
+def test_serve_needs_a_root_a_source_or_a_dummy_and_starts_with_remote_sources_only(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    said = serve_fails(["--listen", "127.0.0.1:0"], capsys)
+    assert said == "give at least one --model-root, --allow-source or --dummy (or WEIGHTSERVE_MODEL_ROOTS)"
+    address = f"127.0.0.1:{free_port()}"
+    exe = Path(sys.executable).with_name("weightserve")
+    argv = [str(exe), "serve", "--allow-source", "s3", "--listen", address, "--metrics-listen", "off"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=server_env())
+    try:
+        wait_serving(address, 30, alive=lambda: None if proc.poll() is None else f"exit {proc.returncode}")
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0

@@ -170,6 +170,16 @@ class ServerConfig:
     """TOML file of bearer tokens and their scopes (server/tokens.py); no file, no token check."""
     control_listen: str = ""
     """HOST:PORT or unix:PATH serving ControlService, Prefetch and Evict apart from the data port."""
+    state_dir: Path | None = None
+    """Where published versions (and, later, control state) persist; none: version 0 only."""
+    max_versions: int = 0
+    """Published versions kept per model (0: all); leased ones and the newest are always kept."""
+    coordination: str = ""
+    """redis://HOST:PORT: replicas take a lease there so one of them downloads a remote model (docs/fleet.md)."""
+    advertise: str = ""
+    """HOST:PORT other replicas reach this one at for replica fill; "" is the --listen address."""
+    lease_seconds: float = 30.0
+    """Expiry of a download lease in Redis; renewed every third of it while the download runs."""
 
     def __post_init__(self) -> None:
         if self.loader not in LOADERS:
@@ -184,6 +194,7 @@ class ServerConfig:
             raise ValueError(f"stream_idle_seconds {self.stream_idle_seconds} must be > 0")
         if self.read_threads < 1:
             raise ValueError(f"read_threads {self.read_threads} must be >= 1")
+        _check_fleet(self.coordination, self.lease_seconds)
         if not 1 <= self.eplb_window <= MAX_EPLB_WINDOW:
             raise ValueError(f"eplb_window {self.eplb_window} must be within [1, {MAX_EPLB_WINDOW}]")
         if self.prefetch_depth < 1:
@@ -218,6 +229,8 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together: give both, or neither for plaintext")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca asks clients for certificates over TLS: give tls_cert and tls_key too")
+        if self.max_versions < 0:
+            raise ValueError(f"max_versions {self.max_versions} must be >= 0 (0 keeps every version)")
         if self.control_listen and ":" not in self.control_listen:
             raise ValueError(f"control_listen {self.control_listen!r} must be HOST:PORT or unix:PATH")
         if self.control_listen and self.control_listen == self.listen and not self.listen.endswith(":0"):
@@ -292,6 +305,13 @@ class ServerConfig:
         return out
 
 
+def _check_fleet(coordination: str, lease_seconds: float) -> None:
+    if coordination and not coordination.startswith(("redis://", "rediss://")):
+        raise ValueError(f"coordination {coordination!r} must be redis://HOST:PORT (or rediss://)")
+    if not lease_seconds > 0:
+        raise ValueError(f"lease_seconds {lease_seconds} must be > 0")
+
+
 _LIST_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "model_roots": (os.pathsep, Path),
     "allow_source": (",", str),
@@ -306,6 +326,7 @@ _FIELD_PARSERS: dict[str, Callable[[str], Any]] = {
     "tls_key": lambda raw: Path(raw) if raw else None,
     "tls_client_ca": lambda raw: Path(raw) if raw else None,
     "auth_tokens": lambda raw: Path(raw) if raw else None,
+    "state_dir": lambda raw: Path(raw) if raw else None,
     "chunk_bytes": parse_size,
     "cache_memory": parse_size,
     "disk_cache_bytes": parse_size,

@@ -37,6 +37,10 @@ class JobNotFoundError(WeightserveError, LookupError):
     """No control job has the given id (it never existed, or it finished and expired)."""
 
 
+class UploadNotFoundError(WeightserveError, LookupError):
+    """No upload of a version has that id (never started here, or committed long ago)."""
+
+
 class PreconditionError(WeightserveError, RuntimeError):
     """The request does not match the server's state (changed revision, stale manifest)."""
 

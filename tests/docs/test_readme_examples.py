@@ -67,7 +67,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(workspace: Path) -> Iterator[BackgroundServer]:
     from weightserve.config import ServerConfig
 
-    with BackgroundServer(ServerConfig(model_roots=(workspace / "models",), listen="127.0.0.1:0")) as running:
+    config = ServerConfig(model_roots=(workspace / "models",), listen="127.0.0.1:0", state_dir=workspace / "state")
+    with BackgroundServer(config) as running:
         yield running
 
 

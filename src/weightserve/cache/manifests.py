@@ -42,6 +42,10 @@ class Manifest:
     chunk_bytes: int
     experts: ExpertSlots | None = None
     digests: dict[int, int] = field(default_factory=dict)
+    version: int = 0
+    """The published version of the weights the plan serves (0: the checkpoint)."""
+    slice_digests: dict[int, bytes] = field(default_factory=dict)
+    """128-bit digests of served tensors, computed when a delta between versions needs them."""
 
     @property
     def total_bytes(self) -> int:
@@ -69,6 +73,14 @@ class ManifestStore:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def get(self, manifest_id: str) -> Manifest | None:
+        """The manifest with this id, if it is kept."""
+        found = self._items.get(manifest_id)
+        if found is None:
+            return None
+        self._items.move_to_end(manifest_id)
+        return found[0]
 
     def get_or_build(self, manifest_id: str, build: Callable[[], Manifest]) -> Manifest:
         """The manifest with this id, built (and kept) on first use."""

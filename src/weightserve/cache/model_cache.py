@@ -51,7 +51,20 @@ def model_config_for(loader: Loader, model_dir: Path) -> ModelConfig:
 
 
 EntryKey = tuple[str, str, str]
-"""(model name, format, revision); the name carries the source scheme."""
+"""(model name, format, revision); the name carries the source scheme, a variant's revision its tag."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The model's files served through another loader: a published version of the weights.
+
+    `wrap(loader, revision)` takes the loader of the files as found (at `revision`) and
+    returns the one to serve (it owns the loader it is given); `tag` names the variant
+    in the entry's revision.
+    """
+
+    tag: str
+    wrap: Callable[[Loader, str], Loader]
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,8 @@ class ModelCache:
         """format -> the loader that opens it instead of the format's own (`serve --loader`)."""
         self.entries: dict[EntryKey, ModelEntry] = {}
         """Open entries by key; read through open_entries() and status() outside this package."""
-        self.current: dict[tuple[str, str], EntryKey] = {}
+        self.current: dict[tuple[str, str, str], EntryKey] = {}
+        """(name, format, variant tag) -> the key of the entry serving it now."""
         self.lingering: set[ModelEntry] = set()
         """Retired entries whose shared-memory segments clients still lease (still counted in the budget)."""
         self.budget = MemoryBudget(
@@ -91,7 +105,9 @@ class ModelCache:
         self.loads_started = 0
 
     @asynccontextmanager
-    async def use(self, name: str, fmt: str = "", revision: str = "") -> AsyncIterator[ModelEntry]:
+    async def use(
+        self, name: str, fmt: str = "", revision: str = "", variant: Variant | None = None
+    ) -> AsyncIterator[ModelEntry]:
         """Pin an entry for the duration of a request.
 
         Raises:
@@ -99,25 +115,31 @@ class ModelCache:
             PermissionDeniedError: a remote source the operator did not allow.
             PreconditionError: `revision` is pinned and the model now has another.
         """
-        entry = await self.acquire(name, fmt, revision)
+        entry = await self.acquire(name, fmt, revision, variant)
         try:
             yield entry
         finally:
             self.release(entry)
 
-    async def acquire(self, name: str, fmt: str = "", revision: str = "") -> ModelEntry:
-        """Pin and return the current entry for a model (release() it after)."""
+    async def acquire(self, name: str, fmt: str = "", revision: str = "", variant: Variant | None = None) -> ModelEntry:
+        """Pin and return the current entry for a model (release() it after).
+
+        `revision` pins the files' revision (a variant's revision, `REV+TAG`, pins them
+        too); `variant` serves the files through another loader (a published version).
+        """
         location = await asyncio.to_thread(self.router.resolve, name)
         found = await asyncio.to_thread(files_at, location, fmt)
-        if revision and revision != found.revision:
+        pinned = revision.split("+", 1)[0]
+        if pinned and pinned != found.revision:
             raise PreconditionError(
-                f"model {name!r} is at revision {found.revision}, not the pinned {revision}; "
+                f"model {name!r} is at revision {found.revision}, not the pinned {pinned}; "
                 "its files changed: fetch the manifest again"
             )
-        key = (name, found.format, found.revision)
+        tag = variant.tag if variant is not None else ""
+        key = (name, found.format, f"{found.revision}+{tag}" if tag else found.revision)
         entry = self.entries.get(key)
         if entry is None or entry.retired:
-            entry = await self._load(key, location, found)
+            entry = await self._load(key, location, found, variant)
         entry.pins += 1
         entry.touch()
         return entry
@@ -127,22 +149,28 @@ class ModelCache:
         entry.touch()
         entry.close_if_unused()
 
-    async def _load(self, key: EntryKey, location: ModelLocation, found: ModelFiles) -> ModelEntry:
+    async def _load(
+        self, key: EntryKey, location: ModelLocation, found: ModelFiles, variant: Variant | None = None
+    ) -> ModelEntry:
         """Open once however many requests ask; the load outlives a caller that gives up."""
         task = self._loads.get(key)
         if task is not None:
             self.recorder.single_flight_wait()
         else:
             self.loads_started += 1
-            task = _detached(self._open(key, location, found))
+            task = _detached(self._open(key, location, found, variant))
             self._loads[key] = task
             task.add_done_callback(lambda _: self._loads.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _open(self, key: EntryKey, location: ModelLocation, found: ModelFiles) -> ModelEntry:
+    async def _open(
+        self, key: EntryKey, location: ModelLocation, found: ModelFiles, variant: Variant | None
+    ) -> ModelEntry:
         started = time.perf_counter()
         loader = await asyncio.to_thread(loader_for(self.loaders.get(found.format, found.format)), found.files)
         try:
+            if variant is not None:
+                loader = await asyncio.to_thread(variant.wrap, loader, found.revision)
             model_config = await asyncio.to_thread(model_config_for, loader, found.model_dir)
             total = await asyncio.to_thread(lambda: found.total_bytes)
         except BaseException:
@@ -150,12 +178,13 @@ class ModelCache:
             raise
         stats = LoadStats(location.source, len(found.files), total, time.perf_counter() - started)
         self.recorder.model_loaded(location.source, total, stats.seconds)
-        entry = ModelEntry(key[0], location.source, found.format, found.revision, loader, model_config, stats)
-        previous = self.current.get((key[0], key[1]))
+        entry = ModelEntry(key[0], location.source, found.format, key[2], loader, model_config, stats)
+        serving = (key[0], key[1], variant.tag if variant is not None else "")
+        previous = self.current.get(serving)
         if previous is not None and previous in self.entries and previous != key:
             self._retire(self.entries.pop(previous))
         self.entries[key] = entry
-        self.current[(key[0], key[1])] = key
+        self.current[serving] = key
         logger.info(
             "opened %s: %s, %d tensors, %d bytes, revision %s, source %s",
             key[0],
@@ -258,7 +287,8 @@ class ModelCache:
         keys = [key for key in self.entries if key[0] == name]
         for key in keys:
             entry = self.entries.pop(key)
-            self.current.pop((key[0], key[1]), None)
+            for serving in [k for k, v in self.current.items() if v == key]:
+                del self.current[serving]
             entry.drop_chunks()
             self._retire(entry)
         return bool(keys)

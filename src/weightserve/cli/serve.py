@@ -77,6 +77,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     serve.add_argument(
         "--control-listen", help="HOST:PORT or unix:PATH for ControlService, Prefetch and Evict (default: --listen)"
     )
+    serve.add_argument("--state-dir", help="where published weight versions persist (none: version 0 only)")
+    serve.add_argument("--max-versions", help="published versions kept per model (default 0: all)")
+    serve.add_argument("--coordination", help="redis://HOST:PORT: one replica of a fleet downloads each remote model")
+    serve.add_argument("--advertise", help="HOST:PORT other replicas reach this one at (default: --listen)")
+    serve.add_argument("--lease-seconds", help="expiry of a download lease in Redis (default 30)")
     flags = {a.dest: a.option_strings[0] for a in serve._actions if a.dest in setting_names()}
     serve.set_defaults(run=run_serve, setting_flags=flags)
 
@@ -99,8 +104,9 @@ def _serve(config: ServerConfig) -> int:
     from weightserve.server.lifecycle import main as serve_main
 
     log_setup.configure(config.log_level, config.log_format)
-    if not config.model_roots and not config.dummy:
-        sys.stderr.write("weightserve serve: give at least one --model-root or --dummy (or WEIGHTSERVE_MODEL_ROOTS)\n")
+    if not config.model_roots and not config.dummy and not config.allow_source:
+        need = "at least one --model-root, --allow-source or --dummy (or WEIGHTSERVE_MODEL_ROOTS)"
+        sys.stderr.write(f"weightserve serve: give {need}\n")
         return 2
     metrics = None if config.metrics_listen == "off" else metrics_address(config)
     listens = [("--listen", _tcp_address(config.listen)), ("--metrics-listen", metrics)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -14,7 +14,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typing_extensions import Unpack
 
-from weightserve.client import control, shm
+from weightserve.client import control, routing, shm, versions
 from weightserve.client.assembly import FetchStats
 from weightserve.client.call_metadata import CallMetadata, async_metadata_interceptors, is_unix, target
 from weightserve.client.common import (
@@ -37,6 +37,7 @@ from weightserve.client.common import (
 from weightserve.client.expert_slots import check_expert_slots
 from weightserve.client.files import FileWriter
 from weightserve.client.manifest_pages import ManifestPages
+from weightserve.client.modules import module_destinations
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.security import Pem, security_from
 from weightserve.errors import FetchError, IntegrityError
@@ -52,11 +53,19 @@ class AsyncWeightClient:
         retry: how a broken FetchShard stream is resumed (the only call that retries).
         timeout: the deadline of each unary call, in seconds; a call waits for the
             channel to become ready within it and is not retried.
+        server_name, fleet_options: as WeightClient's; a fleet address makes an
+            AsyncFleetClient (client/fleet_aio.py).
     """
+
+    def __new__(cls, address: str | Sequence[str], *args: Any, **kwargs: Any) -> AsyncWeightClient:
+        """A fleet address (a list, "a:1,b:2", dns:///) makes an AsyncFleetClient (client/fleet_aio.py)."""
+        if cls is AsyncWeightClient and routing.is_fleet(address):
+            return super().__new__(fleet_aio.AsyncFleetClient)
+        return super().__new__(cls)
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         retry: RetryPolicy | None = None,
         timeout: float = 60.0,
@@ -66,7 +75,11 @@ class AsyncWeightClient:
         certificate_chain: Pem | None = None,
         private_key: Pem | None = None,
         allow_insecure_token: bool = False,
+        server_name: str | None = None,
+        **fleet_options: Any,
     ) -> None:
+        if fleet_options or not isinstance(address, str):
+            raise TypeError(f"{sorted(fleet_options)}: options of a fleet address (a list, a,b or dns:///)")
         self.address = address
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
@@ -87,12 +100,14 @@ class AsyncWeightClient:
                 target(address), options=channel_options(), interceptors=interceptors
             )
         else:
+            named = [("grpc.ssl_target_name_override", server_name)] if server_name else []
             self._channel = grpc.aio.secure_channel(
-                target(address), credentials, options=channel_options(), interceptors=interceptors
+                target(address), credentials, options=[*channel_options(), *named], interceptors=interceptors
             )
         self._stub = pb_grpc.WeightServiceStub(self._channel)
         self._control = pb_grpc.ControlServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._versions = pb_grpc.VersionServiceStub(self._channel)
         self._said_fallback = False
         self._fetch = self._channel.unary_stream(
             FETCH_SHARD, request_serializer=pb.FetchShardRequest.SerializeToString, response_deserializer=None
@@ -210,6 +225,79 @@ class AsyncWeightClient:
         logger.info("fetched %s over shared memory: %s", fetch.shard.model, stats.summary())
         return state
 
+    async def publish(
+        self, model: str, state_dict: Mapping[str, torch.Tensor], *, base: int | None = None,
+        chunk_bytes: int = versions.CHUNK_BYTES,
+    ) -> int:  # fmt: skip
+        """See WeightClient.publish."""
+        tensors = await asyncio.to_thread(versions.outgoing, state_dict)
+        start = versions.start_request(model, tensors, base)
+        status = await self._call(f"publish {model}", self._versions.StartPublish, start)
+        attempt = 0
+        while True:
+            requests = versions.upload_requests(status.upload_id, tensors, status.received, chunk_bytes)
+            try:
+                result = await self._versions.PublishVersion(_aiter(requests), wait_for_ready=True)
+            except grpc.RpcError as e:
+                attempt += 1
+                if not self.retry.should_retry(e.code(), attempt):
+                    raise fetch_error(e, f"publish {model}") from None
+                await asyncio.sleep(self.retry.backoff(attempt))
+                request = pb.GetPublishRequest(upload_id=status.upload_id)
+                status = await self._call(f"publish {model}", self._versions.GetPublish, request)
+                if status.committed:
+                    return int(status.version)
+                continue
+            if not result.committed:
+                attempt += 1
+                if attempt > 16:
+                    raise FetchError(
+                        f"publish {model}: the server keeps ending the upload early", grpc.StatusCode.UNAVAILABLE
+                    )
+                status = result
+                continue
+            return int(result.version)
+
+    async def list_versions(self, model: str) -> list[pb.VersionInfo]:
+        """See WeightClient.list_versions."""
+        request = pb.ListVersionsRequest(model=model)
+        return list((await self._call(f"versions of {model}", self._versions.ListVersions, request)).versions)
+
+    async def watch_versions(
+        self, model: str, after_version: int = 0, serving_version: int | None = None
+    ) -> AsyncIterator[pb.VersionInfo]:
+        """See WeightClient.watch_versions."""
+        request = pb.WatchVersionsRequest(model=model, after_version=after_version, serving_version=serving_version)
+        stream = self._versions.WatchVersions(request)
+        try:
+            async for info in stream:
+                yield info
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                raise fetch_error(e, f"watch versions of {model}") from None
+        finally:
+            stream.cancel()
+
+    async def update(
+        self,
+        target: torch.nn.Module | Mapping[str, torch.Tensor],
+        model: str,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        since_version: int,
+        **options: Any,
+    ) -> int:
+        """See WeightClient.update."""
+        targets = module_destinations(target) if isinstance(target, torch.nn.Module) else target
+        device = next(iter(targets.values())).device if targets else torch.device("cpu")
+        delta = await self.fetch_state_dict(
+            model, rank, world_size, since_version=since_version, device=device, **options
+        )
+        versions.apply_update(targets, delta, model)
+        assert self.last_fetch_stats is not None
+        return self.last_fetch_stats.version
+
     async def _pause(self, pause: Pause) -> bool:
         """See WeightClient._pause."""
         started = time.monotonic()
@@ -265,6 +353,8 @@ class AsyncWeightClient:
         num_nodes: int | None = None,
         gpus_per_node: int | None = None,
         num_groups: int | None = None,
+        locality: str | None = None,
+        topk_group: int | None = None,
     ) -> str:
         """See WeightClient.rebalance."""
         request = control.rebalance_request(
@@ -274,6 +364,8 @@ class AsyncWeightClient:
             num_nodes=num_nodes,
             gpus_per_node=gpus_per_node,
             num_groups=num_groups,
+            locality=locality,
+            topk_group=topk_group,
         )
         return control.started_job(model, await self._call(f"rebalance {model}", self._control.Rebalance, request))
 
@@ -296,3 +388,13 @@ class AsyncWeightClient:
             raise fetch_error(e, f"watch mappings of {model}") from None
         finally:
             call.cancel()
+
+
+async def _aiter(items: Iterable[Any]) -> AsyncIterator[Any]:
+    """An async iterator over a plain one (a grpc.aio request stream)."""
+    for item in items:
+        yield item
+
+
+# At the bottom, as a module: fleet_aio.py subclasses AsyncWeightClient (see the end of sync.py).
+from weightserve.client import fleet_aio  # noqa: E402

@@ -63,6 +63,8 @@ class FetchStats:
     """Seconds from the start of the fetch to its first chunk; None until one arrives."""
     replica: str = ""
     """The server address the fetch streamed from."""
+    version: int = 0
+    """The published version of the weights fetched (0: the checkpoint)."""
 
     @property
     def resumes(self) -> int:

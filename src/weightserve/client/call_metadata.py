@@ -60,6 +60,7 @@ class _Details(grpc.ClientCallDetails):
 class MetadataInterceptor(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
 ):
     """Adds a channel's CallMetadata to every call of a (sync) channel."""
 
@@ -74,6 +75,9 @@ class MetadataInterceptor(
 
     def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
 
 
 class _AsyncMetadata:
@@ -94,10 +98,15 @@ class _AsyncUnaryStream(_AsyncMetadata, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(details), request)
 
 
+class _AsyncStreamUnary(_AsyncMetadata, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
 def async_metadata_interceptors(metadata: CallMetadata) -> list[Any]:
     """Interceptors that add `metadata` to every call of an asyncio channel.
 
     One per kind of call: grpc.aio files an interceptor under the first kind it is an
     instance of, so one object for both would never see a stream.
     """
-    return [_AsyncUnaryUnary(metadata), _AsyncUnaryStream(metadata)]
+    return [_AsyncUnaryUnary(metadata), _AsyncUnaryStream(metadata), _AsyncStreamUnary(metadata)]

@@ -57,6 +57,8 @@ class ShardArgs:
     ep_size: int = 0
     num_redundant_experts: int = 0
     since_mapping: int | None = None
+    version: int | None = None
+    since_version: int | None = None
 
     def proto(self, revision: str | None = None) -> pb.ShardSpec:
         if self.layout not in LAYOUTS:
@@ -74,6 +76,8 @@ class ShardArgs:
             ep_size=self.ep_size,
             num_redundant_experts=self.num_redundant_experts,
             since_mapping=self.since_mapping,
+            version=self.version,
+            since_version=self.since_version,
         )
 
 
@@ -96,6 +100,8 @@ class FetchOptions(TypedDict, total=False):
     ep_size: int
     num_redundant_experts: int
     since_mapping: int | None
+    version: int | None
+    since_version: int | None
     destinations: dict[str, torch.Tensor] | None
     transport: str
     copy: bool
@@ -148,6 +154,10 @@ def fetch_args(model: str, rank: int, world_size: int, options: FetchOptions) ->
               same number with since_mapping=0.
             - since_mapping: with ep_size, only the experts this rank did not hold at
               that mapping version.
+            - version: a published version of the weights (0: the checkpoint under
+              the root); the latest by default, pinned for the whole fetch.
+            - since_version: only the tensors whose bytes for this rank differ from that
+              version's (what `update` applies in place).
             - destinations: tensors to write into instead of allocating (load_into
               passes a module's parameters).
             - transport: "auto" (the default: shared memory over a Unix socket to the
@@ -290,6 +300,7 @@ class ResumeLoop:
         self.started = time.monotonic() if started is None else started
         self.session.stats.replica = replica
         self.session.stats.tensors = len(self.session.pending)
+        self.session.stats.version = manifest.version
         self.attempt = 0
         self._integrity_failures = 0
         self._last_error: grpc.RpcError | None = None

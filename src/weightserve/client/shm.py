@@ -323,5 +323,6 @@ def receive(
     stats.payload_bytes = sum(manifest.tensors[t.tensor_index].nbytes for t in grant.tensors)
     stats.tensors = len(state)
     stats.attempts = 1
+    stats.version = manifest.version
     stats.seconds = time.monotonic() - started
     return state

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -13,7 +13,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typing_extensions import Unpack
 
-from weightserve.client import control, shm
+from weightserve.client import control, routing, shm, versions
 from weightserve.client.assembly import FetchStats
 from weightserve.client.call_metadata import CallMetadata, MetadataInterceptor, is_unix, target
 from weightserve.client.common import (
@@ -43,6 +43,9 @@ from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
 
+MAX_SHORT_UPLOADS = 16
+"""Upload streams that may end without an error and without the commit before publish gives up."""
+
 
 class WeightClient:
     """Fetches state dicts, files and model lists, and drives expert rebalancing.
@@ -61,6 +64,14 @@ class WeightClient:
         certificate_chain, private_key: the client certificate and key for mutual TLS
             (default $WEIGHTSERVE_TLS_CERT and $WEIGHTSERVE_TLS_KEY).
         allow_insecure_token: send the token over plaintext to another host anyway.
+        server_name: under TLS, the name the server's certificate must carry when it is
+            not the address's host (ssl_target_name_override; a fleet's replicas are
+            dialled by IP and named by their Service).
+
+    A list of addresses, "a:1,b:2" or "dns:///name:port" (many replicas) makes a
+    FleetClient, which routes each model to its replicas and fails over between them
+    (client/fleet.py, docs/fleet.md); `fleet_options` are its options
+    (replicas_per_model, spread_key, refresh_seconds, connect_timeout, cooldown).
 
     Raises:
         ValueError: a PEM file cannot be read, a certificate lacks its key, or a token
@@ -71,9 +82,15 @@ class WeightClient:
         ...     sd = client.fetch_state_dict("org/llama-7b", device="cuda")
     """
 
+    def __new__(cls, address: str | Sequence[str], *args: Any, **kwargs: Any) -> WeightClient:
+        """A list of addresses, "a:1,b:2" or a dns:/// target makes a FleetClient (client/fleet.py)."""
+        if cls is WeightClient and routing.is_fleet(address):
+            return super().__new__(fleet.FleetClient)
+        return super().__new__(cls)
+
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         retry: RetryPolicy | None = None,
         timeout: float = 60.0,
@@ -83,7 +100,11 @@ class WeightClient:
         certificate_chain: Pem | None = None,
         private_key: Pem | None = None,
         allow_insecure_token: bool = False,
+        server_name: str | None = None,
+        **fleet_options: Any,
     ) -> None:
+        if fleet_options or not isinstance(address, str):
+            raise TypeError(f"{sorted(fleet_options)}: options of a fleet address (a list, a,b or dns:///)")
         self.address = address
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
@@ -100,13 +121,15 @@ class WeightClient:
         if credentials is None:
             self._channel = grpc.insecure_channel(target(address), options=channel_options())
         else:
-            self._channel = grpc.secure_channel(target(address), credentials, options=channel_options())
+            named = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            self._channel = grpc.secure_channel(target(address), credentials, options=[*channel_options(), *named])
         metadata = CallMetadata(security.metadata(), is_unix(target(address)))
         if metadata:  # the token; over a Unix socket, this process's pid for the per-peer limits
             self._channel = grpc.intercept_channel(self._channel, MetadataInterceptor(metadata))
         self._stub = pb_grpc.WeightServiceStub(self._channel)
         self._control = pb_grpc.ControlServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._versions = pb_grpc.VersionServiceStub(self._channel)
         self._said_fallback = False
         self._fetch = self._channel.unary_stream(
             FETCH_SHARD, request_serializer=pb.FetchShardRequest.SerializeToString, response_deserializer=None
@@ -315,6 +338,101 @@ class WeightClient:
         """Ask the server to drop a model's open state."""
         return bool(self._call(f"evict {model}", self._stub.Evict, pb.EvictRequest(model=model)).evicted)
 
+    # ----------------------------------------------------------------- versions
+
+    def publish(
+        self, model: str, state_dict: Mapping[str, torch.Tensor], *, base: int | None = None,
+        chunk_bytes: int = versions.CHUNK_BYTES,
+    ) -> int:  # fmt: skip
+        """Publish a new version of a model: these tensors (checkpoint names) on top of `base`.
+
+        Tensors not in `state_dict` stay as they are in `base` (the latest by default);
+        each keeps its dtype and shape. A broken upload resumes where the server's copy
+        ends, however often the stream breaks within the retry policy.
+
+        Returns:
+            The new version's number.
+
+        Raises:
+            FetchError: PERMISSION_DENIED without the token's publish scope;
+                INVALID_ARGUMENT for a tensor the checkpoint lacks or of another shape;
+                FAILED_PRECONDITION without --state-dir on the server.
+        """
+        tensors = versions.outgoing(state_dict)
+        status = self._call(
+            f"publish {model}", self._versions.StartPublish, versions.start_request(model, tensors, base)
+        )
+        attempt = 0
+        while True:
+            requests = versions.upload_requests(status.upload_id, tensors, status.received, chunk_bytes)
+            try:
+                result = self._versions.PublishVersion(requests, wait_for_ready=True)
+            except grpc.RpcError as e:
+                attempt += 1
+                if not self.retry.should_retry(e.code(), attempt):
+                    raise fetch_error(e, f"publish {model}") from None
+                time.sleep(self.retry.backoff(attempt))
+                status = self._call(f"publish {model}", self._versions.GetPublish,
+                                    pb.GetPublishRequest(upload_id=status.upload_id))  # fmt: skip
+                if status.committed:
+                    return int(status.version)
+                continue
+            if not result.committed:  # the stream ended early without an error: go on from where it stopped
+                attempt += 1
+                if attempt > MAX_SHORT_UPLOADS:
+                    raise FetchError(
+                        f"publish {model}: the server keeps ending the upload early", grpc.StatusCode.UNAVAILABLE
+                    )
+                status = result
+                continue
+            return int(result.version)
+
+    def list_versions(self, model: str) -> list[pb.VersionInfo]:
+        """The model's versions, version 0 (the checkpoint) first."""
+        request = pb.ListVersionsRequest(model=model)
+        return list(self._call(f"versions of {model}", self._versions.ListVersions, request).versions)
+
+    def watch_versions(
+        self, model: str, after_version: int = 0, serving_version: int | None = None
+    ) -> versions.VersionWatch:
+        """Each version after `after_version` as it is published; leases `serving_version` meanwhile.
+
+        Iterate the result for VersionInfo messages; its `close()`, from any thread, ends
+        the stream and with it the lease that keeps `serving_version` from retention.
+        """
+        request = pb.WatchVersionsRequest(model=model, after_version=after_version, serving_version=serving_version)
+        return versions.VersionWatch(self._versions.WatchVersions(request), model)
+
+    def update(
+        self,
+        target: torch.nn.Module | Mapping[str, torch.Tensor],
+        model: str,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        since_version: int,
+        **options: Any,
+    ) -> int:
+        """Bring a module's (or state dict's) tensors from `since_version` to the latest version in place.
+
+        Only this rank's tensors whose bytes changed are fetched; the whole delta is
+        received and verified (staging memory: the changed bytes) and checked against
+        the targets' names, shapes and dtypes before any target is written, so a failed
+        update changes nothing.
+
+        Takes fetch_state_dict's options (version, layout, pp/ep, ...) but device, which
+        the targets decide.
+
+        Returns:
+            The version the targets now hold (pass it as since_version next time).
+        """
+        targets = module_destinations(target) if isinstance(target, torch.nn.Module) else target
+        device = next(iter(targets.values())).device if targets else torch.device("cpu")
+        delta = self.fetch_state_dict(model, rank, world_size, since_version=since_version, device=device, **options)
+        versions.apply_update(targets, delta, model)
+        assert self.last_fetch_stats is not None
+        return self.last_fetch_stats.version
+
     # ------------------------------------------------------------------ control
 
     def report_expert_load(
@@ -349,6 +467,8 @@ class WeightClient:
         num_nodes: int | None = None,
         gpus_per_node: int | None = None,
         num_groups: int | None = None,
+        locality: str | None = None,
+        topk_group: int | None = None,
     ) -> str:
         """Start a background rebalance from the reported load; returns its job id at once.
 
@@ -360,6 +480,12 @@ class WeightClient:
                 mapping's, or one per expert); must divide over the GPUs.
             num_nodes, gpus_per_node, num_groups: the topology, needed the first time
                 (default: the current mapping's).
+            locality: "group" (the server's default) keeps every expert group, with
+                all its replicas, on one node, as node-limited routing needs;
+                "relaxed" lets replicas cross nodes for balance at the cost of
+                inter-node traffic.
+            topk_group: groups each token is routed to (the model config's), for the
+                dispatch-nodes estimate; sent with the topology.
 
         Raises:
             FetchError: FAILED_PRECONDITION when no load was reported, INVALID_ARGUMENT
@@ -372,6 +498,8 @@ class WeightClient:
             num_nodes=num_nodes,
             gpus_per_node=gpus_per_node,
             num_groups=num_groups,
+            locality=locality,
+            topk_group=topk_group,
         )
         return control.started_job(model, self._call(f"rebalance {model}", self._control.Rebalance, request))
 
@@ -407,3 +535,8 @@ class WeightClient:
             raise fetch_error(e, f"watch mappings of {model}") from None
         finally:
             call.cancel()
+
+
+# At the bottom, as a module: fleet.py subclasses WeightClient, which exists by now, and
+# whichever of the two is imported first, the other finds what it needs.
+from weightserve.client import fleet  # noqa: E402

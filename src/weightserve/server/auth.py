@@ -43,6 +43,10 @@ METHOD_SCOPES = {
     "weightserve.v1.ControlService/Rebalance": "control",
     "weightserve.v1.ControlService/GetRebalance": "control",
     "weightserve.v1.ControlService/WatchExpertMapping": "control",
+    "weightserve.v1.VersionService/StartPublish": "publish",
+    "weightserve.v1.VersionService/PublishVersion": "publish",
+    "weightserve.v1.VersionService/GetPublish": "publish",
+    "weightserve.v1.ReplicaService/FillReplica": "replica",
 }
 """The scope a method needs beyond reading its model; methods not listed need none."""
 
@@ -99,6 +103,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         check = _Check(self, method, METHOD_SCOPES.get(full, ""))
         check.authenticate(handler_call_details.invocation_metadata)
+        if handler.request_streaming and handler.stream_unary is not None:  # an upload: the servicer checks its model
+            return grpc.stream_unary_rpc_method_handler(
+                check.wrap_streamed(handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.request_streaming:  # reflection's bidi stream: a token is all it needs
             return handler if check.refusal is None else _refusing_stream_stream(handler, check)
         if handler.unary_unary is not None:
@@ -178,6 +188,27 @@ class _Check:
                 return result
             except grpc.aio.AbortError:
                 outcome = None  # the record has the code
+                raise
+            except asyncio.CancelledError:
+                outcome = "CANCELLED"
+                raise
+            finally:
+                self.audit_end(outcome)
+
+        return checked
+
+    def wrap_streamed(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """A client-streaming call: the token and scope checked first, the model by the servicer."""
+
+        async def checked(request_iterator: Any, context: Any) -> Any:
+            await self.admit(None, context)
+            outcome: str | None = "UNKNOWN"
+            try:
+                result = await behavior(request_iterator, context)
+                outcome = None
+                return result
+            except grpc.aio.AbortError:
+                outcome = None
                 raise
             except asyncio.CancelledError:
                 outcome = "CANCELLED"

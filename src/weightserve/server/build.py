@@ -32,20 +32,27 @@ from weightserve.server.interceptors import ObservingInterceptor
 from weightserve.server.memory import MemoryTrimmer
 from weightserve.server.metrics import PrometheusRecorder, StateCollector
 from weightserve.server.process import Server, SidePortSpec
+from weightserve.server.replica_fill import ReplicaFillServicer, coordinate, disk_caches
 from weightserve.server.segment_plane import SegmentPlane
 from weightserve.server.stream_gate import StreamGate
 from weightserve.server.tls import ReloadingCertificates, TlsFiles
 from weightserve.server.tokens import TokenFile
+from weightserve.server.version_servicer import VersionServicer
+from weightserve.server.versions import Versions
 from weightserve.server.weight_servicer import PREENCODED_RESPONSES, WeightServicer
+from weightserve.state.control_store import ControlStore
 from weightserve.storage import allowed_schemes, storage_for
 from weightserve.storage.local import LocalRoots
 from weightserve.storage.router import StorageRouter
 from weightserve.v1 import weightserve_pb2 as pb
+from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WeightService"].full_name
 CONTROL_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ControlService"].full_name
+VERSION_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VersionService"].full_name
+REPLICA_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReplicaService"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 DEFAULT_METRICS_PORT = 9400
 
@@ -63,6 +70,8 @@ def build_server(config: ServerConfig) -> Server:
         logger.warning("model %s is under several roots; serving it from %s", name, where[0])
     remotes = {scheme: storage_for(scheme, config) for scheme in allowed_schemes(config.allow_source)}
     router = StorageRouter(roots, remotes, config.allow_source, dummy_locations(config.dummy))
+    fill_caches = disk_caches(remotes)
+    coordinate(config, fill_caches)  # --coordination: one origin download per model across replicas
     metrics = config.metrics_listen != "off"
     recorder: Recorder = NULL_RECORDER
     if metrics:
@@ -70,8 +79,10 @@ def build_server(config: ServerConfig) -> Server:
     reserved = reserved_bytes(config.read_threads, config.chunk_bytes)
     cache = ModelCache(router, config.cache_memory, reserved, loaders={"safetensors": config.loader}, recorder=recorder)
     executor = ThreadPoolExecutor(max_workers=config.read_threads, thread_name_prefix="weightserve-read")
-    control = ControlPlane(cache, executor, config.eplb_window, recorder)
-    plane = DataPlane(config, cache, executor, control)
+    control_store = ControlStore(config.state_dir / "control") if config.state_dir is not None else None
+    control = ControlPlane(cache, executor, config.eplb_window, recorder, control_store)
+    versions = Versions(cache, config.state_dir, config.max_versions)
+    plane = DataPlane(config, cache, executor, control, versions)
     trimmer = MemoryTrimmer(executor)
     gate = StreamGate(config.max_streams, config.max_streams_per_peer, config.stream_idle_seconds, trimmer.after_stream)
     tokens = TokenFile(config.auth_tokens) if config.auth_tokens is not None else None
@@ -82,6 +93,53 @@ def build_server(config: ServerConfig) -> Server:
     segments = SegmentPlane(plane, SegmentLeases(cache, executor), handoff, executor)
     weights, controls = WeightServicer(plane, gate, segments), ControlServicer(control)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    server, control_server = _grpc_servers(config, interceptors, weights, controls, VersionServicer(versions))
+    pb_grpc.add_ReplicaServiceServicer_to_server(ReplicaFillServicer(fill_caches), server)
+    ports = []
+    for grpc_server, flag, address in (
+        (server, "--listen", config.listen),
+        (control_server, "--control-listen", config.control_listen),
+    ):
+        if grpc_server is None:
+            continue
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        _enable_reflection(grpc_server)
+        ports.append(_listen(grpc_server, flag, address, certificates))
+    warn_if_exposed(config)
+    side = None
+    if metrics:
+        label = _model_label(cache)
+        prometheus.known_model = lambda name: label(name) == name
+        prometheus.registry.register(StateCollector(gauges.sources(cache, gate, remotes, control, label)))
+        host, side_port = metrics_address(config)
+        side = SidePortSpec(host, side_port, prometheus.registry)
+    services = (SERVICE_NAME, CONTROL_SERVICE_NAME, VERSION_SERVICE_NAME)
+    return Server(
+        server,
+        ports[0],
+        health_servicer,
+        services,
+        cache,
+        executor,
+        gate,
+        side,
+        control_server=control_server,
+        control_port=ports[1] if control_server is not None else 0,
+        tokens=tokens,
+        certificates=certificates,
+        handoff=handoff,
+        control=control,
+    )
+
+
+def _grpc_servers(
+    config: ServerConfig,
+    interceptors: list[Any],
+    weights: WeightServicer,
+    controls: ControlServicer,
+    publishing: VersionServicer,
+) -> tuple[grpc.aio.Server, grpc.aio.Server | None]:
+    """The data port's server and, with --control-listen, the control port's, with their services."""
     server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
     if config.control_listen:  # the data port answers the control methods with where they are
         server.add_generic_rpc_handlers(
@@ -104,40 +162,8 @@ def build_server(config: ServerConfig) -> Server:
                 _handlers(controls, CONTROL_SERVICE_NAME, frozenset()),
             ]
         )
-    ports = []
-    for grpc_server, flag, address in (
-        (server, "--listen", config.listen),
-        (control_server, "--control-listen", config.control_listen),
-    ):
-        if grpc_server is None:
-            continue
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-        _enable_reflection(grpc_server)
-        ports.append(_listen(grpc_server, flag, address, certificates))
-    warn_if_exposed(config)
-    side = None
-    if metrics:
-        label = _model_label(cache)
-        prometheus.known_model = lambda name: label(name) == name
-        prometheus.registry.register(StateCollector(gauges.sources(cache, gate, remotes, control, label)))
-        host, side_port = metrics_address(config)
-        side = SidePortSpec(host, side_port, prometheus.registry)
-    services = (SERVICE_NAME, CONTROL_SERVICE_NAME)
-    return Server(
-        server,
-        ports[0],
-        health_servicer,
-        services,
-        cache,
-        executor,
-        gate,
-        side,
-        control_server=control_server,
-        control_port=ports[1] if control_server is not None else 0,
-        tokens=tokens,
-        certificates=certificates,
-        handoff=handoff,
-    )
+    server.add_generic_rpc_handlers([_handlers(publishing, VERSION_SERVICE_NAME, frozenset())])
+    return server, control_server
 
 
 CONTROL_METHODS = frozenset({"Prefetch", "Evict"})
@@ -254,7 +280,10 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
     """Server reflection under both v1alpha (what grpcio-reflection ships) and v1 (what grpcurl
     and newer tools ask first). The two protos differ only in their package name, so the
     v1alpha servicer answers v1 requests byte for byte."""
-    names = [SERVICE_NAME, CONTROL_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
+    names = [
+        SERVICE_NAME, CONTROL_SERVICE_NAME, VERSION_SERVICE_NAME, REPLICA_SERVICE_NAME, health.SERVICE_NAME,
+        reflection.SERVICE_NAME, REFLECTION_V1,
+    ]  # fmt: skip
     servicer = AsyncReflectionServicer(names)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     v1 = grpc.stream_stream_rpc_method_handler(
@@ -285,9 +314,11 @@ def _handlers(
             continue
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
-        factory = (
-            grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        )
+        factory = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
         behavior = _served_elsewhere(method.name) if method.name in elsewhere else getattr(servicer, method.name)
         handlers[method.name] = factory(
             behavior,

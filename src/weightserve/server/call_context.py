@@ -59,6 +59,10 @@ class CallRecord:
         if spec.ep_size:
             since = "" if spec.since_mapping is None else f" since v{spec.since_mapping}"
             parts.append(f"ep {spec.ep_rank}/{spec.ep_size}{since}")
+        if spec.version is not None:
+            parts.append(f"v{spec.version}")
+        if spec.since_version is not None:
+            parts.append(f"since v{spec.since_version}")
         if spec.layout != "checkpoint":
             parts.append(spec.layout)
         self.shard = " ".join(parts)

@@ -1,9 +1,12 @@
 """The control plane: expert load windows, background rebalances, versioned mappings.
 
-Transport-free like the data plane. Mappings are per model name and live in memory:
-version 0 is the placement an engine starts with, each finished rebalance publishes
-the next version, and watchers are woken for every new one. Rebalances run on the
-thread pool, never on the event loop, so streams are not slowed by them.
+Transport-free like the data plane. Mappings are per model name: version 0 is the
+placement an engine starts with, each finished rebalance publishes the next version,
+and watchers are woken for every new one. With a state dir (ControlStore), each
+published mapping is written when it is published and the load windows are
+snapshotted every SNAPSHOT_SECONDS and at shutdown; both are read back at start.
+Without one they live in memory only. Rebalances run on the thread pool, never on the
+event loop, so streams are not slowed by them.
 """
 
 from __future__ import annotations
@@ -22,11 +25,23 @@ from dataclasses import dataclass, field
 import torch
 
 from weightserve.cache.model_cache import ModelCache
-from weightserve.eplb import DEFAULT_POLICY, ExpertMapping, Topology, balancedness, policy_for, rebalance_experts
+from weightserve.eplb import (
+    DEFAULT_POLICY,
+    LOCALITIES,
+    ExpertMapping,
+    Topology,
+    balancedness,
+    dispatch_nodes,
+    group_locality,
+    locality_bound,
+    policy_for,
+    rebalance_experts,
+)
 from weightserve.errors import InvalidRequestError, JobNotFoundError, PreconditionError
 from weightserve.recording import NULL_RECORDER, Recorder
 from weightserve.sharding.experts import ExpertSlots, MoeLayout, is_expert
 from weightserve.sharding.spec import ShardSpec
+from weightserve.state.control_store import ControlStore
 from weightserve.state.load import LoadWindow, ReportSequences, check_counts
 from weightserve.state.mappings import MappingHistory, check_placement_size, start_placement
 
@@ -34,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 MAX_JOB_WAIT_SECONDS = 300.0
 """The longest GetRebalance(wait_seconds) holds a call before answering with the job still running."""
+
+SNAPSHOT_SECONDS = 60.0
+"""How often load windows that changed are written to the state dir (and once at shutdown)."""
 
 MAX_FINISHED_JOBS = 256
 """Finished rebalance jobs kept for GetRebalance; the oldest expire first (running ones never)."""
@@ -51,6 +69,12 @@ class RebalanceJob:
     before: float = 0.0
     after: float = 0.0
     deltas: list[tuple[int, int, int]] = field(default_factory=list)  # (ep_rank, experts, bytes)
+    locality_before: float = 0.0
+    locality_after: float = 0.0
+    dispatch_before: float = 0.0
+    dispatch_after: float = 0.0
+    bound: float = 0.0
+    """Group locality, estimated dispatch nodes (before, after) and the locality bound."""
     seconds: float = 0.0
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the job stops running, whether it succeeded or failed."""
@@ -62,13 +86,31 @@ class ModelExperts:
 
     layout: MoeLayout
     bytes_per_expert: int
+    n_group: int = 0
+    topk_group: int = 0
+    """The model config's expert groups and groups per token (0: it names none)."""
+
+    def config_topk_group(self, num_groups: int) -> int:
+        """The config's topk_group if it describes `num_groups` groups, else 0.
+
+        It applies when the config names no n_group or the same number of groups as the
+        topology, and is at most `num_groups`.
+        """
+        if self.n_group not in (0, num_groups) or self.topk_group > num_groups:
+            return 0
+        return self.topk_group
 
 
 class ControlPlane:
     """What the ControlService RPCs do, and expert placement for FetchShard."""
 
     def __init__(
-        self, cache: ModelCache, executor: Executor, window: int = 1000, recorder: Recorder = NULL_RECORDER
+        self,
+        cache: ModelCache,
+        executor: Executor,
+        window: int = 1000,
+        recorder: Recorder = NULL_RECORDER,
+        store: ControlStore | None = None,
     ) -> None:
         self.cache = cache
         self.recorder = recorder
@@ -84,6 +126,41 @@ class ControlPlane:
         self._published: dict[str, asyncio.Condition] = {}
         self._wakers: set[asyncio.Task[None]] = set()
         self._experts: dict[tuple[str, str], ModelExperts] = {}
+        self.store = store
+        self._changed: set[str] = set()
+        """Models whose load window changed since the last snapshot."""
+        if store is not None:
+            self._restore(store)
+
+    def _restore(self, store: ControlStore) -> None:
+        for model, mappings in store.load_mappings().items():
+            self.histories.setdefault(model, MappingHistory()).restore(mappings)
+        for model, saved in store.load_loads(self.window).items():
+            self.windows[model], self.sequences[model] = saved.window, saved.sequences
+            self.last_report_wall[model] = saved.last_report_wall
+        if self.histories or self.windows:
+            restored = (len(self.histories), len(self.windows))
+            logger.info("restored expert state: mappings of %d models, load windows of %d", *restored)
+
+    def snapshot(self) -> int:
+        """Write the load windows that changed since the last snapshot; the number written."""
+        if self.store is None:
+            return 0
+        changed, self._changed = self._changed, set()
+        for model in changed:
+            window = self.windows.get(model)
+            if window is not None:
+                self.store.save_load(model, window, self.sequences[model], self.last_report_wall.get(model, 0.0))
+        return len(changed)
+
+    async def keep_snapshots(self, every: float = SNAPSHOT_SECONDS) -> None:
+        """Snapshot the load windows every `every` seconds until cancelled (then once more)."""
+        try:
+            while True:
+                await asyncio.sleep(every)
+                await asyncio.to_thread(self.snapshot)
+        finally:
+            self.snapshot()
 
     async def experts_of(self, model: str) -> ModelExperts:
         """The model's MoE layout (INVALID_ARGUMENT for a dense model)."""
@@ -96,7 +173,13 @@ class ControlPlane:
             if layout is None:
                 raise InvalidRequestError(f"model {model!r} has no experts")
             expert_bytes = sum(r.nbytes for r in entry.loader.records if is_expert(r.name))
-            known = self._experts[key] = ModelExperts(layout, expert_bytes // (len(layout.layers) * layout.num_experts))
+            config = entry.model_config
+            known = self._experts[key] = ModelExperts(
+                layout,
+                expert_bytes // (len(layout.layers) * layout.num_experts),
+                config.n_group,
+                config.topk_group,
+            )
             return known
 
     async def report(
@@ -126,6 +209,7 @@ class ControlPlane:
         if self.sequences.setdefault(model, ReportSequences()).is_retry(ep_rank, sequence):
             return len(window.reports), True
         in_window = window.add(torch.tensor(counts, dtype=torch.int64).view(layers, experts))
+        self._changed.add(model)
         self.last_report_wall[model] = time.time()
         self.recorder.load_report(model)
         return in_window, False
@@ -156,7 +240,10 @@ class ControlPlane:
 
     def _publish(self, model: str, mapping: ExpertMapping) -> ExpertMapping:
         """Give `mapping` the next version number, keep it and wake the watchers."""
-        published = self.histories.setdefault(model, MappingHistory()).publish(mapping)
+        history = self.histories.setdefault(model, MappingHistory())
+        published = history.publish(mapping)
+        if self.store is not None:  # before anyone can hear of the version, so a restart knows it too
+            self.store.save_mapping(model, published, history.known())
         condition = self._published.setdefault(model, asyncio.Condition())
 
         async def wake() -> None:
@@ -168,14 +255,32 @@ class ControlPlane:
         task.add_done_callback(self._wakers.discard)
         return published
 
-    async def rebalance(self, model: str, policy: str, replicas: int, topology: Topology | None) -> tuple[str, bool]:
+    async def rebalance(
+        self,
+        model: str,
+        policy: str,
+        replicas: int,
+        topology: Topology | None,
+        locality: str = "",
+        topk_group: int = 0,
+    ) -> tuple[str, bool]:
         """Start a job (or return the running one's id).
+
+        Args:
+            locality: "group" (or empty: the default) or "relaxed".
+            topk_group: groups per token for the dispatch-nodes estimate; 0 takes the
+                model config's topk_group (when its n_group, if any, is the topology's
+                num_groups), else half the groups.
 
         Raises:
             UnknownNameError: no policy is registered as `policy` (INVALID_ARGUMENT at once,
                 not a job that fails later).
+            InvalidRequestError: an unknown locality, or topk_group outside [0, num_groups].
         """
         policy_for(policy or DEFAULT_POLICY)
+        locality = locality or LOCALITIES[0]
+        if locality not in LOCALITIES:
+            raise InvalidRequestError(f"locality must be one of {list(LOCALITIES)}, got {locality[:64]!r}")
         if model in self.running:
             return self.running[model], True
         info = await self.experts_of(model)
@@ -192,6 +297,11 @@ class ControlPlane:
             raise InvalidRequestError(
                 f"{topology.num_groups} expert groups for {info.layout.num_experts} experts: groups divide the experts"
             )
+        if not 0 <= topk_group <= topology.num_groups:
+            raise InvalidRequestError(
+                f"topk_group must be in [0, {topology.num_groups}] (num_groups), got {topk_group}"
+            )
+        topk_group = topk_group or info.config_topk_group(topology.num_groups) or max(1, topology.num_groups // 2)
         if previous is None or previous.topology.num_gpus != topology.num_gpus or previous.num_physical != replicas:
             # another shape: start from that shape's version 0 (computed, never re-published)
             previous = ExpertMapping.initial(
@@ -202,7 +312,9 @@ class ControlPlane:
         self.running[model] = job.job_id
         self.recorder.rebalance_started(model, policy or DEFAULT_POLICY)
         weight = window.total.clone()
-        task = asyncio.ensure_future(self._run(job, weight, policy, replicas, topology, previous, info))
+        task = asyncio.ensure_future(
+            self._run(job, weight, policy, replicas, topology, previous, info, locality, topk_group)
+        )
         task.add_done_callback(lambda _: self.running.pop(model, None))
         return job.job_id, False
 
@@ -215,6 +327,8 @@ class ControlPlane:
         topology: Topology,
         previous: ExpertMapping,
         info: ModelExperts,
+        locality: str = "group",
+        topk_group: int = 1,
     ) -> None:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -229,20 +343,29 @@ class ControlPlane:
                     topology.num_gpus,
                     policy=policy or None,
                     previous=previous,
+                    locality=locality,
                 ),
             )
             job.before, job.after = balancedness(weight, previous), balancedness(weight, mapping)
+            # `previous` may be a version 0 made for one node: judge it on the new topology.
+            before = ExpertMapping.from_phy2log(previous.phy2log, mapping.num_logical, mapping.topology, 0)
+            job.locality_before, job.locality_after = group_locality(before), group_locality(mapping)
+            job.dispatch_before = dispatch_nodes(weight, before, topk_group)
+            job.dispatch_after = dispatch_nodes(weight, mapping, topk_group)
+            job.bound = locality_bound(weight, mapping)
             for gpu in range(topology.num_gpus):
                 moved = sum(len(slots) for slots in mapping.delta(previous, gpu))
                 job.deltas.append((gpu, moved, moved * info.bytes_per_expert))
             mapping = self._publish(job.model, mapping)
             job.mapping, job.state = mapping, "succeeded"
             logger.info(
-                "rebalanced %s to v%d: balancedness %.3f -> %.3f",
+                "rebalanced %s to v%d: balancedness %.3f -> %.3f, group locality %.3f, dispatch nodes %.2f",
                 job.model,
                 mapping.version,
                 job.before,
                 job.after,
+                job.locality_after,
+                job.dispatch_after,
             )
         except Exception as e:  # reported through GetRebalance
             job.state, job.error = "failed", str(e)
@@ -250,7 +373,15 @@ class ControlPlane:
         job.seconds = time.perf_counter() - started
         job.ended.set()
         self.recorder.rebalance_finished(
-            job.model, policy or DEFAULT_POLICY, job.state, job.seconds, job.before, job.after
+            job.model,
+            policy or DEFAULT_POLICY,
+            job.state,
+            job.seconds,
+            job.before,
+            job.after,
+            locality=(job.locality_before, job.locality_after),
+            dispatch=(job.dispatch_before, job.dispatch_after),
+            bound=job.bound,
         )
         self._expire_jobs()
 

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from weightserve import wire
@@ -23,8 +24,10 @@ from weightserve.loaders.formats import files_at, formats_at
 from weightserve.server.call_context import current_call
 from weightserve.server.chunk_stream import ChunkFramer, chunk_jobs, stream_chunks
 from weightserve.server.control_plane import ControlPlane
+from weightserve.server.deltas import plan_delta
 from weightserve.server.file_stream import FilePiece, select_files, stream_files
 from weightserve.server.prefetch import Warmer
+from weightserve.server.versions import Versions
 from weightserve.sharding.plan import plan_shard
 from weightserve.sharding.rules import RuleSet, load_rules
 from weightserve.sharding.spec import ShardSpec
@@ -59,13 +62,21 @@ class ResumeFrom:
 class DataPlane:
     """What the WeightService RPCs do, minus gRPC."""
 
-    def __init__(self, config: ServerConfig, cache: ModelCache, executor: Executor, control: ControlPlane) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        cache: ModelCache,
+        executor: Executor,
+        control: ControlPlane,
+        versions: Versions | None = None,
+    ) -> None:
         self.config = config
         self.cache = cache
         self.executor = executor
         self.control = control
+        self.versions = versions or Versions(cache, None)
+        self.warmer = Warmer(cache, executor, config, self.plan, self.versions.resolve)
         self.rules = load_rules(config.sharding_rules) if config.sharding_rules else RuleSet()
-        self.warmer = Warmer(cache, executor, config, self.plan)
 
     async def list_models(self) -> list[ModelSummary]:
         """Every local model, plus remote ones the cache holds, with cache state."""
@@ -105,10 +116,26 @@ class DataPlane:
             )
         return summaries
 
+    @asynccontextmanager
+    async def use(self, spec: ShardSpec) -> AsyncIterator[tuple[ModelEntry, ShardSpec]]:
+        """Pin the entry that serves `spec` (the version it names, or the latest) for the block.
+
+        Yields the entry and the spec with its version made explicit.
+        """
+        resolved, variant = await self.versions.resolve(spec)
+        async with self.cache.use(spec.model, spec.format, spec.revision, variant) as entry:
+            yield entry, resolved
+
     async def manifest(self, spec: ShardSpec) -> Manifest:
         """The plan `spec` resolves to now."""
-        async with self.cache.use(spec.model, spec.format, spec.revision) as entry:
+        async with self.use(spec) as (entry, resolved):
+            return await self.plan_for(entry, resolved)
+
+    async def plan_for(self, entry: ModelEntry, spec: ShardSpec) -> Manifest:
+        """The plan, or with `since_version` only its tensors that changed since then (see deltas.py)."""
+        if spec.since_version is None:
             return self.plan(entry, spec)
+        return await plan_delta(self, entry, spec)
 
     def plan(self, entry: ModelEntry, spec: ShardSpec) -> Manifest:
         """The entry's plan for `spec`, computed once per manifest id."""
@@ -131,7 +158,9 @@ class DataPlane:
                     raise InvalidRequestError(f"tensor name of {len(plan.name)} characters is too long to serve")
             recorded = loader.sharded_state.digests.get(spec.rank, {}) if loader.sharded_state else {}
             digests = {i: recorded[p.name] for i, p in enumerate(plans) if p.name in recorded}
-            return Manifest(mid, entry.revision, entry.format, plans, self.config.chunk_bytes, slots, digests)
+            return Manifest(
+                mid, entry.revision, entry.format, plans, self.config.chunk_bytes, slots, digests, spec.version or 0
+            )
 
         return entry.manifests.get_or_build(mid, build)
 
@@ -152,8 +181,9 @@ class DataPlane:
             ResourceExhaustedError: the memory budget has no room for the stream's window.
         """
         started = time.perf_counter()  # time to first chunk counts opening the model, as a caller waits for it
-        async with self.cache.use(spec.model, spec.format, spec.revision) as entry:
-            manifest = self.plan(entry, spec)
+        async with self.use(spec) as (entry, resolved):
+            spec = resolved  # the version made explicit
+            manifest = await self.plan_for(entry, spec)
             if manifest_id and manifest_id != manifest.manifest_id:
                 raise PreconditionError(
                     f"manifest {manifest_id} no longer matches model {spec.model!r} "

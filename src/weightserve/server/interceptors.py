@@ -63,9 +63,15 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
+        if handler is None or (handler.request_streaming and handler.stream_unary is None):
             return handler  # unknown methods (UNIMPLEMENTED) and reflection's bidi stream pass as they are
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        if handler.stream_unary is not None:  # an upload (PublishVersion): timed and logged as a unary call
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, service, method),

@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 
 from weightserve.cache.entry import ModelEntry
 from weightserve.cache.manifests import Manifest
-from weightserve.cache.model_cache import ModelCache
+from weightserve.cache.model_cache import ModelCache, Variant
 from weightserve.config import ServerConfig
 from weightserve.loaders.sources import FileSource
 from weightserve.server.chunk_stream import chunk_jobs, read_chunk
@@ -46,11 +46,14 @@ class Warmer:
         executor: Executor,
         config: ServerConfig,
         plan: Callable[[ModelEntry, ShardSpec], Manifest],
+        resolve: Callable[[ShardSpec], Awaitable[tuple[ShardSpec, Variant | None]]] | None = None,
     ) -> None:
         self.cache = cache
         self.executor = executor
         self.config = config
         self.plan = plan
+        self.resolve = resolve
+        """Makes a spec's weight version explicit (the latest by default), so the version served is the one warmed."""
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def prefetch(self, spec: ShardSpec, ranks: list[int], wait: bool) -> tuple[str, int]:
@@ -60,7 +63,10 @@ class Warmer:
             InvalidRequestError: a rank outside the world size, or an impossible split.
         """
         chosen = check_prefetch_ranks(ranks, spec.world_size)
-        entry = await self.cache.acquire(spec.model, spec.format, spec.revision)
+        variant = None
+        if self.resolve is not None:
+            spec, variant = await self.resolve(spec)
+        entry = await self.cache.acquire(spec.model, spec.format, spec.revision, variant)
         try:
             manifests = []
             for rank in chosen:

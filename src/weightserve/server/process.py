@@ -9,6 +9,7 @@ it can answer), and again from the moment a drain begins. The side port (/metric
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from weightserve.cache.model_cache import ModelCache
+from weightserve.server.control_plane import ControlPlane
 from weightserve.server.fd_handoff import Handoff
 from weightserve.server.http_endpoints import SidePort
 from weightserve.server.stream_gate import StreamGate
@@ -48,8 +50,11 @@ class Server:
     certificates: ReloadingCertificates | None = None
     handoff: Handoff | None = None
     """The side socket of shared-memory segments (a server on a Unix socket only)."""
+    control: ControlPlane | None = None
+    """Its load windows are snapshotted to the state dir while the server runs (when there is one)."""
     ready: bool = False
     models_at_start: int = field(default=0)
+    _snapshots: asyncio.Task[None] | None = None
 
     @property
     def grpc_servers(self) -> list[grpc.aio.Server]:
@@ -68,6 +73,8 @@ class Server:
             self.side = SidePort(spec.host, spec.port, spec.registry, lambda: self.ready, asyncio.get_running_loop())
             self.side.start()
         self.models_at_start = len(await asyncio.to_thread(self.cache.local_models))
+        if self.control is not None and self.control.store is not None:
+            self._snapshots = asyncio.ensure_future(self.control.keep_snapshots())
         for service in ("", *self.services):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.ready = True
@@ -77,6 +84,10 @@ class Server:
         self.ready = False
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(*(grpc_server.stop(grace) for grpc_server in self.grpc_servers))
+        if self._snapshots is not None:  # its last snapshot runs as it is cancelled
+            self._snapshots.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._snapshots
         if self.handoff is not None:  # clients keep their mappings; their leases end here
             await self.handoff.stop()
         self.cache.close()

@@ -14,12 +14,14 @@ from weightserve.server.data_plane import ModelSummary, ResumeFrom
 from weightserve.server.file_stream import FilePiece
 from weightserve.server.stream_gate import peer_key
 from weightserve.sharding.spec import ShardSpec
+from weightserve.state.version_store import Declared, Upload
 from weightserve.storage.base import canonical_name
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.wire import WIRE_VERSION
 
 if TYPE_CHECKING:
     from weightserve.server.segment_plane import SegmentGrant
+    from weightserve.server.versions import VersionSummary
 
 _LAYOUTS: dict[int, str] = {
     pb.LAYOUT_UNSPECIFIED: "checkpoint",
@@ -56,6 +58,8 @@ def shard_spec(shard: pb.ShardSpec) -> ShardSpec:
         layout=layout_name(shard.layout),
         num_redundant_experts=shard.num_redundant_experts,
         since_mapping=shard.since_mapping if shard.HasField("since_mapping") else None,
+        version=shard.version if shard.HasField("version") else None,
+        since_version=shard.since_version if shard.HasField("since_version") else None,
     )
     return current_call().note_spec(spec)
 
@@ -144,6 +148,7 @@ def manifest_response(manifest: Manifest, page: pages.PageRequest | None = None)
         total_bytes=manifest.total_bytes,
         wire_version=WIRE_VERSION,
         max_chunk_bytes=manifest.chunk_bytes,
+        version=manifest.version,
     )
     longest_token = len(pages.encode_token(manifest.manifest_id, len(plans)))
     infos = (
@@ -202,3 +207,32 @@ def file_chunk(piece: FilePiece) -> pb.FileChunk:
 def peer_of(context: Any) -> str:
     """The per-peer limit's key for a call (see stream_gate.peer_key)."""
     return peer_key(context.peer(), context.invocation_metadata())
+
+
+def declared_tensors(request: pb.StartPublishRequest) -> list[Declared]:
+    """The tensors an upload declares, after their static checks."""
+    limits.check_names([t.name for t in request.tensors][: limits.MAX_NAMES + 1])
+    return [Declared(t.name, t.dtype, tuple(int(d) for d in t.shape), t.nbytes) for t in request.tensors]
+
+
+def publish_status(upload: Upload, version: int = 0) -> pb.PublishStatus:
+    return pb.PublishStatus(
+        upload_id=upload.upload_id,
+        model=upload.model,
+        received=upload.received(),
+        committed=bool(version),
+        version=version,
+        base_version=upload.base_version,
+    )
+
+
+def version_info(summary: VersionSummary) -> pb.VersionInfo:
+    return pb.VersionInfo(
+        model=summary.model,
+        version=summary.version,
+        base_version=summary.base_version,
+        created_unix_ms=summary.created_ms,
+        tensors_published=summary.tensors_published,
+        bytes_published=summary.bytes_published,
+        leases=summary.leases,
+    )

@@ -75,8 +75,9 @@ class SegmentPlane:
             )
         handoff = self.handoff
         cache = self.plane.cache
-        async with cache.use(spec.model, spec.format, spec.revision) as entry:
-            manifest = self.plane.plan(entry, current_call().note_spec(spec))
+        async with self.plane.use(spec) as (entry, resolved):
+            spec = current_call().note_spec(resolved)  # the version made explicit
+            manifest = await self.plane.plan_for(entry, spec)
             if manifest_id and manifest_id != manifest.manifest_id:
                 raise PreconditionError(
                     f"manifest {manifest_id} no longer matches model {spec.model!r} (now {manifest.manifest_id}); "

@@ -18,6 +18,7 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.TensorNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.JobNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.UploadNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.UnsafeCheckpointError: grpc.StatusCode.FAILED_PRECONDITION,

@@ -30,6 +30,10 @@ class ShardSpec:
     layout: str = "checkpoint"
     num_redundant_experts: int = 0
     since_mapping: int | None = None
+    version: int | None = None
+    """A published version of the weights (0: the checkpoint); None: the latest."""
+    since_version: int | None = None
+    """Only the tensors whose served bytes differ from this version's."""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -42,6 +46,10 @@ class ShardSpec:
             raise InvalidRequestError(f"num_redundant_experts {self.num_redundant_experts} must be >= 0")
         if self.since_mapping is not None and not self.ep_size:
             raise InvalidRequestError("since_mapping needs ep_rank/ep_size")
+        for name in ("version", "since_version"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1 << 62:
+                raise InvalidRequestError(f"{name} {value} is out of range")
         if self.layout not in LAYOUTS:
             raise InvalidRequestError(f"layout {self.layout!r} is not one of {LAYOUTS}")
 

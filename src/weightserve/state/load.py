@@ -50,14 +50,14 @@ class ReportSequences:
     """The last counted sequence number of each EP rank of one model."""
 
     def __init__(self) -> None:
-        self._last: dict[int, int] = {}
+        self.last: dict[int, int] = {}
 
     def is_retry(self, ep_rank: int | None, sequence: int | None) -> bool:
         """Whether a report is a retry of one already counted (and remember it if not)."""
         if ep_rank is None or sequence is None:
             return False
-        last = self._last.get(ep_rank)
+        last = self.last.get(ep_rank)
         if last is not None and sequence <= last:
             return True
-        self._last[ep_rank] = sequence
+        self.last[ep_rank] = sequence
         return False

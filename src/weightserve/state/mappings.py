@@ -91,6 +91,12 @@ class MappingHistory:
             self._versions.popitem(last=False)
         return numbered
 
+    def restore(self, mappings: list[ExpertMapping]) -> None:
+        """Keep mappings read back from the state dir (oldest first) under their own numbers."""
+        for mapping in mappings[-self.limit :]:
+            self._versions[mapping.version] = mapping
+            self._last = max(self._last, mapping.version)
+
     def newer_than(self, version: int) -> list[ExpertMapping]:
         """Kept versions newer than `version`, oldest first."""
         return [m for v, m in self._versions.items() if v > version]
