@@ -64,8 +64,9 @@ VOLUME ["/models", "/var/cache/weightserve"]
 # 50051: gRPC (WeightService, ControlService, health, reflection); 9400: /metrics,
 # /readyz and /livez in plain HTTP (--metrics-listen).
 EXPOSE 50051 9400
-# The standard grpc.health.v1 check. With TLS on, set WEIGHTSERVE_TLS_CA to a CA whose
-# certificate names 127.0.0.1, or rely on an orchestrator's probes of /readyz instead.
+# The standard grpc.health.v1 check. With TLS on, set WEIGHTSERVE_TLS_CA and
+# WEIGHTSERVE_TLS_SERVER_NAME (a name the certificate carries), or rely on an
+# orchestrator's probes of /readyz instead.
 HEALTHCHECK --interval=15s --timeout=6s --start-period=30s --retries=3 \
     CMD ["weightserve", "health", "--server", "127.0.0.1:50051", "--timeout", "5"]
 ENTRYPOINT ["weightserve"]

@@ -431,6 +431,7 @@ def serve_fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["--loader", "mmap"], "loader 'mmap' must be one of safetensors, fastsafetensors"),
         (["--max-streams", "0"], "max_streams 0 and max_streams_per_peer 64 must be >= 1"),
         (["--dummy", "nameless"], "--dummy 'nameless': 'nameless' is not NAME=CONFIG.json"),
+        (["--socket-mode", "rw-rw----"], "socket_mode 'rw-rw----' must be octal permissions such as 0660"),
     ],
 )
 def test_a_bad_serve_flag_is_one_line_exit_2(

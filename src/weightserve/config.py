@@ -170,6 +170,8 @@ class ServerConfig:
     """TOML file of bearer tokens and their scopes (server/tokens.py); no file, no token check."""
     control_listen: str = ""
     """HOST:PORT or unix:PATH serving ControlService, Prefetch and Evict apart from the data port."""
+    socket_mode: str = ""
+    """Octal permissions (e.g. 0660) of the Unix sockets, the shared-memory side socket too; "": the umask's."""
     state_dir: Path | None = None
     """Where published versions (and, later, control state) persist; none: version 0 only."""
     max_versions: int = 0
@@ -231,6 +233,8 @@ class ServerConfig:
             raise ValueError("tls_client_ca asks clients for certificates over TLS: give tls_cert and tls_key too")
         if self.max_versions < 0:
             raise ValueError(f"max_versions {self.max_versions} must be >= 0 (0 keeps every version)")
+        if self.socket_mode and not re.fullmatch(r"0?[0-7]{3}", self.socket_mode):
+            raise ValueError(f"socket_mode {self.socket_mode!r} must be octal permissions such as 0660")
         if self.control_listen and ":" not in self.control_listen:
             raise ValueError(f"control_listen {self.control_listen!r} must be HOST:PORT or unix:PATH")
         if self.control_listen and self.control_listen == self.listen and not self.listen.endswith(":0"):

@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -336,3 +337,12 @@ def test_shared_memory_to_a_gpu_goes_through_the_pinned_ring(root: Path, serve_u
         assert equal({k: v.cpu() for k, v in on_gpu.items()}, expected)
         gc.collect()
         wait_until(lambda: leased(server) == 0, "a GPU fetch keeps no lease")
+
+
+def test_socket_mode_sets_the_permissions_of_both_sockets(root: Path, serve_unix: ServeUnix) -> None:
+    server = serve_unix(root, socket_mode="0660")
+    path = Path(server.address.removeprefix("unix:"))
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (path, path.with_name(path.name + ".fds"))}
+    assert set(modes.values()) == {0o660}, modes
+    with WeightClient(server.address) as client:
+        assert client.fetch_state_dict(MODEL, transport="shm")

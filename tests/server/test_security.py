@@ -405,3 +405,20 @@ def test_the_asyncio_client_takes_the_same_tls_and_token(root: Path, pki: Pki, s
             return [m.name for m in await client.list_models()]
 
     assert asyncio.run(run()) == [MODEL]
+
+
+def test_tls_server_name_lets_a_probe_by_address_check_a_certificate_that_names_only_the_service(
+    root: Path, pki: Pki, serve: ServeFn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from weightserve.cli import main
+
+    service = "weightserve.weightserve.svc"
+    cert, key = make_leaf(pki.ca, service, dns=(service,), ips=()).write(tmp_path, "service")
+    server = serve(root, tls_cert=cert, tls_key=key)
+    tls = ["--server", server.address, "--tls-ca", str(pki.ca_file)]
+    assert main(["health", *tls]) == 1  # 127.0.0.1 is not a name the certificate carries
+    capsys.readouterr()
+    assert main(["health", *tls, "--tls-server-name", service]) == 0
+    assert "SERVING" in capsys.readouterr().out
+    assert main(["ls", *tls, "--tls-server-name", service]) == 0
+    assert MODEL in capsys.readouterr().out

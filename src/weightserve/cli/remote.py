@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from weightserve.client.security import Security
 
 SERVER_VARIABLE = "WEIGHTSERVE_SERVER"
+SERVER_NAME_VARIABLE = "WEIGHTSERVE_TLS_SERVER_NAME"
 
 _REASONS = (
     ("connection refused", "connection refused"),
@@ -64,6 +65,11 @@ def add_server_args(parser: argparse.ArgumentParser, timeout: float = 60.0, time
     parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle of the server's certificate ($WEIGHTSERVE_TLS_CA)")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS ($WEIGHTSERVE_TLS_CERT)")
     parser.add_argument("--tls-key", metavar="PEM", help="key of --tls-cert ($WEIGHTSERVE_TLS_KEY)")
+    parser.add_argument(
+        "--tls-server-name", metavar="NAME", default=os.environ.get(SERVER_NAME_VARIABLE) or None,
+        help="the name the server's certificate carries when --server's host is not it, e.g. a probe to "
+        f"127.0.0.1 (${SERVER_NAME_VARIABLE})",
+    )  # fmt: skip
 
 
 def security_of(args: argparse.Namespace) -> Security:
@@ -83,6 +89,7 @@ def security_of(args: argparse.Namespace) -> Security:
             root_certificates=getattr(args, "tls_ca", None),
             certificate_chain=getattr(args, "tls_cert", None),
             private_key=getattr(args, "tls_key", None),
+            server_name=getattr(args, "tls_server_name", None),
         )
     except ValueError as e:  # one line, exit 2: the command was given something unusable
         raise InvalidRequestError(str(e)) from None
@@ -96,6 +103,7 @@ def client_options(security: Security) -> dict[str, Any]:
         "root_certificates": security.root_certificates,
         "certificate_chain": security.certificate_chain,
         "private_key": security.private_key,
+        "server_name": security.server_name,
     }
 
 
@@ -116,7 +124,11 @@ def health_status(address: str, service: str = "", timeout: float = 5.0, securit
 
     target = target_of(address)
     credentials = security.credentials() if security is not None else None
-    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+    if credentials is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        named = [("grpc.ssl_target_name_override", security.server_name)] if security and security.server_name else []
+        channel = grpc.secure_channel(target, credentials, options=named)
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:

@@ -77,6 +77,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     serve.add_argument(
         "--control-listen", help="HOST:PORT or unix:PATH for ControlService, Prefetch and Evict (default: --listen)"
     )
+    serve.add_argument(
+        "--socket-mode", help="octal permissions of unix:PATH sockets, e.g. 0660 for workers in the socket's group"
+    )
     serve.add_argument("--state-dir", help="where published weight versions persist (none: version 0 only)")
     serve.add_argument("--max-versions", help="published versions kept per model (default 0: all)")
     serve.add_argument("--coordination", help="redis://HOST:PORT: one replica of a fleet downloads each remote model")

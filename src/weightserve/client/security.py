@@ -37,6 +37,8 @@ class Security:
     root_certificates: bytes | None = None
     certificate_chain: bytes | None = None
     private_key: bytes | None = None
+    server_name: str | None = None
+    """Under TLS, the name the server's certificate must carry when the address's host is not it."""
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         """The channel's TLS credentials, or None for a plaintext channel."""
@@ -59,6 +61,7 @@ def security_from(
     private_key: Pem | None = None,
     allow_insecure_token: bool = False,
     env: Mapping[str, str] | None = None,
+    server_name: str | None = None,
 ) -> Security:
     """The security of a client of `target`, from its arguments and the environment.
 
@@ -81,7 +84,7 @@ def security_from(
         )
     if token and any(c in token for c in "\r\n\x00"):
         raise ValueError("a token cannot hold line breaks or NUL characters")
-    return Security(token, tls, root, chain, key)
+    return Security(token, tls, root, chain, key, server_name or None)
 
 
 def is_local(target: str) -> bool:

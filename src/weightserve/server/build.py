@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,7 +28,7 @@ from weightserve.server.auth import AuthInterceptor
 from weightserve.server.control_plane import ControlPlane
 from weightserve.server.control_servicer import ControlServicer
 from weightserve.server.data_plane import DataPlane
-from weightserve.server.fd_handoff import Handoff, handoff_path
+from weightserve.server.fd_handoff import Handoff, handoff_path, socket_path
 from weightserve.server.interceptors import ObservingInterceptor
 from weightserve.server.memory import MemoryTrimmer
 from weightserve.server.metrics import PrometheusRecorder, StateCollector
@@ -129,6 +130,8 @@ def build_server(config: ServerConfig) -> Server:
         certificates=certificates,
         handoff=handoff,
         control=control,
+        socket_files=_socket_files(config, handoff_at),
+        socket_mode=int(config.socket_mode, 8) if config.socket_mode else None,
     )
 
 
@@ -335,3 +338,9 @@ def _served_elsewhere(method: str) -> Any:
         )
 
     return refuse
+
+
+def _socket_files(config: ServerConfig, handoff_at: Path | None) -> tuple[Path, ...]:
+    """The files of the Unix sockets the server listens on (--socket-mode applies to them)."""
+    found = (socket_path(config.listen), socket_path(config.control_listen), handoff_at)
+    return tuple(path for path in found if path is not None)

@@ -165,9 +165,14 @@ async def _send(conn: socket.socket, payload: bytes, fds: Sequence[int] = ()) ->
                 loop.remove_writer(conn.fileno())
 
 
-def handoff_path(listen: str) -> Path | None:
-    """The side socket of a server listening on `unix:PATH`: PATH + ".fds"; None over TCP."""
+def socket_path(listen: str) -> Path | None:
+    """The file of a `unix:PATH` address; None over TCP (and for abstract sockets, which have none)."""
     if not listen.startswith("unix:") or listen.startswith("unix-abstract:"):
         return None
-    path = listen.removeprefix("unix:").removeprefix("//")
-    return Path(os.path.abspath(path) + ".fds")
+    return Path(os.path.abspath(listen.removeprefix("unix:").removeprefix("//")))
+
+
+def handoff_path(listen: str) -> Path | None:
+    """The side socket of a server listening on `unix:PATH`: PATH + ".fds"; None over TCP."""
+    path = socket_path(listen)
+    return None if path is None else path.with_name(path.name + ".fds")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -51,6 +53,9 @@ class Server:
     handoff: Handoff | None = None
     """The side socket of shared-memory segments (a server on a Unix socket only)."""
     control: ControlPlane | None = None
+    socket_files: tuple[Path, ...] = ()
+    """The Unix sockets it listens on, given `socket_mode` once they exist."""
+    socket_mode: int | None = None
     """Its load windows are snapshotted to the state dir while the server runs (when there is one)."""
     ready: bool = False
     models_at_start: int = field(default=0)
@@ -68,6 +73,9 @@ class Server:
             await grpc_server.start()
         if self.handoff is not None:
             await self.handoff.start()
+        if self.socket_mode is not None:  # before SERVING: no worker of the group is refused in between
+            for path in self.socket_files:
+                os.chmod(path, self.socket_mode)
         if self.side_port is not None:
             spec = self.side_port
             self.side = SidePort(spec.host, spec.port, spec.registry, lambda: self.ready, asyncio.get_running_loop())
