@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from tests.fleet.conftest import BUCKET
 from tests.integration.faultkit import (
-    MID_LLAMA,
     Background,
     FaultProxy,
     ServerProcess,
@@ -27,28 +27,12 @@ from tests.integration.faultkit import (
 from weightserve.client import WeightClient
 from weightserve.client.retry import RetryPolicy
 from weightserve.storage.coordination import Holder
-from weightserve.testing import write_llama_checkpoint
 
-BUCKET = "fleet"
 MODEL = f"s3://{BUCKET}/org/mid"
 HEADROOM = 64 * 1024
 """Origin bytes beyond the weights: each replica lists the prefix and reads config and index (a few KiB each)."""
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def published(tmp_path: Path, s3_origin: FaultProxy) -> tuple[Path, int]:
-    """The tiny Llama uploaded to s3://fleet/org/mid; its local copy and its weight bytes."""
-    import boto3
-
-    local = tmp_path / "origin"
-    write_llama_checkpoint(local, MID_LLAMA, num_files=2)
-    s3 = boto3.client("s3", endpoint_url=f"http://{s3_origin.address}", region_name="us-east-1")
-    s3.create_bucket(Bucket=BUCKET)
-    for path in sorted(local.iterdir()):
-        s3.put_object(Bucket=BUCKET, Key=f"org/mid/{path.name}", Body=path.read_bytes())
-    return local, sum(p.stat().st_size for p in local.glob("*.safetensors"))
 
 
 def _replicas(
@@ -110,7 +94,10 @@ def test_four_replicas_read_each_origin_file_once(
     assert len(copied) == 3, "three replicas should have filled from the one that downloaded"
 
 
-@pytest.mark.fault("the leaseholder SIGKILLed mid-download")
+@pytest.mark.fault(
+    "the leaseholder SIGKILLed mid-download",
+    expect="another replica takes the lease with a newer token; the partial copy is never published",
+)
 def test_a_leaseholder_killed_mid_download_loses_its_lease_and_no_partial_copy_is_served(
     redis_url: str,
     s3_origin: FaultProxy,
@@ -141,7 +128,7 @@ def test_a_leaseholder_killed_mid_download_loses_its_lease_and_no_partial_copy_i
     assert ready.address != victim.address and ready.token > holder.token, "the dead holder's copy was named"
     victim_index = servers.index(victim)
     victim_disk = tmp_path / f"disk-{victim_index}"
-    assert not list(victim_disk.glob("*/entry.json")), "the killed replica published a partial download"
+    assert not list(victim_disk.glob("*/*/entry.json")), "the killed replica published a partial download"
 
 
 def test_without_redis_each_replica_downloads_on_its_own_with_a_warning(

@@ -71,6 +71,10 @@ def skewed_load(hot: int) -> torch.Tensor:
     return load
 
 
+@pytest.mark.fault(
+    "server restarted (SIGTERM or SIGKILL) with versions and mappings in use",
+    expect="versions, mappings and load windows are read back; since_version and since_mapping work",
+)
 def test_a_restart_keeps_versions_mappings_and_load_windows(
     roots: Path, tmp_path: Path, server_process: Callable[..., ServerProcess]
 ) -> None:
@@ -111,6 +115,7 @@ def test_a_restart_keeps_versions_mappings_and_load_windows(
         assert client.fetch_state_dict(MOE, ep_rank=0, ep_size=2, since_mapping=newest) == {}
 
 
+@pytest.mark.fault("server SIGKILLed mid-publish", expect="no version appears; the upload resumes after the restart")
 def test_a_server_killed_mid_publish_shows_no_version_and_the_upload_resumes_after_restart(
     roots: Path, tmp_path: Path, server_process: Callable[..., ServerProcess]
 ) -> None:
@@ -155,6 +160,10 @@ def test_a_server_killed_mid_publish_shows_no_version_and_the_upload_resumes_aft
         assert client.fetch_state_dict(MID_MODEL, names=[DOWN])[DOWN].equal(down * 2)
 
 
+@pytest.mark.fault(
+    "version published while an update is in flight and its stream breaks",
+    expect="the update resumes and ends on the version it began, bit-identical",
+)
 def test_an_update_in_flight_when_a_new_version_arrives_finishes_on_the_version_it_began(
     mid_root: Path,
     tmp_path: Path,

@@ -116,6 +116,7 @@ def test_update_writes_into_a_modules_own_tensors_in_place(client: WeightClient)
     assert done == 1 and module.norm.data_ptr() == storage and module.norm.equal(v0[NORM] + 5)
 
 
+@pytest.mark.fault("update whose delta does not fit the targets", expect="refused before any tensor is written")
 def test_a_delta_that_does_not_fit_the_targets_changes_nothing(client: WeightClient) -> None:
     v0 = client.fetch_state_dict(MODEL)
     client.publish(MODEL, {NORM: v0[NORM] + 1, DOWN: v0[DOWN] + 1})
@@ -128,6 +129,10 @@ def test_a_delta_that_does_not_fit_the_targets_changes_nothing(client: WeightCli
         client_versions.apply_update({NORM: held[NORM]}, {DOWN: v0[DOWN]}, MODEL)
 
 
+@pytest.mark.fault(
+    "publish of an unknown tensor, another dtype or shape, a missing base",
+    expect="INVALID_ARGUMENT or FAILED_PRECONDITION naming it; no version appears",
+)
 def test_publishing_checks_names_dtypes_and_shapes_against_the_checkpoint(client: WeightClient) -> None:
     v0 = client.fetch_state_dict(MODEL)
     cases = {
@@ -182,6 +187,9 @@ def test_concurrent_publishes_of_one_model_get_consecutive_versions_each_whole(c
         assert got[NORM].equal(v0[NORM] + i) and got[DOWN].equal(v0[DOWN] + i)
 
 
+@pytest.mark.fault(
+    "upload stream ended early", expect="GetPublish says where it stands; the rest is sent once and commits"
+)
 def test_a_broken_upload_resumes_where_the_server_is_without_resending(
     server: BackgroundServer, client: WeightClient
 ) -> None:
@@ -209,6 +217,10 @@ def test_a_broken_upload_resumes_where_the_server_is_without_resending(
     assert got[NORM].equal(new[NORM]) and got[DOWN].equal(new[DOWN])
 
 
+@pytest.mark.fault(
+    "upload chunk failing its checksum, or a bogus upload id",
+    expect="DATA_LOSS, nothing of it kept; NOT_FOUND or INVALID_ARGUMENT for the id",
+)
 def test_a_chunk_that_fails_its_checksum_is_refused_and_not_kept(server: BackgroundServer) -> None:
     with WeightClient(server.address) as c:
         norm = c.fetch_state_dict(MODEL, names=[NORM])[NORM]
@@ -228,6 +240,10 @@ def test_a_chunk_that_fails_its_checksum_is_refused_and_not_kept(server: Backgro
             assert caught.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), bogus
 
 
+@pytest.mark.fault(
+    "stored version corrupted on disk",
+    expect="DATA_LOSS naming the tensor; an update changes nothing; version 0 serves",
+)
 def test_a_corrupted_stored_version_is_data_loss_and_never_applied(client: WeightClient, tmp_path: Path) -> None:
     v0 = client.fetch_state_dict(MODEL)
     client.publish(MODEL, {NORM: v0[NORM] + 1})
