@@ -343,3 +343,17 @@ def test_prefetch_warms_the_latest_version(client: WeightClient, server: Backgro
     client.prefetch(MODEL, world_size=2, wait=True)
     revisions = {entry.revision for entry in server.server.cache.open_entries()}  # type: ignore[union-attr]
     assert any(revision.endswith("+v1") for revision in revisions), revisions
+
+
+def test_one_changed_byte_past_the_first_compared_block_is_found(
+    client: WeightClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weightserve.server import deltas
+
+    monkeypatch.setattr(deltas, "COMPARE_BLOCK", 64)  # many blocks per slice: the change sits in a late one
+    v0 = client.fetch_state_dict(MODEL, names=[DOWN])[DOWN]
+    down = v0.clone()
+    down[-1, -1] += 1  # the last column: rank 1's slice of a row-parallel weight at TP 2
+    client.publish(MODEL, {DOWN: down})
+    assert client.fetch_state_dict(MODEL, 0, 2, since_version=0) == {}
+    assert set(client.fetch_state_dict(MODEL, 1, 2, since_version=0)) == {DOWN}

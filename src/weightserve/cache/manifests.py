@@ -44,8 +44,6 @@ class Manifest:
     digests: dict[int, int] = field(default_factory=dict)
     version: int = 0
     """The published version of the weights the plan serves (0: the checkpoint)."""
-    slice_digests: dict[int, bytes] = field(default_factory=dict)
-    """128-bit digests of served tensors, computed when a delta between versions needs them."""
 
     @property
     def total_bytes(self) -> int:

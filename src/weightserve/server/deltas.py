@@ -2,10 +2,11 @@
 
 A served tensor is unchanged when both versions read it from the same bytes (the same
 file and offsets, or the same content-addressed blob), which needs no reading; otherwise
-both versions' served bytes are hashed (BLAKE2b, 128 bits: a crc32c is too weak to decide
-equality) and compared. So a dim-0 slice of a tensor whose other rows changed is not
-sent, and a tensor republished with identical values is not either. The digests are kept
-on the manifests, computed once per plan.
+both versions' served bytes are compared, block by block, byte for byte: exact, so
+stronger than any digest (a crc32c is too weak to decide equality, and a 128-bit hash
+would have to read every byte of both anyway), and a slice that changed usually shows
+it in its first block. So a dim-0 slice of a tensor whose other rows changed is not
+sent, and a tensor republished with identical values is not either.
 
 With `since_mapping` too (EP), the delta is the union: the tensors that changed and the
 expert weights that moved.
@@ -14,10 +15,11 @@ expert weights that moved.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from weightserve import wire
 from weightserve.cache.entry import ModelEntry
@@ -30,8 +32,7 @@ from weightserve.sharding.tensor_plan import TensorPlan
 if TYPE_CHECKING:
     from weightserve.server.data_plane import DataPlane
 
-DIGEST_BYTES = 16
-HASH_BLOCK = 8 << 20
+COMPARE_BLOCK = 4 << 20
 
 
 async def plan_delta(plane: DataPlane, entry: ModelEntry, spec: ShardSpec) -> Manifest:
@@ -79,7 +80,7 @@ def changed_tensors(
             changed.append(i)
         elif _same_bytes(plan, new_sources, before, old_sources):
             continue
-        elif _digest(new, i, new_sources) != _digest(old, j, old_sources):
+        elif not _equal_bytes(plan, new_sources, before, old_sources):
             changed.append(i)
     return changed
 
@@ -98,18 +99,17 @@ def _same_bytes(a: TensorPlan, a_sources: Sequence[Source], b: TensorPlan, b_sou
     return True
 
 
-def _digest(manifest: Manifest, index: int, sources: Sequence[Source]) -> bytes:
-    """A 128-bit BLAKE2b of a served tensor's bytes, kept on the manifest."""
-    found = manifest.slice_digests.get(index)
-    if found is None:
-        plan = manifest.tensors[index]
-        digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
-        buf = bytearray(min(HASH_BLOCK, max(plan.nbytes, 1)))
-        done = 0
-        while done < plan.nbytes:
-            view = memoryview(buf)[: min(len(buf), plan.nbytes - done)]
-            read_range(plan, sources, done, view)
-            digest.update(view)
-            done += len(view)
-        found = manifest.slice_digests[index] = digest.digest()
-    return found
+def _equal_bytes(a: TensorPlan, a_sources: Sequence[Source], b: TensorPlan, b_sources: Sequence[Source]) -> bool:
+    """Whether two served tensors of one size hold the same bytes; stops at the first block that differs."""
+    size = min(COMPARE_BLOCK, max(a.nbytes, 1))
+    left, right = bytearray(size), bytearray(size)
+    done = 0
+    while done < a.nbytes:
+        n = min(size, a.nbytes - done)
+        x, y = memoryview(left)[:n], memoryview(right)[:n]
+        read_range(a, a_sources, done, x)
+        read_range(b, b_sources, done, y)
+        if not np.array_equal(np.frombuffer(x, np.uint8), np.frombuffer(y, np.uint8)):  # memcmp speed
+            return False
+        done += n
+    return True
