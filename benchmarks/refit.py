@@ -7,7 +7,8 @@ worker processes hold their TP-8 share of the previous version and call
 `client.update(..., since_version=previous)`, released together; then the same eight
 fetch the new version whole, released together. For each version it prints:
   - bytes the ranks received over the bytes of their changed slices (target <= 1.02);
-  - the time until all eight ranks were updated, over the time of the full fetch;
+  - the time until all eight ranks were updated, over the time of the full fetch (the
+    version is opened first, its blobs checked, so neither pays that; printed apart);
   - the trainer's publish time over writing the same bytes to a file and fsyncing it
     (publishing is disk-bound), and the server's RSS (peak, and growth over the update);
   - whether every rank ended bit-identical to its full fetch (it must).
@@ -136,20 +137,21 @@ def raw_write_seconds(folder: Path, tensors: list[torch.Tensor]) -> float:
 
 def step_rows(
     label: str,
-    publish: tuple[int, float, float],
+    publish: tuple[int, float, float, float],
     sent: tuple[int, int],
     seconds: tuple[float, float],
     rss: tuple[int, int, int],
     identical: bool,
 ) -> list[tuple[str, str]]:
     """The table rows of one version."""
-    published, publish_s, raw_s = publish
+    published, publish_s, raw_s, open_s = publish
     received, expected = sent
     update_s, full_s = seconds
     peak, growth, model_bytes = rss
     return [
         (label, f"{published / 1e9:.3f} GB published in {publish_s:.1f} s ({published / publish_s / 1e9:.2f} GB/s)"),
         ("  publish / raw write + fsync", f"{publish_s / raw_s:.2f}  (raw {published / raw_s / 1e9:.2f} GB/s)"),
+        ("  first use of the version", f"{open_s:.2f} s (its blobs' crc32c checked once, before the ranks start)"),
         ("  received / changed slices", f"{received / expected:.4f}  ({received / 1e6:.1f} MB for "
                                         f"{expected / 1e6:.1f} MB)  (target <= {TARGET_SENT})"),
         ("  all ranks updated / full fetch", f"{update_s / full_s:.3f}  ({update_s:.2f} s vs {full_s:.2f} s)"),
@@ -194,6 +196,9 @@ def measure() -> list[tuple[str, str]]:
                 version = trainer.publish(MODEL, {n: weights[n] for n in changes})
                 publish_s = time.perf_counter() - started
                 published = sum(weights[n].nbytes for n in changes)
+                started = time.perf_counter()  # the first use opens the version (its blobs' crc32c checked)
+                trainer.get_manifest(MODEL, version=version)
+                open_s = time.perf_counter() - started
                 write_json(barrier / f"changed-{step}.json", changes)
                 with RssSampler(server.pid) as rss:
                     (barrier / f"go-update-{step}").touch()
@@ -209,7 +214,7 @@ def measure() -> list[tuple[str, str]]:
                 identical = all(r["identical"] for r in fulls) and all(r["version"] == version for r in updates)
                 rows += step_rows(
                     f"v{version}: {len(changes)}/{len(names)} tensors ({fraction:.0%})",
-                    (published, publish_s, raw_s), (received, expected), (span(updates), span(fulls)),
+                    (published, publish_s, raw_s, open_s), (received, expected), (span(updates), span(fulls)),
                     (rss.peak, rss.growth, model_bytes), identical,
                 )  # fmt: skip
                 if sent_ratio > TARGET_SENT:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from weightserve.server.data_plane import DataPlane
 
 COMPARE_BLOCK = 4 << 20
+FIRST_BLOCK = 16 << 10
 
 
 async def plan_delta(plane: DataPlane, entry: ModelEntry, spec: ShardSpec) -> Manifest:
@@ -100,16 +101,19 @@ def _same_bytes(a: TensorPlan, a_sources: Sequence[Source], b: TensorPlan, b_sou
 
 
 def _equal_bytes(a: TensorPlan, a_sources: Sequence[Source], b: TensorPlan, b_sources: Sequence[Source]) -> bool:
-    """Whether two served tensors of one size hold the same bytes; stops at the first block that differs."""
-    size = min(COMPARE_BLOCK, max(a.nbytes, 1))
-    left, right = bytearray(size), bytearray(size)
-    done = 0
+    """Whether two served tensors of one size hold the same bytes.
+
+    Blocks start small and double up to COMPARE_BLOCK: a retrained tensor differs in its
+    first few bytes, so deciding it "changed" reads kilobytes, not megabytes, per rank.
+    """
+    left, right = bytearray(min(COMPARE_BLOCK, max(a.nbytes, 1))), bytearray(min(COMPARE_BLOCK, max(a.nbytes, 1)))
+    done, size = 0, FIRST_BLOCK
     while done < a.nbytes:
-        n = min(size, a.nbytes - done)
+        n = min(size, len(left), a.nbytes - done)
         x, y = memoryview(left)[:n], memoryview(right)[:n]
         read_range(a, a_sources, done, x)
         read_range(b, b_sources, done, y)
         if not np.array_equal(np.frombuffer(x, np.uint8), np.frombuffer(y, np.uint8)):  # memcmp speed
             return False
-        done += n
+        done, size = done + n, size * 2
     return True
