@@ -165,3 +165,19 @@ def test_open_in_this_process(tmp_path: Path) -> None:
 def test_slugs_are_readable_and_distinct() -> None:
     assert slug("s3://bucket/prefix/model@s3-abc").startswith("s3--bucket--prefix--model--s3-abc-")
     assert slug("a/b") != slug("a--b")
+
+
+def test_a_fleet_download_writes_into_a_directory_named_by_its_lease_token(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path)
+    stale = tmp_path / f"{slug('k')}.6.partial" / "files"  # a dead leaseholder's leftovers
+    stale.mkdir(parents=True)
+    seen: list[str] = []
+
+    def fill(directory: Path) -> None:
+        seen.append(directory.parent.name)
+        atomic_write_bytes(directory / "a.safetensors", b"a" * 10)
+
+    files = cache.populate_here("k", 10, fill, token=7)
+    assert seen == [f"{slug('k')}.7.partial"]
+    assert cache.published_files("k") == (files, ["a.safetensors"], 7)
+    assert not list(tmp_path.glob("*.partial"))

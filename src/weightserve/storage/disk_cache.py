@@ -141,10 +141,13 @@ class DiskCache:
             found = self.lookup(key)
             if found is not None:
                 return found
-            partial = self.root / f"{name}.partial"
+            # A fleet download goes into a directory named by its lease token, so no two
+            # leaseholders (one of them stale) ever write into the same one.
+            partial = self.root / (f"{name}.{token}.partial" if token else f"{name}.partial")
             with self._lock("budget"):
                 self._make_room(expected_bytes, keep=name)
-                shutil.rmtree(partial, ignore_errors=True)  # a crashed download's leftovers
+                for stale in (self.root / f"{name}.partial", *self.root.glob(f"{name}.*.partial")):
+                    shutil.rmtree(stale, ignore_errors=True)  # crashed downloads' leftovers
                 (partial / "files").mkdir(parents=True)
                 atomic_write_text(partial / _RESERVED, str(expected_bytes))
             try:
