@@ -18,6 +18,11 @@ from typing import IO
 
 def fsync_dir(path: Path) -> None:
     """Make the entries of directory `path` (a rename, a new file) durable."""
+    fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    """Make what was written to `path` (a file's bytes, a directory's entries) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

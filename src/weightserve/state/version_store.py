@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from weightserve import wire
-from weightserve.atomic import atomic_write, fsync_dir
+from weightserve.atomic import atomic_write, fsync_dir, fsync_path
 from weightserve.errors import IntegrityError, InvalidRequestError, PreconditionError, UploadNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ class VersionStore:
             if blob.exists():
                 part.unlink()
             else:  # on disk before any version can name it
-                _fsync(part)
+                fsync_path(part)
                 os.replace(part, blob)
                 fsync_dir(blob.parent)
             atomic_write(upload.done(index), lambda p: p.write_text(f"{sha} {crc}"))
@@ -366,14 +366,6 @@ class VersionStore:
                 if blob.name not in live and not blob.name.startswith("."):
                     blob.unlink(missing_ok=True)
         return dropped
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _digests(path: Path) -> tuple[str, int]:
