@@ -155,3 +155,14 @@ def test_the_dispatch_estimate_takes_topk_group_from_the_config(grouped_root: Pa
         # the config's topk_group counts its own n_group (4) groups: with 2 groups it does not apply
         other, other_mapping = rebalanced(client, GROUPED, **{**FOUR_GROUPS, "num_groups": 2})
         assert other.dispatch_nodes_after == pytest.approx(dispatch_nodes(weight, other_mapping, 1))
+
+
+def test_num_groups_left_unset_is_the_configs_n_group(grouped_root: Path, root: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    with WeightClient(serve(grouped_root, root).address, timeout=30) as client:
+        two_nodes = {"num_nodes": 2, "gpus_per_node": 2}
+        job, mapping = rebalanced(client, GROUPED, **two_nodes)  # the config says n_group 4
+        assert mapping.topology.num_groups == 4 and job.group_locality_after == pytest.approx(1.0)
+        _, plain_mapping = rebalanced(client, MODEL, **two_nodes)  # no n_group: no groups
+        assert plain_mapping.topology.num_groups == 1
+        _, asked_mapping = rebalanced(client, GROUPED, **two_nodes, num_groups=2)  # the request wins
+        assert asked_mapping.topology.num_groups == 2

@@ -48,7 +48,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )  # fmt: skip
     rebalance.add_argument("--nodes", type=int, help="server nodes (with --gpus-per-node; needed the first time)")
     rebalance.add_argument("--gpus-per-node", type=int, help="EP ranks per node")
-    rebalance.add_argument("--groups", type=int, help="expert groups of the model (default 1; with the topology)")
+    rebalance.add_argument(
+        "--groups", type=int, help="expert groups (default the config's n_group, else 1; with the topology)"
+    )
     rebalance.add_argument(
         "--topk-group", type=int,
         help="groups each token is routed to, for the dispatch estimate "

@@ -76,10 +76,11 @@ def rebalance_request(
     """A Rebalance request; unset fields keep what the model's current mapping has.
 
     The topology travels as one message, so it is sent only when `num_nodes` or
-    `gpus_per_node` is given (the other defaults to 1, `num_groups` to 1, `topk_group`
-    to the model config's, else half the groups, on the server); without either the server keeps the current
-    mapping's topology. `locality` is "group" (the server's default: every expert group
-    on one node) or "relaxed" (replicas may cross nodes).
+    `gpus_per_node` is given (the other defaults to 1; `num_groups` and `topk_group` to the
+    model config's `n_group` and `topk_group` on the server, else 1 group and half the
+    groups); without either the server keeps the current mapping's topology. `locality`
+    is "group" (the server's default: every expert group on one node) or "relaxed"
+    (replicas may cross nodes).
 
     Raises:
         InvalidRequestError: `num_groups` or `topk_group` without a topology, which the
@@ -93,7 +94,7 @@ def rebalance_request(
             pb.ExpertTopology(
                 num_nodes=num_nodes or 1,
                 gpus_per_node=gpus_per_node or 1,
-                num_groups=num_groups or 1,
+                num_groups=num_groups or 0,
                 topk_group=topk_group or 0,
             )
         )

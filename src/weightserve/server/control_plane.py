@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -263,10 +264,15 @@ class ControlPlane:
         topology: Topology | None,
         locality: str = "",
         topk_group: int = 0,
+        *,
+        groups_from_config: bool = False,
     ) -> tuple[str, bool]:
         """Start a job (or return the running one's id).
 
         Args:
+            groups_from_config: the topology's num_groups was not given: take the model
+                config's n_group (DeepSeek-style group-limited routing) when it divides the
+                experts, else 1 (no groups).
             locality: "group" (or empty: the default) or "relaxed".
             topk_group: groups per token for the dispatch-nodes estimate; 0 takes the
                 model config's topk_group (when its n_group, if any, is the topology's
@@ -291,6 +297,8 @@ class ControlPlane:
         topology = topology or (previous.topology if previous else None)
         if topology is None:
             raise InvalidRequestError(f"model {model!r} has no mapping yet: give the topology")
+        if groups_from_config and info.n_group > 1 and info.layout.num_experts % info.n_group == 0:
+            topology = dataclasses.replace(topology, num_groups=info.n_group)
         replicas = replicas or (previous.num_physical if previous else info.layout.num_experts)
         check_placement_size(info.layout.num_experts, replicas, topology.num_gpus)
         if topology.num_groups > info.layout.num_experts:

@@ -87,6 +87,7 @@ class ControlServicer:
             topology,
             check_text("locality", request.locality, MAX_POLICY_BYTES),
             request.topology.topk_group if request.HasField("topology") else 0,
+            groups_from_config=request.HasField("topology") and not request.topology.num_groups,
         )
         return pb.RebalanceResponse(job_id=job_id, already_running=running)
 
