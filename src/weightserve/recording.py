@@ -94,6 +94,30 @@ class Recorder:
         with every group on one node (0.0: groups cannot each sit on one node).
         """
 
+    # ------------------------------------------------------------------ fleet
+
+    def fleet_fill(self, source: str, nbytes: int) -> None:
+        """Under --coordination, a remote model of `nbytes` entered this replica's disk cache from
+        `source`: origin (downloaded here) or replica (copied from another replica)."""
+
+    def fleet_uncoordinated(self) -> None:
+        """Redis could not be reached: this replica downloads a model from its origin on its own."""
+
+    def lease_waiting(self) -> None:
+        """This replica began waiting for another replica's download of a model (once per model fill)."""
+
+    def lease_waited(self, seconds: float) -> None:
+        """A wait counted by `lease_waiting` ended after `seconds` (a copy was published or the lease lapsed)."""
+
+    def lease_takeover(self) -> None:
+        """This replica took a download lease after waiting on another holder that never published."""
+
+    def lease_lost(self) -> None:
+        """A download finished after its lease was lost: the copy serves this replica only."""
+
+    def replica_fill_sent(self, nbytes: int) -> None:
+        """FillReplica sent `nbytes` of file data to another replica (counted per message)."""
+
 
 NULL_RECORDER = Recorder()
 """The recorder of a process that exports nothing (tests, tools)."""

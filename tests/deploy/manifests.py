@@ -30,7 +30,7 @@ else:  # pragma: no cover - Python 3.10
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ("base", "overlays/tls", "overlays/s3-cache", "overlays/node-local")
+OVERLAYS = ("base", "overlays/tls", "overlays/s3-cache", "overlays/node-local", "overlays/fleet")
 """Every kustomization that deploys a server; deploy/k8s/examples deploys workers."""
 KUBECTL_MIN = (1, 27)
 """kustomize in kubectl 1.27+ (v5) renders components and `labels` as the manifests use them."""

@@ -41,6 +41,7 @@ from weightserve.server.build import metrics_address
 from weightserve.server.fd_handoff import handoff_path
 
 SERVER_LABELS = {"app.kubernetes.io/name": "weightserve", "app.kubernetes.io/component": "server"}
+PART_OF = {"app.kubernetes.io/part-of": "weightserve"}
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -70,7 +71,10 @@ def test_configuration_is_one_the_server_accepts(path: str) -> None:
         assert "grpc" not in ports
     else:
         assert port_of(config.listen) == ports["grpc"]
-    assert port_of(config.control_listen) == ports["control"]
+    if config.control_listen:
+        assert port_of(config.control_listen) == ports["control"]
+    else:  # a fleet: control calls share the data port (overlays/fleet/kustomization.yaml says why)
+        assert "control" not in ports
     assert config.auth_tokens is not None, "tokens on every deployment"
     assert volume_at(server(path), config.auth_tokens)["secret"]["secretName"] == "weightserve-tokens"
     assert config.cache_memory > 0, "a memory budget bounds the process"
@@ -174,7 +178,7 @@ def test_services_route_to_the_server_ports(path: str) -> None:
     workload = server(path)
     labels = workload["spec"]["template"]["metadata"]["labels"]
     ports = container_ports(workload)
-    services = objects(path, "Service")
+    services = [s for s in objects(path, "Service") if s["metadata"]["labels"] == SERVER_LABELS | PART_OF]
     assert services
     for service in services:
         assert selects(service["spec"]["selector"], labels), service["metadata"]["name"]
@@ -209,7 +213,8 @@ def test_network_policy_admits_each_caller_to_its_port_only(path: str) -> None:
     workload = server(path)
     labels = workload["spec"]["template"]["metadata"]["labels"]
     ports = container_ports(workload) | {"grpc": 50051}
-    (policy,) = objects(path, "NetworkPolicy")
+    control = "control" if "control" in ports else "grpc"  # a fleet serves control calls on the data port
+    policy = one(path, "NetworkPolicy", "weightserve")
     assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     admitted: dict[str, set[str]] = {}
@@ -227,8 +232,8 @@ def test_network_policy_admits_each_caller_to_its_port_only(path: str) -> None:
         assert all(p["port"] in ports for p in rule["ports"]), rule
     assert admitted == {
         "data": {"grpc"},
-        "control": {"control"},
-        "replica": {"grpc", "control"},
+        "control": {control},
+        "replica": {"grpc", control},
         "prometheus": {"metrics"},
     }
 

@@ -62,10 +62,11 @@ def local_copy(path: str, tmp: Path) -> tuple[Path, dict[str, object]]:
         model_roots=[str(models)],
         disk_cache_dir=str(tmp / "cache"),
         auth_tokens=str(tokens),
-        control_listen=f"127.0.0.1:{free_port()}",
         metrics_listen=f"127.0.0.1:{free_port()}",
         listen=f"unix:{tmp / 'ws.sock'}" if listen.startswith("unix:") else f"127.0.0.1:{free_port()}",
     )
+    if "control_listen" in values:  # a fleet has none (overlays/fleet)
+        values["control_listen"] = f"127.0.0.1:{free_port()}"
     file = tmp / "weightserve.toml"
     file.write_text(dump_settings(values, plain=FILE_SETTINGS))
     return file, values

@@ -7,12 +7,18 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from tests.integration.faultkit import MID_LLAMA, MID_MODEL, Background, FaultProxy, ServerProcess, free_port
 from weightserve.testing import write_llama_checkpoint
+
+START_SECONDS = 90.0
+"""How long each of a fleet's servers may take to say SERVING when they start together."""
+BUCKET = "fleet"
+"""The bucket of the S3 origin's model (`published`): s3://fleet/org/mid."""
 
 
 @pytest.fixture
@@ -39,9 +45,10 @@ def fleet(tmp_path: Path) -> Iterator[Callable[..., list[ServerProcess]]]:
             ServerProcess(root, port, tmp_path, *args, *(each(i, port) if each else [])) for i, port in enumerate(ports)
         ]
         made.extend(servers)
-        starting = [Background(server.start) for server in servers]
+        # n servers importing torch at once on a shared 2-core machine can take a while each
+        starting = [Background(partial(server.start, START_SECONDS)) for server in servers]
         for call in starting:
-            call.result(timeout=60)
+            call.result(timeout=START_SECONDS + 30)
         return servers
 
     yield start
@@ -114,3 +121,17 @@ def s3_origin(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     finally:
         proxy.close()
         server.stop()
+
+
+@pytest.fixture
+def published(tmp_path: Path, s3_origin: FaultProxy) -> tuple[Path, int]:
+    """The tiny Llama uploaded to s3://fleet/org/mid; its local copy and its weight bytes."""
+    import boto3
+
+    local = tmp_path / "origin"
+    write_llama_checkpoint(local, MID_LLAMA, num_files=2)
+    s3 = boto3.client("s3", endpoint_url=f"http://{s3_origin.address}", region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    for path in sorted(local.iterdir()):
+        s3.put_object(Bucket=BUCKET, Key=f"org/mid/{path.name}", Body=path.read_bytes())
+    return local, sum(p.stat().st_size for p in local.glob("*.safetensors"))

@@ -28,6 +28,15 @@ def test_one_replica_takes_the_lease_and_publishes_its_copy(redis_url: str) -> N
     assert b.holder(KEY) is None, "the lease outlived the publish"
 
 
+def test_no_lease_once_another_replicas_copy_is_ready_but_our_own_copy_can_be_redone(redis_url: str) -> None:
+    a, b = RedisCoordinator(redis_url, "a:1"), RedisCoordinator(redis_url, "b:1")
+    lease = a.acquire(KEY)
+    assert lease is not None and a.publish(KEY, lease)
+    assert b.acquire(KEY) is None, "b looked before a published and would download a second copy"
+    again = a.acquire(KEY)  # a lost its own copy: it may fetch it again
+    assert again is not None and again.token > lease.token
+
+
 def test_a_replica_whose_lease_expired_cannot_publish(redis_url: str) -> None:
     slow = RedisCoordinator(redis_url, "slow:1", lease_seconds=0.2)
     quick = RedisCoordinator(redis_url, "quick:1")

@@ -27,6 +27,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )  # fmt: skip
     token.add_argument("--control", action="store_true", help="ReportExpertLoad, Rebalance, GetRebalance, Watch")
     token.add_argument("--cache", action="store_true", help="Prefetch and Evict")
+    token.add_argument(
+        "--replica", action="store_true", help="FillReplica: what a fleet replica shows the others (docs/fleet.md)"
+    )
     token.add_argument("--max-streams", type=int, default=0, help="concurrent streams of this token (0: no limit)")
     token.add_argument("--bytes-per-second", default="", help="streaming rate of this token, e.g. 2GiB (none)")
     token.set_defaults(run=run_token)
@@ -65,6 +68,8 @@ def token_entry(args: argparse.Namespace, digest: str) -> str:
         f"control = {str(args.control).lower()}",
         f"cache = {str(args.cache).lower()}",
     ]
+    if getattr(args, "replica", False):
+        lines.append("replica = true")
     if args.max_streams:
         lines.append(f"max_streams = {args.max_streams}")
     if args.bytes_per_second:

@@ -72,11 +72,11 @@ def build_server(config: ServerConfig) -> Server:
     remotes = {scheme: storage_for(scheme, config) for scheme in allowed_schemes(config.allow_source)}
     router = StorageRouter(roots, remotes, config.allow_source, dummy_locations(config.dummy))
     fill_caches = disk_caches(remotes)
-    coordinate(config, fill_caches)  # --coordination: one origin download per model across replicas
     metrics = config.metrics_listen != "off"
     recorder: Recorder = NULL_RECORDER
     if metrics:
         recorder = prometheus = PrometheusRecorder()
+    coordinate(config, fill_caches, recorder=recorder)  # --coordination: one origin download per model
     reserved = reserved_bytes(config.read_threads, config.chunk_bytes)
     cache = ModelCache(router, config.cache_memory, reserved, loaders={"safetensors": config.loader}, recorder=recorder)
     executor = ThreadPoolExecutor(max_workers=config.read_threads, thread_name_prefix="weightserve-read")
@@ -95,7 +95,7 @@ def build_server(config: ServerConfig) -> Server:
     weights, controls = WeightServicer(plane, gate, segments), ControlServicer(control)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     server, control_server = _grpc_servers(config, interceptors, weights, controls, VersionServicer(versions))
-    pb_grpc.add_ReplicaServiceServicer_to_server(ReplicaFillServicer(fill_caches), server)
+    pb_grpc.add_ReplicaServiceServicer_to_server(ReplicaFillServicer(fill_caches, recorder=recorder), server)
     ports = []
     for grpc_server, flag, address in (
         (server, "--listen", config.listen),

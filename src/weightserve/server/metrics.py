@@ -43,6 +43,8 @@ RPC_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 3
 FETCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 LOAD_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 600, 1800)
 OTHER_MODEL = "other"
+FLEET_SOURCES = ("origin", "replica")
+"""Where a replica's disk cache got a model under --coordination: the origin, or another replica."""
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -181,6 +183,46 @@ class PrometheusRecorder(Recorder):
             ("model",),
             registry=r,
         )
+        self.fleet_fills = Counter(
+            "weightserve_fleet_fills",
+            "Remote models put into this replica's disk cache under --coordination, by source: origin or replica",
+            ("source",),
+            registry=r,
+        )
+        self.fleet_fill_bytes = Counter(
+            "weightserve_fleet_fill_bytes",
+            "Bytes of remote models put into this replica's disk cache under --coordination, by source",
+            ("source",),
+            registry=r,
+        )
+        for source in FLEET_SOURCES:  # both at 0 from the start, so a ratio of the two is defined at once
+            self.fleet_fills.labels(source)
+            self.fleet_fill_bytes.labels(source)
+        self.uncoordinated_downloads = Counter(
+            "weightserve_fleet_uncoordinated_downloads",
+            "Downloads from the origin without coordination because Redis could not be reached",
+            registry=r,
+        )
+        self.lease_waits = Counter(
+            "weightserve_fleet_lease_waits", "Model fills that waited for another replica's download", registry=r
+        )
+        self.lease_wait_seconds = Histogram(
+            "weightserve_fleet_lease_wait_seconds",
+            "Time a model fill waited for another replica's download",
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.lease_takeovers = Counter(
+            "weightserve_fleet_lease_takeovers",
+            "Download leases taken after waiting on a holder that never published (it died or gave up)",
+            registry=r,
+        )
+        self.leases_lost = Counter(
+            "weightserve_fleet_leases_lost", "Downloads that lost their lease before publishing", registry=r
+        )
+        self.replica_fill_sent_bytes = Counter(
+            "weightserve_replica_fill_sent_bytes", "File bytes FillReplica sent to other replicas", registry=r
+        )
 
     def model_label(self, model: str) -> str:
         return model if model and self.known_model(model) else OTHER_MODEL
@@ -285,6 +327,35 @@ class PrometheusRecorder(Recorder):
                 self.group_locality.labels(label, when).set(local)
                 self.dispatch_nodes.labels(label, when).set(nodes)
             self.balancedness_bound.labels(label).set(bound)
+
+    @_never_raises
+    def fleet_fill(self, source: str, nbytes: int) -> None:
+        self.fleet_fills.labels(source).inc()
+        self.fleet_fill_bytes.labels(source).inc(nbytes)
+
+    @_never_raises
+    def fleet_uncoordinated(self) -> None:
+        self.uncoordinated_downloads.inc()
+
+    @_never_raises
+    def lease_waiting(self) -> None:
+        self.lease_waits.inc()
+
+    @_never_raises
+    def lease_waited(self, seconds: float) -> None:
+        self.lease_wait_seconds.observe(seconds)
+
+    @_never_raises
+    def lease_takeover(self) -> None:
+        self.lease_takeovers.inc()
+
+    @_never_raises
+    def lease_lost(self) -> None:
+        self.leases_lost.inc()
+
+    @_never_raises
+    def replica_fill_sent(self, nbytes: int) -> None:
+        self.replica_fill_sent_bytes.inc(nbytes)
 
 
 GaugeSource = Callable[[], Iterable[Metric]]

@@ -23,6 +23,7 @@ import grpc
 from weightserve import wire
 from weightserve.config import ServerConfig
 from weightserve.errors import InvalidRequestError, ModelNotFoundError, PreconditionError, UnavailableError
+from weightserve.recording import NULL_RECORDER, Recorder
 from weightserve.server.file_stream import FilePiece
 from weightserve.server.proto_convert import file_chunk
 from weightserve.server.status_codes import call_errors
@@ -72,9 +73,12 @@ def _pieces(files_dir: Path, names: Sequence[str], start: str, offset: int, chun
 class ReplicaFillServicer(pb_grpc.ReplicaServiceServicer):
     """Serves the published entries of this replica's disk caches (the remote back ends')."""
 
-    def __init__(self, caches: Sequence[DiskCache], chunk_bytes: int = FILL_CHUNK_BYTES) -> None:
+    def __init__(
+        self, caches: Sequence[DiskCache], chunk_bytes: int = FILL_CHUNK_BYTES, recorder: Recorder = NULL_RECORDER
+    ) -> None:
         self.caches = list(caches)
         self.chunk_bytes = chunk_bytes
+        self.recorder = recorder
 
     def _entry(self, key: str, token: int) -> tuple[Path, list[str]]:
         for cache in self.caches:
@@ -93,6 +97,7 @@ class ReplicaFillServicer(pb_grpc.ReplicaServiceServicer):
         pieces = _pieces(files_dir, names, request.path, request.offset, self.chunk_bytes)
         async for piece in _in_thread(pieces):
             await context.write(file_chunk(piece))
+            self.recorder.replica_fill_sent(len(piece.data))
 
 
 async def _in_thread(pieces: Iterator[FilePiece]) -> AsyncIterator[FilePiece]:
@@ -222,12 +227,15 @@ CA_ENV = "WEIGHTSERVE_TLS_CA"
 
 
 def disk_caches(remotes: Mapping[str, Storage]) -> list[DiskCache]:
-    """The disk caches of the remote back ends that keep one (S3; the Hub keeps its own)."""
+    """The disk caches of the remote back ends that keep one (S3; the Hub under --coordination)."""
     return [cache for backend in remotes.values() if isinstance(cache := getattr(backend, "cache", None), DiskCache)]
 
 
 def coordinate(
-    config: ServerConfig, caches: Sequence[DiskCache], env: Mapping[str, str] | None = None
+    config: ServerConfig,
+    caches: Sequence[DiskCache],
+    env: Mapping[str, str] | None = None,
+    recorder: Recorder = NULL_RECORDER,
 ) -> FleetFill | None:
     """Under --coordination, make `caches` fill through the fleet; None without it.
 
@@ -253,7 +261,7 @@ def coordinate(
         metadata=metadata,
         server_name=env.get(REPLICA_SERVER_NAME_ENV) or None,
     )
-    fleet = FleetFill(coordinator, peer)
+    fleet = FleetFill(coordinator, peer, recorder=recorder)
     for cache in caches:
         cache.fleet = fleet
     logger.info("coordinating remote downloads through %s as %s", config.coordination, coordinator.address)

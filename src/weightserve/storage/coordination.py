@@ -52,6 +52,19 @@ return 1
 """
 """ready := our lease value, only while the lease is ours and no later token published."""
 
+_ACQUIRE = """
+local ready = redis.call('GET', KEYS[2])
+if ready and string.sub(ready, (string.find(ready, ' ') or 0) + 1) ~= ARGV[2] then
+  return 0
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[3]) then
+  return 1
+end
+return 0
+"""
+"""Take the lease unless another replica's copy is already named ready (it was published
+between our look at `ready` and this call: copy that one instead of downloading again)."""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -107,6 +120,7 @@ class RedisCoordinator:
         self._renew = client.register_script(_RENEW)
         self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE)
+        self._acquire = client.register_script(_ACQUIRE)
 
     def _key(self, kind: str, key: str) -> str:
         return f"{PREFIX}:{kind}:{key}"
@@ -133,11 +147,13 @@ class RedisCoordinator:
         return Holder.parse(value) if value else None
 
     def acquire(self, key: str) -> Holder | None:
-        """Take the download lease of `key` with a fresh token; None when another replica holds it."""
+        """Take the download lease of `key` with a fresh token; None when another replica holds it
+        or has published its copy meanwhile."""
         with self._redis_errors():
             token = int(self._redis.incr(f"{PREFIX}:token"))
             mine = Holder(token, self.address)
-            taken = self._redis.set(self._key("lease", key), mine.value(), nx=True, px=self.lease_ms)
+            keys = [self._key("lease", key), self._key("ready", key)]
+            taken = self._acquire(keys=keys, args=[mine.value(), self.address, self.lease_ms])
         return mine if taken else None
 
     def renew(self, key: str, lease: Holder) -> bool:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightserve.errors import UnavailableError
+from weightserve.recording import NULL_RECORDER, Recorder
 from weightserve.storage.coordination import Holder, RedisCoordinator, Unavailable
 
 if TYPE_CHECKING:
@@ -48,12 +49,20 @@ class FleetFill:
         peer_fill: copies a published model from another replica.
         wait_seconds: how long a replica waits for another's download in all before it
             gives up (UNAVAILABLE).
+        recorder: where fills by source, lease waits, takeovers and lost leases are counted.
     """
 
-    def __init__(self, coordinator: RedisCoordinator, peer_fill: PeerFill, wait_seconds: float = 3600.0) -> None:
+    def __init__(
+        self,
+        coordinator: RedisCoordinator,
+        peer_fill: PeerFill,
+        wait_seconds: float = 3600.0,
+        recorder: Recorder = NULL_RECORDER,
+    ) -> None:
         self.coordinator = coordinator
         self.peer_fill = peer_fill
         self.wait_seconds = wait_seconds
+        self.recorder = recorder
         self.origin_downloads = 0
         self.peer_fills = 0
 
@@ -63,36 +72,68 @@ class FleetFill:
             return self._coordinated(cache, key, nbytes, origin_fill)
         except Unavailable as e:
             logger.warning("%s; downloading %s from its origin without coordination", e, key)
+            self.recorder.fleet_uncoordinated()
             return self._from_origin(cache, key, nbytes, origin_fill)
 
     def _from_origin(
         self, cache: DiskCache, key: str, nbytes: int, origin_fill: Callable[[Path], None], token: int = 0
     ) -> Path:
-        path = cache.populate_here(key, nbytes, origin_fill, token)
+        path = self._fill(cache, key, nbytes, origin_fill, token, "origin")
         self.origin_downloads += 1
+        return path
+
+    def _fill(
+        self, cache: DiskCache, key: str, nbytes: int, fill: Callable[[Path], None], token: int, source: str
+    ) -> Path:
+        """`cache.populate_here`, counting the copy under `source` when `fill` ran here (not when another
+        process sharing this disk cache had published it already)."""
+        ran = False
+
+        def counted(directory: Path) -> None:
+            nonlocal ran
+            fill(directory)
+            ran = True
+
+        path = cache.populate_here(key, nbytes, counted, token)
+        if ran:
+            self.recorder.fleet_fill(source, _tree_bytes(path))
         return path
 
     def _coordinated(self, cache: DiskCache, key: str, nbytes: int, origin_fill: Callable[[Path], None]) -> Path:
         coordinator = self.coordinator
         deadline = time.monotonic() + self.wait_seconds
-        while True:
-            ready = coordinator.ready(key)
-            if ready is not None and ready.address != coordinator.address:
-                try:
-                    path = cache.populate_here(key, nbytes, partial(self.peer_fill, ready, key), ready.token)
-                except (UnavailableError, OSError) as e:
-                    logger.warning("cannot copy %s from %s (%s); asking the fleet again", key, ready.address, e)
-                    coordinator.forget(key, ready)
-                    continue
-                self.peer_fills += 1
-                logger.info("copied %s from replica %s (token %d)", key, ready.address, ready.token)
-                return path
-            lease = coordinator.acquire(key)
-            if lease is not None:
-                return self._lead(cache, key, nbytes, origin_fill, lease)
-            if time.monotonic() >= deadline:
-                raise UnavailableError(f"{key}: waited {self.wait_seconds:.0f}s for another replica's download")
-            coordinator.wait(key, timeout=min(5.0, max(0.0, deadline - time.monotonic())))
+        waited: float | None = None  # seconds spent waiting on another replica's download; None: no wait
+        try:
+            while True:
+                ready = coordinator.ready(key)
+                if ready is not None and ready.address != coordinator.address:
+                    try:
+                        peer = partial(self.peer_fill, ready, key)
+                        path = self._fill(cache, key, nbytes, peer, ready.token, "replica")
+                    except (UnavailableError, OSError) as e:
+                        logger.warning("cannot copy %s from %s (%s); asking the fleet again", key, ready.address, e)
+                        coordinator.forget(key, ready)
+                        continue
+                    self.peer_fills += 1
+                    logger.info("copied %s from replica %s (token %d)", key, ready.address, ready.token)
+                    return path
+                lease = coordinator.acquire(key)
+                if lease is not None:
+                    if waited is not None:  # the holder we waited on died or gave up unpublished
+                        self.recorder.lease_takeover()
+                        logger.info("took over the download lease on %s (token %d)", key, lease.token)
+                    return self._lead(cache, key, nbytes, origin_fill, lease)
+                if time.monotonic() >= deadline:
+                    raise UnavailableError(f"{key}: waited {self.wait_seconds:.0f}s for another replica's download")
+                if waited is None:
+                    waited = 0.0
+                    self.recorder.lease_waiting()
+                began = time.monotonic()
+                coordinator.wait(key, timeout=min(5.0, max(0.0, deadline - time.monotonic())))
+                waited += time.monotonic() - began
+        finally:
+            if waited is not None:
+                self.recorder.lease_waited(waited)
 
     def _lead(
         self, cache: DiskCache, key: str, nbytes: int, origin_fill: Callable[[Path], None], lease: Holder
@@ -107,9 +148,15 @@ class FleetFill:
                 coordinator.release(key, lease)
             raise
         if not coordinator.publish(key, lease):
+            self.recorder.lease_lost()
             logger.warning(
                 "lease on %s (token %d) was lost during the download: this copy serves this replica only",
                 key,
                 lease.token,
             )
         return path
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (a published model's files directory)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

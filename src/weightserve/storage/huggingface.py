@@ -9,6 +9,12 @@ weight files the index names (or every top-level `*.safetensors` without one). A
 lock per commit makes concurrent resolves, in this process or in another server on a
 shared volume, download each file once. With HF_HUB_OFFLINE=1 nothing is downloaded:
 the revision and files come from the local cache only.
+
+Under `--coordination` (a fleet, docs/fleet.md) the same files of a commit go instead into
+a disk cache of whole models, `hf://ORG/NAME@COMMIT` (`<disk cache>/hf-fleet`), as plain
+files: one replica downloads a commit from the Hub and the others copy it from that
+replica, as the S3 back end's models are (storage/fleet_fill.py). The revision is still
+resolved by each replica (one small metadata call); the weights cross from the Hub once.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ import glob
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +45,8 @@ from weightserve.errors import (
 )
 from weightserve.storage import register_storage
 from weightserve.storage.base import ModelLocation, RemoteName, Storage
-from weightserve.storage.selection import CONFIG_PATTERNS, INDEX_NAMES, top_level, weight_names
+from weightserve.storage.disk_cache import DiskCache, default_cache_dir
+from weightserve.storage.selection import CONFIG_PATTERNS, INDEX_NAMES, matching, top_level, weight_names
 
 if TYPE_CHECKING:
     from weightserve.config import ServerConfig
@@ -89,6 +98,9 @@ class HuggingFaceStorage(Storage):
         self.refresh_seconds = refresh_seconds
         self._memo: dict[str, tuple[float, ModelLocation]] = {}
         self._lock = threading.Lock()
+        self.cache: DiskCache | None = None
+        """Under --coordination: whole commits as disk-cache entries the fleet shares (see the module
+        docstring); None: huggingface_hub's cache."""
 
     @classmethod
     def from_env(cls, disk_cache_dir: Path | None = None) -> HuggingFaceStorage:
@@ -126,10 +138,14 @@ class HuggingFaceStorage(Storage):
             if self.offline:
                 commit = self._cached_commit(repo_id, revision, name)
                 snapshot = self._check_cached(repo_id, commit, name)
+            elif self.cache is not None:
+                commit, snapshot = self._fleet_download(self.cache, repo_id, revision, name)
             else:
                 commit, snapshot = self._download(repo_id, revision, name)
-        # snapshot files are symlinks to ../../blobs: let them resolve inside the repo folder
-        location = ModelLocation("hf", name, snapshot, f"hf-{commit}", link_root=snapshot.parent.parent)
+        if self.cache is not None and not self.offline:
+            location = ModelLocation("hf", name, snapshot, f"hf-{commit}")  # plain files
+        else:  # snapshot files are symlinks to ../../blobs: let them resolve inside the repo folder
+            location = ModelLocation("hf", name, snapshot, f"hf-{commit}", link_root=snapshot.parent.parent)
         expires = float("inf") if revision == commit else time.monotonic() + self.refresh_seconds
         with self._lock:
             self._memo[name] = (expires, location)
@@ -193,8 +209,44 @@ class HuggingFaceStorage(Storage):
                 atomic_write_bytes(ref, commit.encode())
         return commit, snapshot
 
-    def _fetch(self, repo_id: str, commit: str, names: Iterable[str]) -> None:
-        """Download `names` at `commit` (no request at all for files already cached)."""
+    def _fleet_download(self, cache: DiskCache, repo_id: str, revision: str, name: str) -> tuple[str, Path]:
+        """The commit `revision` points at and its files as a disk-cache entry, filled through the fleet."""
+        from huggingface_hub import HfApi
+
+        info = HfApi(endpoint=self.endpoint, token=self.token).model_info(
+            repo_id, revision=revision, files_metadata=True
+        )
+        commit = str(info.sha)
+        if not COMMIT.match(commit):
+            raise UnavailableError(f"{name}: the Hub answered {commit!r}, not a commit; is HF_ENDPOINT a Hub?")
+        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+        listing = top_level(sizes)
+        key = f"hf://{repo_id}@{commit}"
+        found = cache.lookup(key)
+        if found is None:
+            # a reservation: every weight file and config at the top level, at most what is downloaded
+            wanted = matching(listing, [*INDEX_NAMES, *CONFIG_PATTERNS, "*.safetensors"])
+            fill = partial(self._fill_directory, repo_id, commit, listing, name)
+            found = cache.populate(key, sum(sizes[n] for n in wanted), fill)
+        return commit, found
+
+    def _fill_directory(self, repo_id: str, commit: str, listing: list[str], name: str, directory: Path) -> None:
+        """Download what serving needs of `commit` into `directory`, as plain files (the fleet's origin fill)."""
+        from huggingface_hub.utils import filter_repo_objects
+
+        first = list(INDEX_NAMES + CONFIG_PATTERNS)
+        self._fetch(repo_id, commit, filter_repo_objects(listing, allow_patterns=first), local_dir=directory)
+        weights = weight_names(listing, lambda n: (directory / n).read_text(), name)
+        missing = sorted(set(weights) - set(listing))
+        if missing:
+            raise CorruptCheckpointError(f"{name}: the index names {missing[:5]}, which the repo lacks")
+        patterns = [glob.escape(w) for w in weights]
+        self._fetch(repo_id, commit, filter_repo_objects(listing, allow_patterns=patterns), local_dir=directory)
+        shutil.rmtree(directory / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
+
+    def _fetch(self, repo_id: str, commit: str, names: Iterable[str], local_dir: Path | None = None) -> None:
+        """Download `names` at `commit` (no request at all for files already cached), into the Hub cache or
+        `local_dir`."""
         from huggingface_hub import hf_hub_download
 
         def one(filename: str) -> str:
@@ -203,7 +255,8 @@ class HuggingFaceStorage(Storage):
                     repo_id,
                     filename,
                     revision=commit,
-                    cache_dir=self.cache_dir,
+                    cache_dir=None if local_dir is not None else self.cache_dir,
+                    local_dir=local_dir,
                     endpoint=self.endpoint,
                     token=self.token,
                 )
@@ -259,4 +312,7 @@ def _hub_errors(name: str) -> Iterator[None]:
 
 @register_storage("hf")
 def _from_config(config: ServerConfig) -> HuggingFaceStorage:
-    return HuggingFaceStorage.from_env(config.disk_cache_dir)
+    storage = HuggingFaceStorage.from_env(config.disk_cache_dir)
+    if config.coordination and not storage.offline:
+        storage.cache = DiskCache((config.disk_cache_dir or default_cache_dir()) / "hf-fleet", config.disk_cache_bytes)
+    return storage
