@@ -260,16 +260,23 @@ def make_leaf(
     common_name: str,
     *,
     client: bool = False,
+    also_client: bool = False,
     dns: tuple[str, ...] = ("localhost",),
     ips: tuple[str, ...] = ("127.0.0.1",),
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
 ) -> Pair:
-    """A server (or, with `client`, a client) certificate signed by `ca`."""
+    """A server (or, with `client`, a client) certificate signed by `ca`.
+
+    `also_client`: a server certificate that is a client's too (serverAuth and clientAuth), as a
+    fleet replica's is under mTLS: it presents it when it fills from another replica.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
+    if also_client and not client:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -279,7 +286,7 @@ def make_leaf(
         .not_valid_before(not_before or utc_now() - datetime.timedelta(days=1))
         .not_valid_after(not_after or utc_now() + datetime.timedelta(days=7))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca.private_key, hashes.SHA256())
     )
