@@ -29,7 +29,8 @@ import grpc
 import torch
 
 from weightserve import wire
-from weightserve.client.assembly import FetchStats
+from weightserve.client.assembly import FetchStats, allocate_arena, arena_view
+from weightserve.client.assembly import populate as populate_writable
 from weightserve.client.common import FetchArgs
 from weightserve.errors import FetchError
 from weightserve.v1 import weightserve_pb2 as pb
@@ -223,20 +224,17 @@ def _fits(dest: torch.Tensor | None, view: torch.Tensor, device: torch.device) -
 
 
 class Arena:
-    """One anonymous mapping for a fetch's copied tensors, backed by huge pages where the kernel allows.
+    """One private anonymous mapping for a fetch's copied tensors (assembly's, as on the gRPC path).
 
-    A fresh tensor's first touch faults in every 4 KiB page (about half the cost of a
-    copy); one mapping advised MADV_HUGEPAGE faults 2 MiB at a time. Each tensor still
-    gets a storage of its own bytes (torch.frombuffer), so saving one saves only it.
+    Each tensor's pages are made in one call before its copy (a fault per 4 KiB page
+    costs about half the copy), and each gets a storage of its own bytes, so saving one
+    saves only it.
     """
 
     ALIGN = 64
 
     def __init__(self, nbytes: int) -> None:
-        self.region = mmap.mmap(-1, max(nbytes + self.ALIGN * 1024, 1))
-        with contextlib.suppress(OSError, AttributeError):
-            self.region.madvise(mmap.MADV_HUGEPAGE)
-        self.view = memoryview(self.region)
+        self.region = allocate_arena(nbytes + self.ALIGN * 1024)
         self.used = 0
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
@@ -245,7 +243,8 @@ class Arena:
             return torch.empty(like.shape, dtype=like.dtype)
         at = -(-self.used // self.ALIGN) * self.ALIGN
         self.used = at + nbytes
-        raw = torch.frombuffer(self.view, dtype=torch.uint8, count=nbytes, offset=at)
+        raw = arena_view(self.region, at, nbytes)
+        populate_writable(raw)
         return raw.view(like.dtype).reshape(like.shape)
 
 
