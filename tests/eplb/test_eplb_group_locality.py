@@ -80,16 +80,17 @@ def test_every_replica_stays_on_its_groups_node(
 
 @settings(max_examples=30, deadline=None)
 @given(grouped_requests())
-def test_under_the_constraint_the_default_is_never_less_balanced_than_greedy_and_relaxed_never_less_than_it(
+def test_under_the_constraint_the_default_is_never_less_balanced_than_greedy_nor_above_the_bound(
     case: tuple[torch.Tensor, int, int, int, int],
 ) -> None:
+    # relaxed is DeepSeek's unconstrained heuristic, usually better balanced but not always
+    # (6 one-expert groups on 2 nodes x 4 GPUs: 0.929 against the default's 0.986), so it is
+    # compared on the DeepSeek-V3 shape only, in test_relaxed_trades_locality_for_balance.
     weight, physical, groups, nodes, gpus = case
     greedy = rebalance_experts(weight, physical, groups, nodes, gpus, policy="greedy")
     default = rebalance_experts(weight, physical, groups, nodes, gpus)
-    relaxed = rebalance_experts(weight, physical, groups, nodes, gpus, locality="relaxed")
     assert groups_on_one_node(greedy)  # greedy already keeps the constraint: same footing
     assert balancedness(weight, default) >= balancedness(weight, greedy)
-    assert balancedness(weight, relaxed) >= balancedness(weight, default) * (1 - 1e-12)
     assert balancedness(weight, default) <= locality_bound(weight, default) * (1 + 1e-9)
 
 
