@@ -39,6 +39,7 @@ from grpc_health.v1 import health_pb2
 from typing_extensions import Unpack
 
 from weightserve.client import control, versions
+from weightserve.client.assembly import FetchStats
 from weightserve.client.common import FetchArgs, FetchOptions, Pause, ResumeLoop, ShardArgs, fetch_args, logger
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.routing import Router, Target
@@ -58,7 +59,61 @@ def stateful(shard: ShardArgs) -> bool:
     return bool(shard.ep_size) or any(v is not None for v in (shard.since_mapping, shard.version, shard.since_version))
 
 
-class FleetClient(WeightClient):
+class FleetRouting:
+    """What FleetClient and AsyncFleetClient share: their settings, the Router, and the orders it gives."""
+
+    router: Router
+    last_fetch_stats: FetchStats | None
+
+    def _setup_fleet(
+        self,
+        address: str | Sequence[str],
+        *,
+        retry: RetryPolicy | None,
+        timeout: float,
+        connect_timeout: float,
+        server_name: str | None,
+        replicas_per_model: int,
+        spread_key: str | None,
+        refresh_seconds: float,
+        cooldown: float,
+        **security: Any,
+    ) -> None:
+        """Parse the fleet address, make its Router, and keep the options every replica's client gets."""
+        parsed = Target.parse(address)
+        self.address = str(parsed)
+        self.retry = retry or RetryPolicy()
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.router = Router(
+            parsed,
+            replicas_per_model=replicas_per_model,
+            spread_key=spread_key,
+            refresh_seconds=refresh_seconds,
+            cooldown=cooldown,
+        )
+        self.health = self.router.health
+        self.replicas_per_model = replicas_per_model
+        self._options: dict[str, Any] = dict(
+            retry=self.retry, timeout=timeout, server_name=server_name or parsed.host or None, **security
+        )
+        self._jobs: dict[str, str] = {}
+        self.last_fetch_stats = None
+
+    def endpoints(self) -> tuple[str, ...]:
+        """The replicas now (a dns:/// target is resolved again when its answer is stale)."""
+        return self.router.endpoints()
+
+    def owner_order(self, model: str) -> list[str]:
+        """Every replica in the model's rendezvous order; the first owns its control state."""
+        return self.router.owner_order(model)
+
+    def fetch_order(self, shard: ShardArgs) -> list[str]:
+        """The replicas one fetch tries, in order (the owner first for a stateful plan)."""
+        return self.router.fetch_order(shard.model, shard.rank, stateful=stateful(shard))
+
+
+class FleetClient(FleetRouting, WeightClient):
     """WeightClient's calls over a fleet of replicas (see the module docstring).
 
     Args:
@@ -96,35 +151,14 @@ class FleetClient(WeightClient):
         connect_timeout: float = 3.0,
         cooldown: float = 5.0,
     ) -> None:
-        parsed = Target.parse(address)
-        self.address = str(parsed)
-        self.retry = retry or RetryPolicy()
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.router = Router(
-            parsed,
-            replicas_per_model=replicas_per_model,
-            spread_key=spread_key,
-            refresh_seconds=refresh_seconds,
-            cooldown=cooldown,
-        )
-        self.health = self.router.health
-        self.replicas_per_model = replicas_per_model
-        self._options: dict[str, Any] = dict(
-            retry=self.retry,
-            timeout=timeout,
-            token=token,
-            tls=tls,
-            root_certificates=root_certificates,
-            certificate_chain=certificate_chain,
-            private_key=private_key,
-            allow_insecure_token=allow_insecure_token,
-            server_name=server_name or parsed.host or None,
-        )
+        self._setup_fleet(
+            address, retry=retry, timeout=timeout, connect_timeout=connect_timeout, server_name=server_name,
+            replicas_per_model=replicas_per_model, spread_key=spread_key, refresh_seconds=refresh_seconds,
+            cooldown=cooldown, token=token, tls=tls, root_certificates=root_certificates,
+            certificate_chain=certificate_chain, private_key=private_key, allow_insecure_token=allow_insecure_token,
+        )  # fmt: skip
         self._replicas: dict[str, WeightClient] = {}
         self._lock = threading.Lock()
-        self._jobs: dict[str, str] = {}
-        self.last_fetch_stats = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -135,18 +169,6 @@ class FleetClient(WeightClient):
             if client is None:
                 client = self._replicas[endpoint] = WeightClient(endpoint, **self._options)
             return client
-
-    def endpoints(self) -> tuple[str, ...]:
-        """The replicas now (a dns:/// target is resolved again when its answer is stale)."""
-        return self.router.endpoints()
-
-    def owner_order(self, model: str) -> list[str]:
-        """Every replica in the model's rendezvous order; the first owns its control state."""
-        return self.router.owner_order(model)
-
-    def fetch_order(self, shard: ShardArgs) -> list[str]:
-        """The replicas one fetch tries, in order (the owner first for a stateful plan)."""
-        return self.router.fetch_order(shard.model, shard.rank, stateful=stateful(shard))
 
     def __enter__(self) -> FleetClient:
         return self

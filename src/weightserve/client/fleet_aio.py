@@ -22,9 +22,8 @@ from typing_extensions import Unpack
 from weightserve.client import control
 from weightserve.client.aio import AsyncWeightClient
 from weightserve.client.common import FetchArgs, FetchOptions, Pause, ResumeLoop, ShardArgs, fetch_args, logger
-from weightserve.client.fleet import FAILOVER_CODES, stateful
+from weightserve.client.fleet import FAILOVER_CODES, FleetRouting
 from weightserve.client.retry import RetryPolicy
-from weightserve.client.routing import Router, Target
 from weightserve.client.security import Pem
 from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
@@ -32,7 +31,7 @@ from weightserve.v1 import weightserve_pb2 as pb
 T = TypeVar("T")
 
 
-class AsyncFleetClient(AsyncWeightClient):
+class AsyncFleetClient(FleetRouting, AsyncWeightClient):
     """AsyncWeightClient's calls over a fleet of replicas; the arguments are FleetClient's."""
 
     def __init__(
@@ -54,34 +53,13 @@ class AsyncFleetClient(AsyncWeightClient):
         connect_timeout: float = 3.0,
         cooldown: float = 5.0,
     ) -> None:
-        parsed = Target.parse(address)
-        self.address = str(parsed)
-        self.retry = retry or RetryPolicy()
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.router = Router(
-            parsed,
-            replicas_per_model=replicas_per_model,
-            spread_key=spread_key,
-            refresh_seconds=refresh_seconds,
-            cooldown=cooldown,
-        )
-        self.health = self.router.health
-        self.replicas_per_model = replicas_per_model
-        self._options: dict[str, Any] = dict(
-            retry=self.retry,
-            timeout=timeout,
-            token=token,
-            tls=tls,
-            root_certificates=root_certificates,
-            certificate_chain=certificate_chain,
-            private_key=private_key,
-            allow_insecure_token=allow_insecure_token,
-            server_name=server_name or parsed.host or None,
-        )
+        self._setup_fleet(
+            address, retry=retry, timeout=timeout, connect_timeout=connect_timeout, server_name=server_name,
+            replicas_per_model=replicas_per_model, spread_key=spread_key, refresh_seconds=refresh_seconds,
+            cooldown=cooldown, token=token, tls=tls, root_certificates=root_certificates,
+            certificate_chain=certificate_chain, private_key=private_key, allow_insecure_token=allow_insecure_token,
+        )  # fmt: skip
         self._replicas: dict[str, AsyncWeightClient] = {}
-        self._jobs: dict[str, str] = {}
-        self.last_fetch_stats = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -91,15 +69,6 @@ class AsyncFleetClient(AsyncWeightClient):
         if client is None:
             client = self._replicas[endpoint] = AsyncWeightClient(endpoint, **self._options)
         return client
-
-    def endpoints(self) -> tuple[str, ...]:
-        return self.router.endpoints()
-
-    def owner_order(self, model: str) -> list[str]:
-        return self.router.owner_order(model)
-
-    def fetch_order(self, shard: ShardArgs) -> list[str]:
-        return self.router.fetch_order(shard.model, shard.rank, stateful=stateful(shard))
 
     async def __aenter__(self) -> AsyncFleetClient:
         return self
