@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -181,6 +181,7 @@ _TAG_CRC = 0x25  # 4, fixed32
 _TAG_LAST = b"\x28\x01"  # 5, varint true
 _TAG_TENSOR_CRC = 0x35  # 6, fixed32
 _TAG_DATA = b"\x7a"  # 15, length-delimited
+_TAG_INFO_CRC = 0x2D  # TensorInfo.crc32c: 5, fixed32
 _FIXED32 = struct.Struct("<BI")
 
 
@@ -223,7 +224,8 @@ def encode_chunk_prefix(
 
 def encode_tensor_header(name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
     """A serialized TensorHeader (name, dtype, packed shape, nbytes), written by hand so
-    the server's data path needs no protobuf objects."""
+    the server's data path needs no protobuf objects. TensorInfo shares these four fields,
+    so it is also a TensorInfo without its digest (see `with_crc32c`)."""
     name_b, dtype_b = name.encode(), dtype.encode()
     parts = [b"\x0a", _varint(len(name_b)), name_b, b"\x12", _varint(len(dtype_b)), dtype_b]
     if shape:
@@ -232,6 +234,17 @@ def encode_tensor_header(name: str, dtype: str, shape: tuple[int, ...], nbytes: 
     if nbytes:
         parts += [b"\x20", _varint(nbytes)]
     return b"".join(parts)
+
+
+def with_crc32c(message: bytes, crc: int | None) -> bytes:
+    """A TensorInfo (or any message whose field 5 is an optional fixed32 digest) with `crc` set, if given."""
+    return message if crc is None else message + _FIXED32.pack(_TAG_INFO_CRC, crc)
+
+
+def encode_repeated(field_number: int, messages: Iterable[bytes]) -> bytes:
+    """Encoded messages as one repeated message field (appended to a message, protobuf merges it in)."""
+    tag = _varint(field_number << 3 | 2)
+    return b"".join(part for message in messages for part in (tag, _varint(len(message)), message))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import collections
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from weightserve.sharding.experts import ExpertSlots
 from weightserve.sharding.tensor_plan import TensorPlan
@@ -44,8 +45,11 @@ class Manifest:
     digests: dict[int, int] = field(default_factory=dict)
     version: int = 0
     """The published version of the weights the plan serves (0: the checkpoint)."""
+    memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+    """What the servicers derive from the plan once and reuse (its encoded tensor list, its
+    shared-memory layout), dropped with the manifest."""
 
-    @property
+    @cached_property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 

@@ -13,6 +13,12 @@ What a segment holds: a served tensor that is one contiguous range of one checkp
 tensor (unsliced, or a dim-0 slice for a rank) is a range of that whole tensor's
 segment, so all ranks share one copy; anything else (a dim-1 slice, a fused or padded
 tensor) gets a segment of its own bytes, built once for every client that asks.
+
+Small tensors share segments, so a checkpoint of 10,000 norms and biases is a few
+descriptors, not 10,000 (each is a file descriptor in both processes, a mapping and a
+build): checkpoint tensors under SMALL_TENSOR bytes that lie next to each other in a
+file form one block segment of up to BLOCK_BYTES (`RecordIndex`), and small tensors
+with segments of their own bytes are packed together per grant (`pack_small`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from weightserve.loaders.base import TensorRecord
-from weightserve.loaders.pieces import Piece, read_range
+from weightserve.loaders.pieces import ZEROS, Piece, read_range
 from weightserve.loaders.sources import Source
 
 logger = logging.getLogger(__name__)
@@ -37,6 +43,18 @@ SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_S
 
 FILL_BLOCK = 8 << 20
 """Bytes read and written per step while filling a segment."""
+
+SMALL_TENSOR = 1 << 20
+"""Tensors below this share segments with their neighbours; larger ones keep their own."""
+
+BLOCK_BYTES = 16 << 20
+"""Most bytes of small tensors one shared segment holds."""
+
+BLOCK_GAP = 64 << 10
+"""Most bytes between two small checkpoint tensors for them to share a block (format padding)."""
+
+ALIGN = 64
+"""Byte alignment kept for tensors in a shared segment (a block keeps the file's own, mod ALIGN)."""
 
 _fill_buffers = threading.local()
 
@@ -80,15 +98,43 @@ class Segment:
 
 
 class RecordIndex:
-    """The checkpoint's tensors by source and byte range, to find the tensor a range lies in."""
+    """The checkpoint's tensors by source and byte range, to find the segment a range lies in."""
 
     def __init__(self, records: Sequence[TensorRecord]) -> None:
         self._by_source: dict[int, tuple[list[int], list[TensorRecord]]] = {}
+        self._blocks: dict[tuple[int, int], Piece] = {}  # (source, record offset) -> its block
         ordered = sorted((r for r in records if r.nbytes), key=lambda r: (r.source, r.offset))
         for record in ordered:
             starts, found = self._by_source.setdefault(record.source, ([], []))
             starts.append(record.offset)
             found.append(record)
+        for found in (f for _, f in self._by_source.values()):
+            self._group_small(found)
+
+    def _group_small(self, records: list[TensorRecord]) -> None:
+        """Runs of small records close together in one file, each run cut at BLOCK_BYTES, become blocks."""
+        run: list[TensorRecord] = []
+
+        def close() -> None:
+            if len(run) > 1:
+                start = run[0].offset - run[0].offset % ALIGN  # the file's alignment, kept in the segment
+                end = max(r.offset + r.nbytes for r in run)  # records may overlap (views in a pickle)
+                block = Piece(run[0].source, start, end - start)
+                for member in run:
+                    self._blocks[(member.source, member.offset)] = block
+            run.clear()
+
+        for record in records:
+            if record.nbytes >= SMALL_TENSOR:
+                close()
+                continue
+            if run and (
+                record.offset - max(r.offset + r.nbytes for r in run[-4:]) > BLOCK_GAP
+                or record.offset + record.nbytes - run[0].offset > BLOCK_BYTES
+            ):
+                close()
+            run.append(record)
+        close()
 
     def containing(self, source: int, offset: int, nbytes: int) -> TensorRecord | None:
         """The record whose bytes include [offset, offset + nbytes) of `source`, if one does."""
@@ -99,17 +145,68 @@ class RecordIndex:
         record = found[i]
         return record if offset + nbytes <= record.offset + record.nbytes else None
 
+    def segment_of(self, record: TensorRecord) -> Piece:
+        """The file range a record's segment holds: its small-tensor block, or the record alone."""
+        return self._blocks.get((record.source, record.offset)) or Piece(record.source, record.offset, record.nbytes)
+
 
 def placement_of(pieces: tuple[Piece, ...], index: RecordIndex) -> Placement:
     """The segment a served tensor reads from, and where in it the tensor starts."""
     if len(pieces) == 1 and pieces[0].rows == 1 and pieces[0].source >= 0:
         piece = pieces[0]
         record = index.containing(piece.source, piece.offset, piece.nbytes)
-        if record is not None:  # a whole tensor, or a dim-0 slice of one: a range of the whole
-            whole = Piece(record.source, record.offset, record.nbytes)
-            return Placement(SegmentSpec(("record", record.source, record.offset, record.nbytes), (whole,)),
-                             piece.offset - record.offset)  # fmt: skip
+        if record is not None:  # a whole tensor, or a dim-0 slice of one: a range of the whole (or its block)
+            whole = index.segment_of(record)
+            return Placement(SegmentSpec(("record", whole.source, whole.offset, whole.nbytes), (whole,)),
+                             piece.offset - whole.offset)  # fmt: skip
     return Placement(SegmentSpec(("pieces", pieces), pieces), 0)
+
+
+def pack_small(placements: Sequence[Placement]) -> list[Placement]:
+    """The placements with runs of small own-bytes segments packed into shared ones, in order.
+
+    Each member starts ALIGN-aligned in its pack (zeros between); a pack holds at most
+    BLOCK_BYTES, and its key names every member, so the same request builds it once.
+    """
+    out: list[Placement] = []
+    run: list[tuple[int, Placement]] = []
+
+    def close() -> None:
+        if len(run) == 1:
+            out[run[0][0]] = run[0][1]
+        elif run:
+            pieces: list[Piece] = []
+            starts = []
+            at = 0
+            for _, member in run:
+                pad = -at % ALIGN
+                if pad:
+                    pieces.append(Piece(ZEROS, 0, pad))
+                    at += pad
+                starts.append(at)
+                pieces.extend(member.spec.pieces)
+                at += member.spec.size
+            packed = tuple(pieces)
+            spec = SegmentSpec(("pack", packed), packed)
+            for (position, _), start in zip(run, starts, strict=True):
+                out[position] = Placement(spec, start)
+        run.clear()
+
+    size = 0
+    for placement in placements:
+        out.append(placement)
+        own = placement.spec.key[0] == "pieces"
+        if not own or placement.spec.size >= SMALL_TENSOR:
+            close()
+            continue
+        if run and size + placement.spec.size + ALIGN > BLOCK_BYTES:
+            close()
+        if not run:
+            size = 0
+        run.append((len(out) - 1, placement))
+        size += placement.spec.size + ALIGN
+    close()
+    return out
 
 
 def build_segment(spec: SegmentSpec, sources: Sequence[Source], label: str) -> Segment:

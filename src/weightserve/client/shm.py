@@ -146,24 +146,103 @@ def populate(region: memoryview) -> None:
 def tensor_views(
     manifest: pb.GetManifestResponse, grant: pb.ShardSegments, mapped: Sequence[Mapped], names: set[str] | None
 ) -> dict[str, torch.Tensor]:
-    """The granted tensors as views of their segments, in manifest order (empty tensors allocated)."""
-    placed = {t.tensor_index: t for t in grant.tensors}
+    """The granted tensors as views of their segments, in manifest order (empty tensors allocated).
+
+    Each segment is viewed once per dtype, and a run of tensors of one dtype and shape
+    lying back to back (the experts of a layer, a model's norms) is one strided view
+    split with `unbind`, so a tensor costs about a microsecond, not the ~5 of a view of
+    its own. Views share their segment's storage; `copy=True` gives each its own.
+
+    Raises:
+        FetchError: DATA_LOSS when a placement lies outside its segment or a tensor has none.
+    """
+    views = _SegmentViews(mapped)
+    infos = manifest.tensors
+    placed: dict[int, torch.Tensor] = {}
+    run: list[int] = []  # tensor indices of the current run
+    run_key: tuple[int, str, object] = (0, "", None)
+    run_start = run_end = 0
+    count = len(infos)
+    for at in grant.tensors:
+        index, offset = at.tensor_index, at.offset
+        if index >= count:
+            raise FetchError(f"shared memory: a placement names tensor {index} of {count}", grpc.StatusCode.DATA_LOSS)
+        info = infos[index]
+        key = (at.segment, info.dtype, info.shape)
+        if offset != run_end or key != run_key:
+            if run:
+                placed.update(zip(run, views.run(run_key, run_start, run_end, len(run), infos[run[0]]), strict=True))
+            run, run_key, run_start, run_end = [], key, offset, offset
+        run.append(index)
+        run_end += info.nbytes
+    if run:
+        placed.update(zip(run, views.run(run_key, run_start, run_end, len(run), infos[run[0]]), strict=True))
+    if names is None and len(placed) == count:  # every tensor placed: none empty, none missing
+        return {infos[index].name: view for index, view in sorted(placed.items())}
+    _SegmentViews.check_complete(infos, placed, names)
     out: dict[str, torch.Tensor] = {}
-    for index, info in enumerate(manifest.tensors):
+    for index, info in enumerate(infos):
         if names is not None and info.name not in names:
             continue
-        dtype = wire.torch_dtype(info.dtype)
-        at = placed.get(index)
-        if at is None:
-            if info.nbytes:
-                raise FetchError(f"shared memory: no segment holds {info.name!r}", grpc.StatusCode.DATA_LOSS)
-            out[info.name] = torch.empty(tuple(info.shape), dtype=dtype)
-            continue
-        if at.segment >= len(mapped) or at.offset + info.nbytes > len(mapped[at.segment].view):
-            raise FetchError(f"shared memory: {info.name!r} lies outside its segment", grpc.StatusCode.DATA_LOSS)
-        raw = torch.frombuffer(mapped[at.segment].view, dtype=torch.uint8, count=info.nbytes, offset=at.offset)
-        out[info.name] = raw.view(dtype).reshape(tuple(info.shape))
+        view = placed.get(index)
+        if view is None:
+            view = torch.empty(tuple(info.shape), dtype=wire.torch_dtype(info.dtype))
+        out[info.name] = view
     return out
+
+
+class _SegmentViews:
+    """Typed views of mapped segments, made once per (segment, dtype)."""
+
+    def __init__(self, mapped: Sequence[Mapped]) -> None:
+        self.mapped = mapped
+        self._typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def run(self, key: object, start: int, end: int, count: int, info: pb.TensorInfo) -> Sequence[torch.Tensor]:
+        """`count` tensors shaped like `info` lying back to back in bytes [start, end) of a segment."""
+        assert isinstance(key, tuple)
+        segment = key[0]
+        if segment >= len(self.mapped):
+            raise FetchError(f"shared memory: {info.name!r} is placed in no segment", grpc.StatusCode.DATA_LOSS)
+        region = self.mapped[segment].view
+        if end > len(region):
+            raise FetchError(f"shared memory: {info.name!r} lies outside its segment", grpc.StatusCode.DATA_LOSS)
+        dtype = wire.torch_dtype(info.dtype)
+        shape = tuple(info.shape)
+        size = dtype.itemsize
+        if start % size:  # not aligned for its dtype (a packed file): a view of its own each
+            nbytes = (end - start) // count
+            return [torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=start + i * nbytes)
+                    .view(dtype).reshape(shape) for i in range(count)]  # fmt: skip
+        typed = self._typed.get((segment, dtype))
+        if typed is None:
+            whole = torch.frombuffer(region, dtype=torch.uint8)
+            typed = self._typed[(segment, dtype)] = whole[: len(whole) - len(whole) % size].view(dtype)
+        numel = (end - start) // size // count
+        strides = _contiguous_strides(shape)
+        if count == 1:
+            return [typed.as_strided(shape, strides, start // size)]
+        return typed.as_strided((count, *shape), (numel, *strides), start // size).unbind(0)
+
+    @staticmethod
+    def check_complete(infos: Sequence[pb.TensorInfo], placed: dict[int, torch.Tensor], names: set[str] | None) -> None:
+        """Every wanted tensor with bytes has a placement.
+
+        Raises:
+            FetchError: DATA_LOSS naming the first that has none.
+        """
+        for index, info in enumerate(infos):
+            if info.nbytes and index not in placed and (names is None or info.name in names):
+                raise FetchError(f"shared memory: no segment holds {info.name!r}", grpc.StatusCode.DATA_LOSS)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= max(dim, 1)
+    return tuple(reversed(strides))
 
 
 def verify(grant: pb.ShardSegments, manifest: pb.GetManifestResponse, tensors: dict[str, torch.Tensor]) -> None:

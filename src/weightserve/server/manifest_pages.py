@@ -109,7 +109,7 @@ def _varint_len(n: int) -> int:
 
 
 def take(page: PageRequest, items: Iterable[Item], fixed_bytes: int, what: str) -> list[Item]:
-    """The items one response carries: as many as fit, in order.
+    """The items one response carries: as many as fit, in order (see `fitting`).
 
     Args:
         page: the request; size 0 asks for every item in one response.
@@ -117,17 +117,26 @@ def take(page: PageRequest, items: Iterable[Item], fixed_bytes: int, what: str) 
         fixed_bytes: the encoded size of the rest of the response (next token included).
         what: names the list in the error ("the manifest of 'org/x' rank 0").
 
-    Returns:
-        A paged request's items (at least one, when any are left); every item when unpaged.
+    Raises:
+        PreconditionError: unpaged, and the response would exceed UNPAGED_LIMIT.
+    """
+    listed = list(items)
+    return listed[: fitting(page, (item.ByteSize() for item in listed), fixed_bytes, what)]
+
+
+def fitting(page: PageRequest, sizes: Iterable[int], fixed_bytes: int, what: str) -> int:
+    """How many items, of these encoded sizes, one response carries.
+
+    A paged response stops before PAGE_BYTES or page.size items (and carries at least
+    one when any are left); an unpaged one carries every item.
 
     Raises:
         PreconditionError: unpaged, and the response would exceed UNPAGED_LIMIT.
     """
     limit = PAGE_BYTES if page.size else UNPAGED_LIMIT
     total = fixed_bytes
-    out: list[Item] = []
-    for item in items:
-        size = item.ByteSize()
+    count = 0
+    for size in sizes:
         total += 1 + _varint_len(size) + size
         if total > limit:
             if not page.size:
@@ -136,9 +145,9 @@ def take(page: PageRequest, items: Iterable[Item], fixed_bytes: int, what: str) 
                     f"limit: ask for it in pages (GetManifestRequest.page_size, at most {MAX_PAGE_SIZE}; "
                     "follow next_page_token)"
                 )
-            if out:
+            if count:
                 break
-        out.append(item)
-        if len(out) == page.size:
+        count += 1
+        if count == page.size:
             break
-    return out
+    return count

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING, Any
 
+from weightserve import wire
 from weightserve.cache.manifests import Manifest
 from weightserve.errors import InvalidRequestError
 from weightserve.server import manifest_pages as pages
@@ -98,18 +98,23 @@ def segment_names(request: pb.FetchShardSegmentsRequest) -> list[str]:
     return limits.check_names(request.names)
 
 
-def shard_segments(grant: SegmentGrant) -> pb.ShardSegments:
-    return pb.ShardSegments(
-        manifest_id=grant.manifest_id,
-        segments=[pb.SegmentInfo(size=size) for size in grant.sizes],
-        tensors=[
+def shard_segments(grant: SegmentGrant) -> bytes:
+    """A serialized ShardSegments; the placements are encoded once per layout and spliced in."""
+    layout = grant.layout
+    if layout.encoded is None:
+        placements = [
             pb.TensorPlacement(tensor_index=t.index, segment=t.segment, offset=t.offset, crc32c=t.crc32c)
             for t in grant.tensors
-        ],
+        ]
+        layout.encoded = pb.ShardSegments(tensors=placements).SerializeToString()
+    head = pb.ShardSegments(
+        manifest_id=grant.manifest_id,
+        segments=[pb.SegmentInfo(size=size) for size in grant.sizes],
         ticket=grant.ticket,
         handoff_socket=grant.socket,
         ticket_ttl_ms=grant.ticket_ms,
     )
+    return bytes(head.SerializeToString()) + layout.encoded
 
 
 def file_patterns(request: pb.FetchFilesRequest) -> list[str]:
@@ -118,15 +123,19 @@ def file_patterns(request: pb.FetchFilesRequest) -> list[str]:
     return limits.check_patterns(request.patterns)
 
 
-def manifest_response(manifest: Manifest, page: pages.PageRequest | None = None) -> pb.GetManifestResponse:
-    """One page of a plan (the whole plan when `page` is None or unpaged); see manifest_pages.
+def manifest_response(manifest: Manifest, page: pages.PageRequest | None = None) -> bytes:
+    """One page of a plan (the whole plan when `page` is None or unpaged), serialized; see manifest_pages.
+
+    The tensor list is encoded once per manifest and spliced in behind the other fields
+    (protobuf appends repeated fields it meets apart): building a TensorInfo message per
+    tensor per request cost about 4 us each, 40 ms for a plan of 10,000 tensors.
 
     Raises:
         PreconditionError: unpaged over 4 MiB, or a page token of another manifest.
         InvalidRequestError: a page token past the plan's end.
     """
     page = page or pages.PageRequest()
-    plans, digests = manifest.tensors, manifest.digests
+    plans = manifest.tensors
     start = page.start_in(manifest.manifest_id, len(plans))
     experts = None
     if manifest.experts is not None:
@@ -150,17 +159,47 @@ def manifest_response(manifest: Manifest, page: pages.PageRequest | None = None)
         max_chunk_bytes=manifest.chunk_bytes,
         version=manifest.version,
     )
-    longest_token = len(pages.encode_token(manifest.manifest_id, len(plans)))
-    infos = (
-        pb.TensorInfo(name=p.name, dtype=p.dtype, shape=p.shape, nbytes=p.nbytes, crc32c=digests.get(i))
-        for i, p in enumerate(itertools.islice(plans, start, None), start)
-    )
-    what = f"the manifest of {manifest.manifest_id} ({len(plans)} tensors)"
-    response.tensors.extend(pages.take(page, infos, response.ByteSize() + 2 + longest_token, what))
-    end = start + len(response.tensors)
+    end, tensors = _page_of(manifest, page, start, response.ByteSize())
     if end < len(plans):
         response.next_page_token = pages.encode_token(manifest.manifest_id, end)
-    return response
+    return bytes(response.SerializeToString()) + tensors
+
+
+def _page_of(manifest: Manifest, page: pages.PageRequest, start: int, fixed_bytes: int) -> tuple[int, bytes]:
+    """Where the page from `start` ends, and its tensors as the encoded `tensors` field.
+
+    Kept per (start, page size) until a stream adds a digest (digests are only ever added).
+    """
+    key = f"page:{start}:{page.size}"
+    kept = manifest.memo.get(key)
+    if isinstance(kept, tuple) and kept[0] == len(manifest.digests):
+        return kept[1], kept[2]
+    plans, digests = manifest.tensors, manifest.digests
+    known = len(digests)
+    infos = _tensor_infos(manifest)
+    longest_token = len(pages.encode_token(manifest.manifest_id, len(plans)))
+    sizes = (len(infos[i]) + (5 if i in digests else 0) for i in range(start, len(plans)))
+    what = f"the manifest of {manifest.manifest_id} ({len(plans)} tensors)"
+    end = start + pages.fitting(page, sizes, fixed_bytes + 2 + longest_token, what)
+    encoded = wire.encode_repeated(
+        _TENSORS_FIELD, (wire.with_crc32c(infos[i], digests.get(i)) for i in range(start, end))
+    )
+    manifest.memo[key] = (known, end, encoded)
+    return end, encoded
+
+
+_TENSORS_FIELD = pb.GetManifestResponse.DESCRIPTOR.fields_by_name["tensors"].number
+
+
+def _tensor_infos(manifest: Manifest) -> list[bytes]:
+    """Each tensor's TensorInfo without its digest, encoded once per manifest."""
+    infos = manifest.memo.get("tensor_infos")
+    if infos is None:
+        infos = manifest.memo["tensor_infos"] = [
+            wire.encode_tensor_header(p.name, p.dtype, p.shape, p.nbytes) for p in manifest.tensors
+        ]
+    assert isinstance(infos, list)
+    return infos
 
 
 _CACHE_STATES = {

@@ -8,6 +8,7 @@ this type, and `plan.py` composes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from weightserve.loaders.base import TensorRecord
 from weightserve.loaders.pieces import Piece
@@ -22,8 +23,9 @@ class TensorPlan:
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
+        """Bytes the rank receives (worked out once: every stream and grant asks for it)."""
         return sum(p.nbytes for p in self.pieces)
 
 
