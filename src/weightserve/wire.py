@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -181,6 +181,7 @@ _TAG_CRC = 0x25  # 4, fixed32
 _TAG_LAST = b"\x28\x01"  # 5, varint true
 _TAG_TENSOR_CRC = 0x35  # 6, fixed32
 _TAG_DATA = b"\x7a"  # 15, length-delimited
+_TAG_PACKING = b"\x3a"  # 7, length-delimited
 _TAG_INFO_CRC = 0x2D  # TensorInfo.crc32c: 5, fixed32
 _FIXED32 = struct.Struct("<BI")
 
@@ -222,6 +223,33 @@ def encode_chunk_prefix(
     return b"".join(parts)
 
 
+def encode_packed_prefix(*, indices: Sequence[int], sizes: Sequence[int], crcs: Sequence[int], crc: int) -> bytes:
+    """The bytes of a packed TensorChunk up to its data's length (TRANSPORT_GRPC_PACKED).
+
+    The caller appends the tensors' bytes back to back (`sum(sizes)` of them).
+
+    Args:
+        indices: each tensor's position in the manifest, in stream order.
+        sizes: each tensor's byte size.
+        crcs: each tensor's crc32c.
+        crc: crc32c of all the data.
+    """
+    ints = b"".join(_varint(i) for i in indices)
+    lengths = b"".join(_varint(n) for n in sizes)
+    digests = struct.pack(f"<{len(crcs)}I", *crcs)
+    packing = b"".join((
+        b"\x0a", _varint(len(ints)), ints,
+        b"\x12", _varint(len(lengths)), lengths,
+        b"\x1a", _varint(len(digests)), digests,
+    ))  # fmt: skip
+    parts = []
+    if indices[0]:
+        parts += [_TAG_INDEX, _varint(indices[0])]
+    parts += [_FIXED32.pack(_TAG_CRC, crc), _TAG_LAST, _TAG_PACKING, _varint(len(packing)), packing]
+    parts += [_TAG_DATA, _varint(sum(sizes))]
+    return b"".join(parts)
+
+
 def encode_tensor_header(name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
     """A serialized TensorHeader (name, dtype, packed shape, nbytes), written by hand so
     the server's data path needs no protobuf objects. TensorInfo shares these four fields,
@@ -258,6 +286,8 @@ class ChunkView:
     last: bool
     tensor_crc: int
     data: memoryview
+    packing: memoryview | None = None
+    """The serialized Packing of a packed chunk (TRANSPORT_GRPC_PACKED), else None."""
 
 
 def _fields(buf: memoryview) -> Iterator[tuple[int, int | memoryview]]:
@@ -305,6 +335,7 @@ def decode_chunk(message: bytes) -> ChunkView:
     buf = memoryview(message)
     ints = dict.fromkeys(_INT_FIELDS.values(), 0)
     header: bytes | None = None
+    packing: memoryview | None = None
     data = buf[0:0]
     for field, value in _fields(buf):
         if isinstance(value, int):
@@ -314,6 +345,8 @@ def decode_chunk(message: bytes) -> ChunkView:
             header = bytes(value)
         elif field == 15:
             data = value
+        elif field == 7:
+            packing = value
     return ChunkView(
         header,
         ints["tensor_index"],
@@ -322,6 +355,7 @@ def decode_chunk(message: bytes) -> ChunkView:
         bool(ints["last"]),
         ints["tensor_crc"],
         data,
+        packing,
     )
 
 

@@ -70,7 +70,7 @@ def test_metrics_count_a_known_fetch(model_root: Path, serve) -> None:  # type: 
     assert value(samples, "grpc_server_handled_total", grpc_method="FetchShard", grpc_code="OK") == 2
     assert value(samples, "grpc_server_handled_total", grpc_method="GetManifest", grpc_code="NOT_FOUND") == 1
     assert value(samples, "grpc_server_started_total", grpc_method="FetchShard", grpc_type="server_stream") == 2
-    assert value(samples, "grpc_server_msg_sent_total", grpc_method="FetchShard") > 2
+    assert value(samples, "grpc_server_msg_sent_total", grpc_method="FetchShard") >= 2  # small tensors packed
     assert value(samples, "grpc_server_handling_seconds_count", grpc_method="FetchShard") == 2
     assert value(samples, "weightserve_cache_hits_total") > 0 and value(samples, "weightserve_cache_misses_total") > 0
     payload = first.payload_bytes

@@ -224,6 +224,13 @@ class ModelCache:
             entry.keep(key, chunk)
         return chunk
 
+    def keep_chunks(self, entry: ModelEntry, chunks: list[tuple[ChunkKey, CachedChunk]]) -> None:
+        """Keep chunks read outside `chunk()` (packed tensors), as far as the budget admits them."""
+        for key, chunk in chunks:
+            if entry.retired or not self.budget.admit(len(chunk.message)):
+                return
+            entry.keep(key, chunk)
+
     @property
     def keeps_chunks(self) -> bool:
         """Whether chunks are kept in memory (a --cache-memory budget), or pass through the page cache."""

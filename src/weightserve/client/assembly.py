@@ -268,6 +268,7 @@ class FetchSession:
         self._cursor = 0
         self._writer = None if device.type == "cpu" else _DeviceWriter(device, max(manifest.max_chunk_bytes, 1))
         self._arena: mmap.mmap | None = None
+        self._arena_array: np.ndarray | None = None
         self._arena_offsets: dict[int, int] = {}
         if self._writer is None:
             self._plan_arena()
@@ -306,6 +307,9 @@ class FetchSession:
         chunk = wire.decode_chunk(message)
         if self.complete:
             raise IntegrityError("server sent a chunk after the last tensor")
+        if chunk.packing is not None:
+            self._accept_packed(chunk, chunk.packing)
+            return
         progress = self.pending[self._cursor]
         if chunk.tensor_index != progress.index or chunk.offset != progress.received:
             raise IntegrityError(
@@ -339,6 +343,64 @@ class FetchSession:
         if self.on_bytes is not None:
             self.on_bytes(size)
 
+    def _accept_packed(self, chunk: wire.ChunkView, packing_bytes: memoryview) -> None:
+        """Verify and place each whole tensor of a packed chunk (TRANSPORT_GRPC_PACKED).
+
+        Every tensor is checked against its own crc32c (the sizes cover all of the data,
+        so every byte is checked once), in order; a tensor that fails leaves the ones
+        before it done and the resume point at its first byte.
+        """
+        packing = pb.Packing.FromString(bytes(packing_bytes))
+        indices, sizes, crcs = list(packing.tensor_index), list(packing.nbytes), list(packing.crc32c)
+        count = len(indices)
+        if not count or len(sizes) != count or len(crcs) != count or sum(sizes) != len(chunk.data):
+            raise IntegrityError("packed chunk: its packing does not describe its data")
+        batch = self.pending[self._cursor : self._cursor + count]
+        if len(batch) < count:
+            raise IntegrityError("server packed more tensors than were asked for")
+        self._populate_range(batch)
+        data = np.frombuffer(chunk.data, dtype=np.uint8)
+        at = 0
+        for progress, index, nbytes, crc in zip(batch, indices, sizes, crcs, strict=True):
+            info = progress.info
+            if progress.index != index or progress.received:
+                raise IntegrityError(
+                    f"expected tensor {progress.index} at byte {progress.received}, got packed tensor {index}"
+                )
+            if nbytes != info.nbytes:
+                raise IntegrityError(f"tensor {info.name!r}: packed as {nbytes} bytes, not its {info.nbytes}")
+            piece = chunk.data[at : at + nbytes]
+            if wire.crc32c(piece) != crc or (info.HasField("crc32c") and info.crc32c != crc):
+                raise IntegrityError(f"tensor {info.name!r} failed its crc32c")
+            offset = self._arena_offsets.get(index)
+            if offset is not None and self._arena_array is not None:
+                self._arena_array[offset : offset + nbytes] = data[at : at + nbytes]  # its tensor: at the end
+            elif nbytes:
+                progress.tensor = self._allocate(info, index)
+                if self._writer is None:
+                    progress.flat = progress.tensor.reshape(-1).view(torch.uint8).numpy()
+                self._write(progress, 0, piece)
+            progress.received, progress.running_crc, progress.done = nbytes, crc, True
+            self._cursor += 1
+            at += nbytes
+            self.stats.payload_bytes += nbytes
+            if self.on_bytes is not None:
+                self.on_bytes(nbytes)
+
+    def _populate_range(self, batch: list[TensorProgress]) -> None:
+        """Make the arena pages a batch of whole tensors lands in, in one call (and the arena, if first)."""
+        offsets = self._arena_offsets
+        spans = [(offsets[p.index], offsets[p.index] + p.info.nbytes) for p in batch if p.index in offsets]
+        if spans:
+            start, end = min(s for s, _ in spans), max(e for _, e in spans)
+            populate(arena_view(self._ensure_arena(), start, end - start))
+
+    def _ensure_arena(self) -> mmap.mmap:
+        if self._arena is None:
+            self._arena = allocate_arena(self._arena_bytes)
+            self._arena_array = np.frombuffer(self._arena, dtype=np.uint8)
+        return self._arena
+
     def _check_header(self, progress: TensorProgress, header: pb.TensorHeader) -> None:
         info = progress.info
         if (header.name, header.dtype, list(header.shape), header.nbytes) != (
@@ -362,7 +424,12 @@ class FetchSession:
             return dest
         return None
 
-    def _allocate(self, info: pb.TensorInfo, index: int = -1) -> torch.Tensor:
+    def _allocate(self, info: pb.TensorInfo, index: int = -1, fresh: bool = True) -> torch.Tensor:
+        """The tensor `info` is written into: the caller's, a view of the arena, or a new one.
+
+        `fresh`: the arena pages are not made yet (populate them); False for a tensor
+        whose bytes were written into the arena already (packed).
+        """
         dest = self._destination(info)
         if dest is not None:
             return dest  # write straight into the caller's tensor (load_into)
@@ -370,11 +437,11 @@ class FetchSession:
         offset = self._arena_offsets.get(index)
         if offset is None:
             return torch.empty(tuple(info.shape), dtype=dtype, device=self.device)
-        if self._arena is None:
-            self._arena = allocate_arena(self._arena_bytes)
-        view = arena_view(self._arena, offset, info.nbytes)
-        populate(view)  # this tensor's pages in one call, as its first chunk arrives
-        return view.view(dtype).view(tuple(info.shape))
+        shape = tuple(info.shape)
+        view = torch.frombuffer(self._ensure_arena(), dtype=dtype, count=info.nbytes // dtype.itemsize, offset=offset)
+        if fresh:
+            populate(view)  # this tensor's pages in one call, as its first chunk arrives
+        return view if len(shape) == 1 else view.view(shape)
 
     def _write(self, progress: TensorProgress, offset: int, data: memoryview) -> None:
         if not len(data):
@@ -393,8 +460,8 @@ class FetchSession:
         converted = set()
         for progress in self.pending:
             tensor = progress.tensor
-            if tensor is None:  # an empty tensor: nothing to write, still allocated once
-                tensor = self._allocate(progress.info, progress.index)
+            if tensor is None:  # an empty tensor, or one a packed chunk wrote into the arena
+                tensor = progress.tensor = self._allocate(progress.info, progress.index, fresh=False)
             if dtype is not None and tensor.dtype != dtype and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
                 converted.add(progress.index)

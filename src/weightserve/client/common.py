@@ -125,7 +125,7 @@ class FetchArgs:
     verify: bool = False
 
 
-TRANSPORTS = ("auto", "shm", "grpc")
+TRANSPORTS = ("auto", "shm", "grpc", "packed")
 
 
 def fetch_args(model: str, rank: int, world_size: int, options: FetchOptions) -> FetchArgs:
@@ -161,8 +161,11 @@ def fetch_args(model: str, rank: int, world_size: int, options: FetchOptions) ->
             - destinations: tensors to write into instead of allocating (load_into
               passes a module's parameters).
             - transport: "auto" (the default: shared memory over a Unix socket to the
-              server, gRPC chunks otherwise), "shm" or "grpc". Shared memory asked for
-              over TCP falls back to chunks, saying why once.
+              server, packed gRPC chunks otherwise), "shm", "grpc" (chunks, each
+              tensor in messages of its own) or "packed" (chunks, with small whole
+              tensors several to a message; a server too old for it gets plain
+              chunks). Shared memory asked for over TCP falls back to packed chunks,
+              saying why once.
             - copy: with shared memory, copy each tensor once into storage of its own
               instead of viewing the server's segments (the default keeps views).
             - verify: with shared memory, check every tensor's crc32c (chunks are always
@@ -216,7 +219,7 @@ def shm_unsupported(error: FetchError) -> bool:
 
 def shm_fallback(fetch: FetchArgs, target: str) -> str | None:
     """Why this fetch streams chunks rather than shared memory ('' when it simply should); None: use shm."""
-    if fetch.transport == "grpc":
+    if fetch.transport in ("grpc", "packed"):
         return ""
     if is_unix(target):
         return None
@@ -302,6 +305,8 @@ class ResumeLoop:
         self.session.stats.tensors = len(self.session.pending)
         self.session.stats.version = manifest.version
         self.attempt = 0
+        self.packed = fetch.transport != "grpc"
+        """Ask for TRANSPORT_GRPC_PACKED (dropped for good if the server does not speak it)."""
         self._integrity_failures = 0
         self._last_error: grpc.RpcError | None = None
         self._pause_started = 0.0
@@ -326,6 +331,7 @@ class ResumeLoop:
             shard=self.args.proto(self.manifest.revision),
             names=self.names,
             manifest_id=self.manifest.manifest_id,
+            transport=pb.TRANSPORT_GRPC_PACKED if self.packed else pb.TRANSPORT_GRPC_CHUNKS,
         )
         point = self.session.resume_point()
         if point is not None:
@@ -367,6 +373,12 @@ class ResumeLoop:
         A RESOURCE_EXHAUSTED is retried only when the server hinted when (retry-after-ms);
         the hinted delay is then the least wait.
         """
+        if self.packed and _refuses_packing(error):
+            logger.info("%s: the server does not pack tensors (%s); streaming plain chunks", self.args.model,
+                        error.details())  # fmt: skip
+            self.packed = False
+            self._pause_started = time.monotonic()
+            return Pause(floor=0.0, limit=self.policy.retry_deadline)
         hint = retry_after(_trailing_metadata(error))
         if not self.policy.should_retry(error.code(), self.attempt, hinted=hint is not None):
             self._stop()
@@ -402,6 +414,13 @@ class ResumeLoop:
             f"{error.details()}",
             code,
         )
+
+
+def _refuses_packing(error: grpc.RpcError) -> bool:
+    """Whether a stream failed because the server predates TRANSPORT_GRPC_PACKED."""
+    return error.code() == grpc.StatusCode.INVALID_ARGUMENT and "is not one this server speaks" in (
+        error.details() or ""
+    )
 
 
 def _ranks(shard: ShardArgs) -> str:

@@ -22,7 +22,7 @@ from weightserve.config import ServerConfig
 from weightserve.errors import InvalidRequestError, PreconditionError, TensorNotFoundError, WeightserveError
 from weightserve.loaders.formats import files_at, formats_at
 from weightserve.server.call_context import current_call
-from weightserve.server.chunk_stream import ChunkFramer, chunk_jobs, stream_chunks
+from weightserve.server.chunk_stream import ChunkFramer, chunk_jobs, packed_jobs, stream_chunks
 from weightserve.server.control_plane import ControlPlane
 from weightserve.server.deltas import plan_delta
 from weightserve.server.file_stream import FilePiece, select_files, stream_files
@@ -170,8 +170,10 @@ class DataPlane:
         names: list[str] | None = None,
         manifest_id: str = "",
         resume: ResumeFrom | None = None,
+        packed: bool = False,
     ) -> AsyncIterator[bytes]:
-        """Encoded TensorChunk messages for the rank's tensors (docs/wire.md).
+        """Encoded TensorChunk messages for the rank's tensors (docs/wire.md); `packed`:
+        small whole tensors several to a message (TRANSPORT_GRPC_PACKED).
 
         Raises:
             PreconditionError: `manifest_id` no longer matches the model.
@@ -194,7 +196,8 @@ class DataPlane:
             framer = ChunkFramer(manifest.tensors, dict(manifest.digests))
             window = self.config.prefetch_depth * self.config.chunk_bytes
             sent = 0
-            jobs = chunk_jobs(manifest.tensors, selection, start, self.config.chunk_bytes)
+            make_jobs = packed_jobs if packed else chunk_jobs
+            jobs = make_jobs(manifest.tensors, selection, start, self.config.chunk_bytes)
             recorder = self.cache.recorder
             with self.cache.stream_window(window):
                 recorder.stream_started(spec.model, spec.layout, resume is not None)

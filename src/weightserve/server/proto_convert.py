@@ -72,7 +72,7 @@ def resume_from(request: pb.FetchShardRequest) -> ResumeFrom | None:
     return ResumeFrom(tensor, request.resume_from.offset)
 
 
-_TRANSPORTS = frozenset({pb.TRANSPORT_UNSPECIFIED, pb.TRANSPORT_GRPC_CHUNKS})
+_TRANSPORTS = frozenset({pb.TRANSPORT_UNSPECIFIED, pb.TRANSPORT_GRPC_CHUNKS, pb.TRANSPORT_GRPC_PACKED})
 
 
 def fetch_names(request: pb.FetchShardRequest) -> list[str]:

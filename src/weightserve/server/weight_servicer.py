@@ -38,9 +38,7 @@ class WeightServicer:
         return pb.ListModelsResponse(models=[convert.model_info(m) for m in models])
 
     @call_errors
-    async def GetManifest(
-        self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
-    ) -> bytes:
+    async def GetManifest(self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext) -> bytes:
         """A serialized GetManifestResponse (its tensor list is encoded once per manifest)."""
         spec, page = convert.shard_spec(request.shard), pages.page_request(request.page_size, request.page_token)
         manifest = await self.plane.manifest(spec)
@@ -51,7 +49,8 @@ class WeightServicer:
         spec, names = convert.shard_spec(request.shard), convert.fetch_names(request)
         resume = convert.resume_from(request)
         with self.gate.admit(convert.peer_of(context), current_caller()) as stream:
-            async for message in self.plane.fetch(spec, names, request.manifest_id, resume):
+            packed = request.transport == pb.TRANSPORT_GRPC_PACKED
+            async for message in self.plane.fetch(spec, names, request.manifest_id, resume, packed):
                 await stream.write(context, message)
 
     @call_errors
