@@ -102,8 +102,9 @@ class RecordIndex:
 
     def __init__(self, records: Sequence[TensorRecord]) -> None:
         self._by_source: dict[int, tuple[list[int], list[TensorRecord]]] = {}
-        self._blocks: dict[tuple[int, int], Piece] = {}  # (source, record offset) -> its block
-        ordered = sorted((r for r in records if r.nbytes), key=lambda r: (r.source, r.offset))
+        self._blocks: dict[tuple[int, int, int], Piece] = {}  # (source, offset, nbytes) of a record -> its block
+        # at one offset the largest record comes last, so `containing` finds it for any range from there
+        ordered = sorted((r for r in records if r.nbytes), key=lambda r: (r.source, r.offset, r.nbytes))
         for record in ordered:
             starts, found = self._by_source.setdefault(record.source, ([], []))
             starts.append(record.offset)
@@ -114,25 +115,23 @@ class RecordIndex:
     def _group_small(self, records: list[TensorRecord]) -> None:
         """Runs of small records close together in one file, each run cut at BLOCK_BYTES, become blocks."""
         run: list[TensorRecord] = []
+        end = 0  # where the run's bytes end (records may overlap: views in a pickle)
 
         def close() -> None:
             if len(run) > 1:
                 start = run[0].offset - run[0].offset % ALIGN  # the file's alignment, kept in the segment
-                end = max(r.offset + r.nbytes for r in run)  # records may overlap (views in a pickle)
                 block = Piece(run[0].source, start, end - start)
                 for member in run:
-                    self._blocks[(member.source, member.offset)] = block
+                    self._blocks[(member.source, member.offset, member.nbytes)] = block
             run.clear()
 
         for record in records:
             if record.nbytes >= SMALL_TENSOR:
                 close()
                 continue
-            if run and (
-                record.offset - max(r.offset + r.nbytes for r in run[-4:]) > BLOCK_GAP
-                or record.offset + record.nbytes - run[0].offset > BLOCK_BYTES
-            ):
+            if run and (record.offset - end > BLOCK_GAP or record.offset + record.nbytes - run[0].offset > BLOCK_BYTES):
                 close()
+            end = max(end, record.offset + record.nbytes) if run else record.offset + record.nbytes
             run.append(record)
         close()
 
@@ -147,7 +146,8 @@ class RecordIndex:
 
     def segment_of(self, record: TensorRecord) -> Piece:
         """The file range a record's segment holds: its small-tensor block, or the record alone."""
-        return self._blocks.get((record.source, record.offset)) or Piece(record.source, record.offset, record.nbytes)
+        whole = Piece(record.source, record.offset, record.nbytes)
+        return self._blocks.get((record.source, record.offset, record.nbytes), whole)
 
 
 def placement_of(pieces: tuple[Piece, ...], index: RecordIndex) -> Placement:
