@@ -25,7 +25,8 @@ every run and fetches from servers without a memory cache.
 README.md with the table and the machine it ran on. --scaling prints throughput against
 checkpoint size (256 MiB up to --max-size), against world size (--world-sizes ranks
 fetched at once, both transports) and per-tensor overhead (10,000 tensors of 4 KiB
-against 10 of 4 MiB). --short runs only the in-process contenders on a tiny checkpoint
+against 10 of 4 MiB, also over packed gRPC chunks); --per-tensor prints only the last.
+--short runs only the in-process contenders on a tiny checkpoint
 (what tests/benchmarks/test_peers.py checks the table-writing with).
 """
 
@@ -115,9 +116,7 @@ def touch(state: dict[str, Any]) -> int:
 
     import numpy as np
 
-    spans = sorted(
-        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in state.values() if t.numel()
-    )
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in state.values() if t.numel())
     merged: list[list[int]] = []
     for start, end in spans:
         if merged and start <= merged[-1][1] + 64:  # closer than a cache line: the same mapping
@@ -718,8 +717,9 @@ def tensor_count_models(root: Path) -> dict[str, tuple[str, int]]:
 
 
 def scaling(args: argparse.Namespace) -> int:
+    """Throughput against checkpoint size and world size, and the per-tensor overhead (only that with --per-tensor)."""
     root = bench_root()
-    sizes = sized_models(root, args.max_size)
+    sizes = [] if args.per_tensor else sized_models(root, args.max_size)
     counts = tensor_count_models(root)
     biggest = max([s for _, s in sizes] + [llama_bytes_on_disk(root / MODEL) if (root / MODEL).is_dir() else 0])
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
@@ -729,50 +729,58 @@ def scaling(args: argparse.Namespace) -> int:
         with servers(setup, Path(tmp), cached=True, short=False) as addresses:
             transports = {"gRPC (TCP)": {"address": addresses["tcp"], "transport": "grpc"},
                           "shared memory": {"address": addresses["unix"], "transport": "shm"}}  # fmt: skip
-
-            def rate(name: str, transport: dict[str, Any], repeat: int) -> float:
-                """Median GB/s; NaN (the reason on stderr) when the fetch fails."""
-                spec = {**transport, "model": name}
-                try:
-                    run_worker("ws-tcp", spec)  # warm the server's cache
-                    return median(gbps(run_worker("ws-tcp", spec)) for _ in range(repeat))
-                except subprocess.CalledProcessError as e:
-                    reason = ((e.stderr or "").strip().splitlines() or ["?"])[-1]
-                    sys.stderr.write(f"  {name} over {transport['transport']} failed: {reason}\n")
-                    return float("nan")
-
-            sys.stdout.write("throughput against checkpoint size (GB/s)\n")
-            sys.stdout.write(f"{'size':>10}  " + "  ".join(f"{t:>14}" for t in transports) + "\n")
-            for name, nbytes in sizes:
-                figures = [rate(name, t, args.repeat) for t in transports.values()]
-                sys.stdout.write(f"{nbytes / GiB:>8.2f} G  " + "  ".join(f"{f:>14.2f}" for f in figures) + "\n")
-
-            sys.stdout.write(f"\naggregate throughput against world size, {MODEL} (GB/s, all ranks at once)\n")
-            sys.stdout.write(f"{'ranks':>10}  " + "  ".join(f"{t:>14}" for t in transports) + "\n")
-            for world in args.world_sizes:
-                figures = []
-                for transport in transports.values():
-                    specs = [{**transport, "model": MODEL, "rank": r, "world_size": world} for r in range(world)]
-                    run_ranks("ws-tcp", specs)  # warm: the per-rank slices into the server's cache
-                    figures.append(median(gbps(run_ranks("ws-tcp", specs)) for _ in range(args.repeat)))
-                sys.stdout.write(f"{world:>10}  " + "  ".join(f"{f:>14.2f}" for f in figures) + "\n")
-
-            sys.stdout.write(f"\nper-tensor overhead: {SMALL_TENSORS} tensors of 4 KiB vs {LARGE_TENSORS} of 4 MiB\n")
-            for label, transport in transports.items():
-                small = rate(counts["small"][0], transport, args.repeat)
-                large = rate(counts["large"][0], transport, args.repeat)
-                ratio = small / large
-                target = TARGET_SMALL_SHM if transport["transport"] == "shm" else GRPC_SMALL_FLOOR
-                note = f"target >= {target}" if transport["transport"] == "shm" else f"floor {target}"
-                sys.stdout.write(
-                    f"  {label}: small {small:.3f} GB/s, large {large:.3f} GB/s, ratio {ratio:.3f} ({note})\n"
-                )
-                if ratio < target and transport["transport"] == "grpc":
-                    sys.stdout.write(
-                        "  gRPC is below 0.2x with small tensors: each tensor is at least one message; "
-                        "no packing transport exists yet\n"
-                    )
+            if not args.per_tensor:
+                size_scaling(sizes, transports, args.repeat)
+                world_scaling(args.world_sizes, transports, args.repeat)
+            packed = {"address": addresses["tcp"], "transport": "packed"}
+            per_tensor(counts, {**transports, "gRPC packed (TCP)": packed}, args.repeat)
     return 0
+
+
+def rate(name: str, transport: dict[str, Any], repeat: int) -> float:
+    """Median GB/s of fetching `name` over `transport`; NaN (the reason on stderr) when the fetch fails."""
+    spec = {**transport, "model": name}
+    try:
+        run_worker("ws-tcp", spec)  # warm the server's cache
+        return median(gbps(run_worker("ws-tcp", spec)) for _ in range(repeat))
+    except subprocess.CalledProcessError as e:
+        reason = ((e.stderr or "").strip().splitlines() or ["?"])[-1]
+        sys.stderr.write(f"  {name} over {transport['transport']} failed: {reason}\n")
+        return float("nan")
+
+
+def size_scaling(sizes: list[tuple[str, int]], transports: dict[str, dict[str, Any]], repeat: int) -> None:
+    sys.stdout.write("throughput against checkpoint size (GB/s)\n")
+    sys.stdout.write(f"{'size':>10}  " + "  ".join(f"{t:>14}" for t in transports) + "\n")
+    for name, nbytes in sizes:
+        figures = [rate(name, t, repeat) for t in transports.values()]
+        sys.stdout.write(f"{nbytes / GiB:>8.2f} G  " + "  ".join(f"{f:>14.2f}" for f in figures) + "\n")
+
+
+def world_scaling(worlds: list[int], transports: dict[str, dict[str, Any]], repeat: int) -> None:
+    sys.stdout.write(f"\naggregate throughput against world size, {MODEL} (GB/s, all ranks at once)\n")
+    sys.stdout.write(f"{'ranks':>10}  " + "  ".join(f"{t:>14}" for t in transports) + "\n")
+    for world in worlds:
+        figures = []
+        for transport in transports.values():
+            specs = [{**transport, "model": MODEL, "rank": r, "world_size": world} for r in range(world)]
+            run_ranks("ws-tcp", specs)  # warm: the per-rank slices into the server's cache
+            figures.append(median(gbps(run_ranks("ws-tcp", specs)) for _ in range(repeat)))
+        sys.stdout.write(f"{world:>10}  " + "  ".join(f"{f:>14.2f}" for f in figures) + "\n")
+
+
+def per_tensor(counts: dict[str, tuple[str, int]], transports: dict[str, dict[str, Any]], repeat: int) -> None:
+    """The small-tensor checkpoint's throughput over the large one's, per transport."""
+    sys.stdout.write(f"\nper-tensor overhead: {SMALL_TENSORS} tensors of 4 KiB vs {LARGE_TENSORS} of 4 MiB\n")
+    for label, transport in transports.items():
+        small = rate(counts["small"][0], transport, repeat)
+        large = rate(counts["large"][0], transport, repeat)
+        kind = transport["transport"]
+        target = TARGET_SMALL_SHM if kind == "shm" else GRPC_SMALL_FLOOR
+        note = f"target >= {target}" if kind != "grpc" else f"a message a tensor; packed when below {target}"
+        sys.stdout.write(
+            f"  {label}: small {small:.3f} GB/s, large {large:.3f} GB/s, ratio {small / large:.3f} ({note})\n"
+        )
 
 
 def llama_bytes_on_disk(model_dir: Path) -> int:
@@ -795,6 +803,7 @@ def main() -> int:
     parser.add_argument("--before", action="store_true", help="add the gRPC receive path as it was before the arena")
     parser.add_argument("--short", action="store_true", help="tiny checkpoint, in-process contenders only")
     parser.add_argument("--scaling", action="store_true", help="throughput against size, world size, tensor count")
+    parser.add_argument("--per-tensor", action="store_true", help="only the per-tensor overhead of --scaling")
     parser.add_argument("--max-size", type=parse_size, default=4 * GiB, help="largest checkpoint (default 4GiB)")
     parser.add_argument("--world-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
@@ -803,7 +812,7 @@ def main() -> int:
         kind, spec = args.worker
         sys.stdout.write(json.dumps(measure(kind, json.loads(spec), fresh_process=True)) + "\n")
         return 0
-    if args.scaling:
+    if args.scaling or args.per_tensor:
         return scaling(args)
     return peers(args)
 
