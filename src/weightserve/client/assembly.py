@@ -184,13 +184,15 @@ def populate(tensor: torch.Tensor) -> None:
     About 40% less kernel time than one page fault per 4 KiB as chunks land. A no-op
     before Linux 5.14 (the pages then fault in as they are written).
     """
-    if not tensor.numel():
-        return
-    start = tensor.data_ptr()
-    first = start - start % mmap.PAGESIZE
-    length = start + tensor.numel() * tensor.element_size() - first
-    if _LIBC is not None:
-        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), MADV_POPULATE_WRITE)
+    if tensor.numel():
+        populate_range(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+
+def populate_range(address: int, nbytes: int) -> None:
+    """`populate` for the `nbytes` of writable memory at `address` (the pages they touch)."""
+    first = address - address % mmap.PAGESIZE
+    if _LIBC is not None and nbytes:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(address + nbytes - first), MADV_POPULATE_WRITE)
 
 
 def _libc() -> ctypes.CDLL | None:

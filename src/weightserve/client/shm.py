@@ -15,6 +15,7 @@ last of them is garbage-collected. `verify=True` checks every tensor's crc32c.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import mmap
 import os
@@ -23,14 +24,14 @@ import struct
 import time
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import torch
 
 from weightserve import wire
-from weightserve.client.assembly import FetchStats, allocate_arena, arena_view
-from weightserve.client.assembly import populate as populate_writable
+from weightserve.client.assembly import FetchStats, allocate_arena, arena_view, populate_range
 from weightserve.client.common import FetchArgs
 from weightserve.errors import FetchError
 from weightserve.v1 import weightserve_pb2 as pb
@@ -119,11 +120,7 @@ def map_segments(fds: Sequence[int], sizes: Sequence[int], lease: Lease) -> list
     mapped: list[Mapped] = []
     try:
         for fd, size in zip(fds, sizes, strict=True):
-            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            if seals & REQUIRED_SEALS != REQUIRED_SEALS:
-                raise FetchError(f"shared memory: a segment lacks its seals ({seals:#x})", grpc.StatusCode.DATA_LOSS)
-            if os.fstat(fd).st_size != size:
-                raise FetchError(f"shared memory: a segment is not {size} bytes", grpc.StatusCode.DATA_LOSS)
+            check_sealed(fd, size)
             region = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             view = memoryview(region)
             lease.hold()
@@ -133,6 +130,19 @@ def map_segments(fds: Sequence[int], sizes: Sequence[int], lease: Lease) -> list
         for fd in fds:
             os.close(fd)
     return mapped
+
+
+def check_sealed(fd: int, size: int) -> None:
+    """A segment's descriptor carries the write, shrink and grow seals and is `size` bytes.
+
+    Raises:
+        FetchError: DATA_LOSS when it does not (its bytes could change, or a truncation kill a reader).
+    """
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        raise FetchError(f"shared memory: a segment lacks its seals ({seals:#x})", grpc.StatusCode.DATA_LOSS)
+    if os.fstat(fd).st_size != size:
+        raise FetchError(f"shared memory: a segment is not {size} bytes", grpc.StatusCode.DATA_LOSS)
 
 
 def populate(region: memoryview) -> None:
@@ -264,24 +274,19 @@ def verify(grant: pb.ShardSegments, manifest: pb.GetManifestResponse, tensors: d
 def copied(
     tensors: dict[str, torch.Tensor], device: torch.device, into: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Each tensor copied once into storage of its own on `device` (or into `into[name]` where it fits).
+    """Each tensor copied once onto `device` (a GPU; the CPU reads with `read_copies`), or into `into[name]`.
 
     To a GPU the bytes go through a small ring of pinned buffers on a side stream, so
     host memory beyond the mappings stays at the ring's size and copies overlap.
     """
     ring = _PinnedRing(device) if device.type == "cuda" else None
-    fits = {name for name, view in tensors.items() if _fits(into.get(name), view, device)}
-    arena = None
-    if device.type == "cpu":
-        arena = Arena(sum(v.numel() * v.element_size() for n, v in tensors.items() if n not in fits))
     out = {}
     for name, view in tensors.items():
-        if name in fits:
-            dest = into[name]
-        elif arena is not None:
-            dest = arena.take(view)
-        else:
-            dest = torch.empty(view.shape, dtype=view.dtype, device=device)
+        dest = (
+            into[name]
+            if _fits(into.get(name), view, device)
+            else torch.empty(view.shape, dtype=view.dtype, device=device)
+        )
         if ring is not None:
             ring.copy(view, dest)
         else:
@@ -290,6 +295,115 @@ def copied(
     if ring is not None:
         ring.finish()
     return out
+
+
+@dataclass(frozen=True)
+class _Read:
+    """Bytes [offset, offset + nbytes) of a segment's descriptor, to land at `address`."""
+
+    fd: int
+    offset: int
+    address: int
+    nbytes: int
+
+
+COPY_THREADS = min(4, os.cpu_count() or 1)
+"""Reads that copy=True runs at once (the kernel copies, and faults the pages in, on each)."""
+READ_BLOCK = 32 << 20
+"""Most bytes one read copies: a large tensor is read by several threads."""
+
+
+def read_copies(
+    fds: Sequence[int],
+    sizes: Sequence[int],
+    manifest: pb.GetManifestResponse,
+    grant: pb.ShardSegments,
+    names: set[str] | None,
+    into: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """copy=True on the CPU: each tensor read from its segment's descriptor straight into storage of its own.
+
+    Nothing is mapped: `preadv` on COPY_THREADS threads has the kernel copy each range
+    into its destination (made with MADV_POPULATE_WRITE first), so the bytes are copied
+    once, no page of the segments is ever mapped here, and there is nothing to unmap
+    after. On 2 cores this was 1.2x mapping the segments and copying with torch.
+
+    Raises:
+        FetchError: DATA_LOSS when a segment is not sealed or not its size, a placement
+            lies outside its segment, or a wanted tensor has none.
+    """
+    for fd, size in zip(fds, sizes, strict=True):
+        check_sealed(fd, size)
+    infos = manifest.tensors
+    wanted = [(at, infos[at.tensor_index]) for at in grant.tensors if at.tensor_index < len(infos)]
+    if len(wanted) != len(grant.tensors):
+        raise FetchError("shared memory: a placement names no tensor of the manifest", grpc.StatusCode.DATA_LOSS)
+    if names is not None:
+        wanted = [(at, info) for at, info in wanted if info.name in names]
+    fits = {info.name for _, info in wanted if _fits_info(into.get(info.name), info)}
+    arena = Arena([info.nbytes for _, info in wanted if info.name not in fits])
+    placed: dict[int, torch.Tensor] = {}
+    reads: list[_Read] = []
+    for at, info in wanted:
+        if at.segment >= len(fds) or at.offset + info.nbytes > sizes[at.segment]:
+            raise FetchError(f"shared memory: {info.name!r} lies outside its segment", grpc.StatusCode.DATA_LOSS)
+        dtype, shape = wire.torch_dtype(info.dtype), tuple(info.shape)
+        dest = into[info.name] if info.name in fits else arena.take(dtype, shape, info.nbytes)
+        placed[at.tensor_index] = dest
+        _plan_reads(reads, _Read(fds[at.segment], at.offset, dest.data_ptr(), info.nbytes))
+    with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="weightserve-copy") as pool:
+        for _ in pool.map(_read, reads):
+            pass
+    _SegmentViews.check_complete(infos, placed, names)
+    out: dict[str, torch.Tensor] = {}
+    for index, info in enumerate(infos):
+        if names is None or info.name in names:
+            found = placed.get(index)
+            out[info.name] = (
+                found if found is not None else torch.empty(tuple(info.shape), dtype=wire.torch_dtype(info.dtype))
+            )
+    return out
+
+
+def _plan_reads(reads: list[_Read], read: _Read) -> None:
+    """Add a tensor's read: joined to the last one where both ranges continue it, cut into READ_BLOCKs."""
+    if not read.nbytes:
+        return
+    last = reads[-1] if reads else None
+    if (
+        last is not None
+        and last.fd == read.fd
+        and last.offset + last.nbytes == read.offset
+        and last.address + last.nbytes == read.address
+        and last.nbytes + read.nbytes <= READ_BLOCK
+    ):
+        reads[-1] = _Read(last.fd, last.offset, last.address, last.nbytes + read.nbytes)
+        return
+    for start in range(0, read.nbytes, READ_BLOCK):
+        n = min(READ_BLOCK, read.nbytes - start)
+        reads.append(_Read(read.fd, read.offset + start, read.address + start, n))
+
+
+def _read(read: _Read) -> None:
+    """One read, on a copy thread: make the destination's pages, then have the kernel fill them."""
+    populate_range(read.address, read.nbytes)
+    done = 0
+    while done < read.nbytes:
+        target = (ctypes.c_char * (read.nbytes - done)).from_address(read.address + done)
+        got = os.preadv(read.fd, [target], read.offset + done)
+        if got <= 0:
+            raise FetchError("shared memory: a segment ended before its stated size", grpc.StatusCode.DATA_LOSS)
+        done += got
+
+
+def _fits_info(dest: torch.Tensor | None, info: pb.TensorInfo) -> bool:
+    return (
+        dest is not None
+        and dest.device.type == "cpu"
+        and dest.dtype == wire.torch_dtype(info.dtype)
+        and tuple(dest.shape) == tuple(info.shape)
+        and dest.is_contiguous()
+    )
 
 
 def _fits(dest: torch.Tensor | None, view: torch.Tensor, device: torch.device) -> bool:
@@ -305,26 +419,25 @@ def _fits(dest: torch.Tensor | None, view: torch.Tensor, device: torch.device) -
 class Arena:
     """One private anonymous mapping for a fetch's copied tensors (assembly's, as on the gRPC path).
 
-    Each tensor's pages are made in one call before its copy (a fault per 4 KiB page
-    costs about half the copy), and each gets a storage of its own bytes, so saving one
-    saves only it.
+    Each tensor gets a storage of its own bytes, ALIGN-aligned, so saving one saves
+    only it; its pages are made by the read that fills it (`read_copies`).
     """
 
     ALIGN = 64
 
-    def __init__(self, nbytes: int) -> None:
-        self.region = allocate_arena(nbytes + self.ALIGN * 1024)
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self.region = allocate_arena(sum(-(-n // self.ALIGN) * self.ALIGN for n in sizes))
         self.used = 0
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        nbytes = like.numel() * like.element_size()
+    def take(self, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
+        """A tensor of the next `nbytes` (one of the sizes the arena was made for)."""
         if nbytes == 0:
-            return torch.empty(like.shape, dtype=like.dtype)
+            return torch.empty(shape, dtype=dtype)
         at = -(-self.used // self.ALIGN) * self.ALIGN
+        if at + nbytes > len(self.region):
+            raise ValueError(f"arena of {len(self.region)} bytes has no room for {nbytes} more")
         self.used = at + nbytes
-        raw = arena_view(self.region, at, nbytes)
-        populate_writable(raw)
-        return raw.view(like.dtype).reshape(like.shape)
+        return arena_view(self.region, at, nbytes).view(dtype).reshape(shape)
 
 
 class _PinnedRing:
@@ -375,18 +488,29 @@ def receive(
             sealed or not its size, or (with verify) a tensor failed its crc32c.
     """
     lease, fds = redeem(grant.handoff_socket, grant.ticket, len(grant.segments), timeout)
+    names = set(fetch.names) if fetch.names else None
+    sizes = [s.size for s in grant.segments]
+    if fetch.device.type == "cpu" and (fetch.copy or fetch.destinations):
+        try:
+            stats.time_to_first_chunk = time.monotonic() - started
+            state = read_copies(fds, sizes, manifest, grant, names, fetch.destinations or {})
+        finally:
+            for fd in fds:
+                os.close(fd)
+            lease.close()  # nothing maps the segments: the lease ends now
+        if fetch.verify:
+            verify(grant, manifest, state)
+        return _finish(fetch, manifest, grant, stats, started, state)
     try:
-        mapped = map_segments(fds, [s.size for s in grant.segments], lease)
+        mapped = map_segments(fds, sizes, lease)
         stats.time_to_first_chunk = time.monotonic() - started
-        names = set(fetch.names) if fetch.names else None
         views = tensor_views(manifest, grant, mapped, names)
         if fetch.verify:
             verify(grant, manifest, views)
-        destinations = fetch.destinations or {}
-        if fetch.copy or fetch.device.type != "cpu" or destinations:
+        if fetch.device.type != "cpu":
             for region in mapped:
                 populate(region.view)  # one call maps the source pages, rather than a fault each
-            state = copied(views, fetch.device, destinations)
+            state = copied(views, fetch.device, fetch.destinations or {})
         else:
             for region in mapped:
                 populate(region.view)
@@ -395,6 +519,18 @@ def receive(
     finally:
         if lease.holders == 0:  # nothing views the segments (copied, or failed): end the lease now
             lease.close()
+    return _finish(fetch, manifest, grant, stats, started, state)
+
+
+def _finish(
+    fetch: FetchArgs,
+    manifest: pb.GetManifestResponse,
+    grant: pb.ShardSegments,
+    stats: FetchStats,
+    started: float,
+    state: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The state dict in the requested dtype, with the fetch's stats filled in."""
     if fetch.dtype is not None:
         dtype = fetch.dtype
         state = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state.items()}
