@@ -116,7 +116,7 @@ def touch(state: dict[str, Any]) -> int:
 
     import numpy as np
 
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in state.values() if t.numel())
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in state.values() if t.nbytes)
     merged: list[list[int]] = []
     for start, end in spans:
         if merged and start <= merged[-1][1] + 64:  # closer than a cache line: the same mapping
