@@ -223,7 +223,12 @@ class Probe:
             self.first_chunk = time.perf_counter()
         self.messages += 1
         chunk = wire.decode_chunk(message)
-        if chunk.last:
+        if chunk.packing is not None:  # several whole tensors, each with its crc32c
+            from weightserve.v1 import weightserve_pb2 as pb
+
+            packing = pb.Packing.FromString(bytes(chunk.packing))
+            self.digests.update(zip(packing.tensor_index, packing.crc32c, strict=True))
+        elif chunk.last:
             self.digests[chunk.tensor_index] = chunk.tensor_crc
         if self.stall and not self.stalled and self.messages == STALL_AFTER_MESSAGES:
             self.stalled = True
