@@ -19,14 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightserve import wire
-from weightserve.cache.entry import CachedChunk
+from weightserve.cache.entry import CachedChunk, CachedPack
 from weightserve.loaders.pieces import ZEROS, Piece, read_range
 from weightserve.loaders.sources import FileSource, Source
 from weightserve.server import chunk_stream
 from weightserve.server.chunk_stream import (
     MAX_PACKED,
     PACK_FRACTION,
-    CachedPack,
     ChunkJob,
     PackJob,
     chunk_jobs,
@@ -207,7 +206,7 @@ def pack_and_check(
             cached.append(None)
         expected.append(data)
 
-    plain = read_pack(plans, list(sources), indices, cached)
+    plain = read_pack(plans, list(sources), indices, cached, keep=False)
     kept = read_pack(plans, list(sources), indices, cached, keep=True)
     assert plain.message == kept.message and plain.crcs == kept.crcs
     assert plain.chunks == ()

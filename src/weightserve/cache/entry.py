@@ -38,6 +38,19 @@ class CachedChunk:
         return memoryview(self.message)[self.payload_at :]
 
 
+@dataclass(frozen=True)
+class CachedPack:
+    """A framed packed chunk (TRANSPORT_GRPC_PACKED) and each of its tensors' crc32c.
+
+    `chunks` holds the canonical chunk of each tensor the pack read from its file
+    (None for those it was handed), for waiting streams and the memory cache.
+    """
+
+    message: bytes
+    crcs: tuple[int, ...]
+    chunks: tuple[CachedChunk | None, ...] = ()
+
+
 @dataclass
 class LoadStats:
     """What opening (and downloading) a model cost."""
@@ -65,7 +78,7 @@ class ModelEntry:
     load: LoadStats
     manifests: ManifestStore = field(default_factory=ManifestStore)
     chunks: dict[ChunkKey, CachedChunk] = field(default_factory=dict)
-    inflight: dict[ChunkKey, asyncio.Task[CachedChunk]] = field(default_factory=dict)
+    inflight: dict[ChunkKey, asyncio.Future[CachedChunk]] = field(default_factory=dict)
     chunk_bytes: int = 0
     pins: int = 0
     warming: int = 0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from weightserve.cache.budget import MemoryBudget
-from weightserve.cache.entry import CachedChunk, ChunkKey, LoadStats, ModelEntry
+from weightserve.cache.entry import CachedChunk, CachedPack, ChunkKey, LoadStats, ModelEntry
 from weightserve.errors import PreconditionError
 from weightserve.loaders import loader_for
 from weightserve.loaders.base import Loader
@@ -39,6 +39,19 @@ def _detached(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
     task = asyncio.ensure_future(coro)
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
     return task
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a future's failure as seen (its awaiters get it; nobody needs 'exception never retrieved')."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _forget(entry: ModelEntry, key: ChunkKey) -> Callable[[asyncio.Future[CachedChunk]], None]:
+    def forget(_: asyncio.Future[CachedChunk]) -> None:
+        entry.inflight.pop(key, None)
+
+    return forget
 
 
 def model_config_for(loader: Loader, model_dir: Path) -> ModelConfig:
@@ -224,12 +237,51 @@ class ModelCache:
             entry.keep(key, chunk)
         return chunk
 
-    def keep_chunks(self, entry: ModelEntry, chunks: list[tuple[ChunkKey, CachedChunk]]) -> None:
-        """Keep chunks read outside `chunk()` (packed tensors), as far as the budget admits them."""
-        for key, chunk in chunks:
-            if entry.retired or not self.budget.admit(len(chunk.message)):
-                return
-            entry.keep(key, chunk)
+    async def pack(
+        self, entry: ModelEntry, keys: list[ChunkKey], read: Callable[[list[CachedChunk | None]], Awaitable[CachedPack]]
+    ) -> CachedPack:
+        """A packed chunk of whole tensors, each tensor's bytes read once however many streams ask.
+
+        Tensors the cache holds are handed to `read` as they are; tensors another read is
+        filling (a chunk or another pack) are waited for and handed over too; `read`
+        reads the rest (the None entries) and returns their canonical chunks, which
+        later readers wait on and the cache keeps while the budget admits them. Like
+        `chunk`, the read runs detached: a stream that goes away fails no other.
+        """
+        known: list[CachedChunk | None] = [entry.cached_chunk(key) for key in keys]
+        waits = {n: entry.inflight[key] for n, key in enumerate(keys) if known[n] is None and key in entry.inflight}
+        mine = [n for n, key in enumerate(keys) if known[n] is None and n not in waits]
+        hits = sum(keys[n][3] for n, chunk in enumerate(known) if chunk is not None)
+        self.recorder.cache_lookup(not mine)  # one lookup a pack: a miss when it reads anything
+        self.recorder.bytes_read("cache", hits)
+        if waits:
+            self.recorder.single_flight_wait()
+        loop = asyncio.get_running_loop()
+        filling: dict[int, asyncio.Future[CachedChunk]] = {n: loop.create_future() for n in mine}
+        for n, future in filling.items():
+            future.add_done_callback(_retrieved)
+            entry.inflight[keys[n]] = future
+            future.add_done_callback(_forget(entry, keys[n]))
+
+        async def fill() -> CachedPack:
+            try:
+                for n, waiting in waits.items():
+                    known[n] = await asyncio.shield(waiting)
+                pack = await read(known)
+            except BaseException as e:
+                for future in filling.values():
+                    future.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
+                raise
+            self.recorder.bytes_read(entry.source, sum(keys[n][3] for n in mine))
+            for n, future in filling.items():
+                chunk = pack.chunks[n]
+                assert chunk is not None, "a pack returns the chunk of every tensor it read"
+                future.set_result(chunk)
+                if not entry.retired and self.budget.admit(len(chunk.message)):
+                    entry.keep(keys[n], chunk)
+            return pack
+
+        return await asyncio.shield(_detached(fill()))
 
     @property
     def keeps_chunks(self) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from weightserve import wire
-from weightserve.cache.entry import CachedChunk, ModelEntry
+from weightserve.cache.entry import CachedChunk, CachedPack, ModelEntry
 from weightserve.cache.manifests import Manifest
 from weightserve.cache.model_cache import ModelCache
 from weightserve.errors import CorruptCheckpointError
@@ -75,19 +75,6 @@ class PackJob:
     indices: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class CachedPack:
-    """A framed packed chunk and each of its tensors' crc32c.
-
-    `chunks` holds the canonical chunk of each tensor read from its file (None for
-    those that came from the cache), for the memory cache to keep when asked.
-    """
-
-    message: bytes
-    crcs: tuple[int, ...]
-    chunks: tuple[CachedChunk | None, ...] = ()
-
-
 PACK_FRACTION = 4
 """A tensor is packed when it is at most chunk_bytes / PACK_FRACTION (1 MiB at the 4 MiB default)."""
 
@@ -129,14 +116,14 @@ def read_pack(
     sources: list[Source],
     indices: tuple[int, ...],
     cached: list[CachedChunk | None],
-    keep: bool = False,
+    keep: bool = True,
 ) -> CachedPack:
     """Read and frame one packed chunk (runs on the read pool).
 
-    Each tensor comes from its cached chunk where the cache has it, else from its file;
+    Each tensor comes from its cached chunk where one is given, else from its file;
     tensors lying back to back in one file are read with one call. With `keep`, the
-    tensors read from files are also framed as the canonical chunks the cache keeps,
-    so the next fetch (packed or not) finds them there.
+    tensors read from files are also framed as canonical chunks (CachedPack.chunks),
+    for the streams waiting on this read and for the memory cache.
     """
     sizes = [plans[i].nbytes for i in indices]
     crcs: list[int] = []
@@ -326,20 +313,11 @@ async def stream_chunks(
 
     def fetch_pack(job: PackJob) -> asyncio.Future[CachedPack]:
         keys = [(manifest.manifest_id, i, 0, plans[i].nbytes) for i in job.indices]
-        cached = [entry.cached_chunk(key) for key in keys]
-        hits = sum(key[3] for key, c in zip(keys, cached, strict=True) if c is not None)
-        total = sum(key[3] for key in keys)
-        cache.recorder.cache_lookup(hits == total)  # one lookup a pack: a miss when any tensor was read
-        cache.recorder.bytes_read("cache", hits)
-        cache.recorder.bytes_read(entry.source, total - hits)
 
-        async def read() -> CachedPack:
-            keep = cache.keeps_chunks and hits < total
-            pack = await loop.run_in_executor(executor, read_pack, plans, sources, job.indices, cached, keep)
-            cache.keep_chunks(entry, [(k, c) for k, c in zip(keys, pack.chunks, strict=False) if c is not None])
-            return pack
+        async def read(known: list[CachedChunk | None]) -> CachedPack:
+            return await loop.run_in_executor(executor, read_pack, plans, sources, job.indices, known)
 
-        return asyncio.ensure_future(read())
+        return asyncio.ensure_future(cache.pack(entry, keys, read))
 
     def fetch(job: ChunkJob) -> asyncio.Future[CachedChunk]:
         key = (manifest.manifest_id, job.index, job.offset, job.length)
