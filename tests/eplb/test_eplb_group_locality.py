@@ -204,3 +204,22 @@ def test_sized_counts_fill_every_slot_and_cap_a_hot_expert_at_the_gpus(
     # The hottest expert never gets more replicas than GPUs while it needs no more.
     hottest = int(weight.argmax())
     assert int(counts[0, hottest]) <= max(gpus, -(-slots // len(loads)))
+
+
+def test_a_spread_previous_node_missing_one_of_its_experts_is_not_kept() -> None:
+    # Found by the property test above: the relaxed previous mapping left node 0 holding
+    # only its own experts but not every one of them (expert 3 lived elsewhere); keeping
+    # that node dropped expert 3 from layer 0 altogether.
+    weight = torch.tensor(
+        [
+            [175125, 17408, 77803, 47290, 49939, 56652, 22811, 55947, 40872, 332599, 70619, 52935],
+            [67243, 55222, 45317, 63165, 98516, 68035, 124441, 70293, 78367, 167627, 101694, 60080],
+            [60788, 86712, 173624, 57815, 58738, 109377, 42396, 57074, 102946, 88818, 69456, 92256],
+        ],
+        dtype=torch.float64,
+    )
+    shape = (18, 6, 3, 9)
+    previous = rebalance_experts(weight.flip(1), *shape, locality="relaxed")
+    m = rebalance_experts(weight, *shape, policy="locality-aware", previous=previous)
+    check_mapping(m, weight.shape[1], 18, 9)
+    assert group_locality(m) == 1.0

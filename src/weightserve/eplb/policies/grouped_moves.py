@@ -6,7 +6,7 @@ not change), which fixes each group's node. Then every (layer, node) is its own 
 problem, solved as `locality-aware` solves a layer: candidates refined until they meet
 the target with swaps that put no expert on a GPU that lacked it taken first,
 
-- the previous placement of the node, where it holds only the node's experts;
+- the previous placement of the node, where it holds the node's experts and only them;
 - `sticky_packing` with the from-scratch replica counts, at a few slacks;
 - the from-scratch node with its GPUs renumbered to overlap the previous ones (this
   one always meets the target),
@@ -70,7 +70,10 @@ def grouped_from(problem: Problem, old: torch.Tensor, scratch: torch.Tensor, sla
     before = before.gather(3, mine).reshape(layers * nodes, gpus, per_node)
     matched = match_held(fresh, before, per_node, gpus)
     kept, inside = split.local(old)
-    kept = torch.where(inside.unsqueeze(1), kept, matched)
+    # a node of the old mapping is kept only if it holds its own experts, and every one of
+    # them: a spread previous mapping can leave one of a node's experts on another node
+    complete = held_by_gpu(kept, per_node, gpus).any(dim=1).all(dim=1)
+    kept = torch.where((inside & complete).unsqueeze(1), kept, matched)
     rows, copies = layers * nodes, len(slacks)
     counts = replica_counts(fresh, per_node).repeat(copies, 1)
     slack = torch.tensor(slacks, dtype=torch.float64).repeat_interleave(rows)
