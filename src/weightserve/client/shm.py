@@ -168,8 +168,10 @@ def tensor_views(
     """
     views = _SegmentViews(mapped)
     infos = manifest.tensors
-    placed: dict[int, torch.Tensor] = {}
-    run: list[int] = []  # tensor indices of the current run
+    by_name: dict[str, torch.Tensor] = {}  # in grant order
+    indices: list[int] = []  # of the placed tensors, in grant order
+    run: list[str] = []  # names of the current run
+    run_info: pb.TensorInfo | None = None
     run_key: tuple[int, str, object] = (0, "", None)
     run_start = run_end = 0
     count = len(infos)
@@ -180,15 +182,17 @@ def tensor_views(
         info = infos[index]
         key = (at.segment, info.dtype, info.shape)
         if offset != run_end or key != run_key:
-            if run:
-                placed.update(zip(run, views.run(run_key, run_start, run_end, len(run), infos[run[0]]), strict=True))
-            run, run_key, run_start, run_end = [], key, offset, offset
-        run.append(index)
+            if run_info is not None:
+                by_name.update(zip(run, views.run(run_key, run_start, run_end, len(run), run_info), strict=True))
+            run, run_info, run_key, run_start, run_end = [], info, key, offset, offset
+        run.append(info.name)
+        indices.append(index)
         run_end += info.nbytes
-    if run:
-        placed.update(zip(run, views.run(run_key, run_start, run_end, len(run), infos[run[0]]), strict=True))
-    if names is None and len(placed) == count:  # every tensor placed: none empty, none missing
-        return {infos[index].name: view for index, view in sorted(placed.items())}
+    if run_info is not None:
+        by_name.update(zip(run, views.run(run_key, run_start, run_end, len(run), run_info), strict=True))
+    if names is None and len(by_name) == count and indices == sorted(indices):
+        return by_name  # every tensor placed, in manifest order: none empty, none missing
+    placed = dict(zip(indices, by_name.values(), strict=True)) if len(by_name) == len(indices) else {}
     _SegmentViews.check_complete(infos, placed, names)
     out: dict[str, torch.Tensor] = {}
     for index, info in enumerate(infos):
