@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 
 from weightserve import wire
 from weightserve.errors import IntegrityError
@@ -352,7 +353,10 @@ class FetchSession:
         so every byte is checked once), in order; a tensor that fails leaves the ones
         before it done and the resume point at its first byte.
         """
-        packing = pb.Packing.FromString(bytes(packing_bytes))
+        try:
+            packing = pb.Packing.FromString(bytes(packing_bytes))
+        except DecodeError:
+            raise IntegrityError("packed chunk: its packing is not a Packing message") from None
         indices, sizes, crcs = list(packing.tensor_index), list(packing.nbytes), list(packing.crc32c)
         count = len(indices)
         if not count or len(sizes) != count or len(crcs) != count or sum(sizes) != len(chunk.data):
