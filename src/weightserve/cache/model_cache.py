@@ -270,7 +270,10 @@ class ModelCache:
                 pack = await read(known)
             except BaseException as e:
                 for future in filling.values():
-                    future.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
+                    if isinstance(e, Exception):
+                        future.set_exception(e)
+                    else:  # cancelled (the server is stopping): so are the waiters
+                        future.cancel()
                 raise
             self.recorder.bytes_read(entry.source, sum(keys[n][3] for n in mine))
             for n, future in filling.items():
