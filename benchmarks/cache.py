@@ -11,7 +11,6 @@ Exits non-zero when a target is missed.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     RssSampler,
     bench_root,
+    drop_page_cache,
     ensure_checkpoint,
     free_port,
     print_table,
@@ -43,19 +43,6 @@ SHAPE = LlamaShape(
 TARGET_RSS = 1.10
 
 
-def drop_page_cache(model_dir: Path) -> bool:
-    """Ask the kernel to forget the model's pages (best effort, no root needed)."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for path in model_dir.glob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return True
-
-
 def timed_fetch(address: str) -> tuple[float, int]:
     with WeightClient(address) as client:
         client.list_models()
@@ -72,7 +59,7 @@ def main() -> int:
 
     address = f"127.0.0.1:{free_port()}"
     with subprocess_server(serve_command(root, address, "--cache-memory", str(4 * model_bytes)), address):
-        dropped = drop_page_cache(model_dir)
+        dropped = drop_page_cache(model_dir.glob("*.safetensors"))
         cold_s, nbytes = timed_fetch(address)
         warm_s, _ = timed_fetch(address)
     cold, warm = nbytes / cold_s / 1e9, nbytes / warm_s / 1e9

@@ -10,14 +10,13 @@ over ours, page cache warm and, where the kernel allows dropping a file's pages,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import bench_root
+from _common import bench_root, drop_page_cache
 
 from weightserve.config import ServerConfig
 from weightserve.loaders import loader_for
@@ -43,19 +42,6 @@ def ensure_file(directory: Path) -> Path:
         }
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     return path
-
-
-def drop_cache(path: Path) -> bool:
-    """Ask the kernel to forget the file's pages; False where it cannot."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return True
 
 
 def run(name: str, path: Path, chunk: int) -> tuple[float, int]:
@@ -90,7 +76,7 @@ def main() -> int:
         best: dict[str, float] = {}
         for _ in range(args.runs):
             for name in loaders:  # alternate, so drift in the machine's load hits both
-                if cache == "cold" and not drop_cache(path):
+                if cache == "cold" and not drop_page_cache([path]):
                     print("cold: cannot drop the page cache here; skipped")
                     return 0
                 if cache == "warm" and name not in best:

@@ -57,6 +57,7 @@ from _common import (
     RssSampler,
     bench_root,
     current_rss,
+    drop_page_cache,
     ensure_checkpoint,
     free_port,
     llama_shape_of_size,
@@ -281,17 +282,6 @@ def measure(kind: str, spec: dict[str, Any], fresh_process: bool) -> dict[str, f
         "started": started,
         "ended": ended,
     }
-
-
-def drop_page_cache(paths: list[Path]) -> None:
-    """Ask the kernel to drop these files' clean pages (cold-cache runs)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 # ---------------------------------------------------------------------- peers

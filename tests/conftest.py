@@ -41,12 +41,12 @@ def serve() -> Iterator[ServeFn]:
     """Start servers on 127.0.0.1:0 over the given roots; all are stopped after the test.
 
     `serve(root1, root2, **config_overrides)` returns a running BackgroundServer whose
-    `.address` a client can dial.
+    `.address` a client can dial (`listen` among the overrides puts it elsewhere).
     """
     started: list[BackgroundServer] = []
 
     def start(*roots: Path, **overrides: object) -> BackgroundServer:
-        config = ServerConfig(model_roots=tuple(roots), listen="127.0.0.1:0", **overrides)  # type: ignore[arg-type]
+        config = ServerConfig(**{"model_roots": tuple(roots), "listen": "127.0.0.1:0", **overrides})  # type: ignore[arg-type]
         server = BackgroundServer(config).start()
         started.append(server)
         return server

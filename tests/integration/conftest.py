@@ -1,17 +1,19 @@
-"""Fixtures for fault-injection tests: mid-sized checkpoints, proxies and server processes."""
+"""Fixtures for the integration tests: mid-sized checkpoints, proxies, server processes, Unix-socket servers."""
 
 from __future__ import annotations
 
 import gc
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.faultkit import MID_LLAMA, MID_MODEL, FaultProxy, ServerProcess, free_port
+from tests.integration.shmkit import ServeUnix
 from weightserve.client import WeightClient
 from weightserve.client import sync as client_sync
-from weightserve.testing import write_llama_checkpoint
+from weightserve.testing import BackgroundServer, write_llama_checkpoint
 
 
 @pytest.fixture
@@ -81,3 +83,15 @@ def collect_garbage() -> Iterator[None]:
     """
     yield
     gc.collect()
+
+
+@pytest.fixture
+def serve_unix(serve: Callable[..., BackgroundServer], tmp_path: Path) -> ServeUnix:
+    """`serve_unix(root, **config)`: a server on a Unix socket under tmp_path (so its side socket is there too)."""
+    sockets = itertools.count()
+
+    def start(root: Path, **overrides: object) -> BackgroundServer:
+        listen = f"unix:{tmp_path / f'ws{next(sockets)}.sock'}"
+        return serve(root, **{"listen": listen, "metrics_listen": "off", **overrides})
+
+    return start

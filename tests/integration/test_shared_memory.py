@@ -15,18 +15,17 @@ import signal
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
+from tests.integration.shmkit import ServeUnix, leased, open_fds, wait_until
 from tests.server.test_security import CONTROLLER, WORKERS, write_tokens
 from weightserve.client import AsyncWeightClient, WeightClient
 from weightserve.client import shm as client_shm
-from weightserve.config import ServerConfig
 from weightserve.errors import FetchError
 from weightserve.server import fd_handoff
 from weightserve.testing import BackgroundServer, LlamaShape, write_llama_checkpoint
@@ -46,44 +45,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-ServeUnix = Callable[..., BackgroundServer]
-
-
-@pytest.fixture
-def serve_unix(tmp_path: Path) -> Iterator[ServeUnix]:
-    """`serve_unix(root, **config)`: a server on a Unix socket under tmp_path (so its side socket is there too)."""
-    started: list[BackgroundServer] = []
-
-    def start(root: Path, **overrides: object) -> BackgroundServer:
-        path = tmp_path / f"ws{len(started)}.sock"
-        config = ServerConfig(model_roots=(root,), listen=f"unix:{path}", metrics_listen="off", **overrides)  # type: ignore[arg-type]
-        server = BackgroundServer(config).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].equal(b[k]) for k in a)
-
-
-def leased(server: BackgroundServer) -> int:
-    assert server.server is not None
-    return sum(e.segments.leased for e in [*server.server.cache.open_entries(), *server.server.cache.lingering])
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.mark.parametrize(("world_size", "layout"), [(1, "checkpoint"), (2, "checkpoint"), (4, "vllm")])

@@ -13,14 +13,13 @@ import gc
 import json
 import os
 import struct
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
+from tests.integration.shmkit import ServeUnix, leased, open_fds, wait_until
 from weightserve import wire
 from weightserve.client import WeightClient
 from weightserve.client import shm as client_shm
@@ -101,26 +100,6 @@ def over_grpc(root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         return {model: client.fetch_state_dict(model, transport="grpc") for model in (MANY, PACKED)}
 
 
-ServeUnix = Callable[..., BackgroundServer]
-
-
-@pytest.fixture
-def serve_unix(tmp_path: Path) -> Iterator[ServeUnix]:
-    """`serve_unix(root, **config)`: a server on a Unix socket under tmp_path (so its side socket is there too)."""
-    started: list[BackgroundServer] = []
-
-    def start(root: Path, **overrides: object) -> BackgroundServer:
-        path = tmp_path / f"ws{len(started)}.sock"
-        config = ServerConfig(model_roots=(root,), listen=f"unix:{path}", metrics_listen="off", **overrides)  # type: ignore[arg-type]
-        server = BackgroundServer(config).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 def assert_identical(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     """Same names in the same order, and each tensor's dtype, shape and bytes."""
     assert list(got) == list(expected)
@@ -128,22 +107,6 @@ def assert_identical(got: dict[str, torch.Tensor], expected: dict[str, torch.Ten
         other = got[name]
         assert (other.dtype, other.shape) == (tensor.dtype, tensor.shape), name
         assert other.contiguous().view(torch.uint8).equal(tensor.contiguous().view(torch.uint8)), name
-
-
-def leased(server: BackgroundServer) -> int:
-    assert server.server is not None
-    return sum(e.segments.leased for e in [*server.server.cache.open_entries(), *server.server.cache.lingering])
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def segment_mappings() -> int:
