@@ -183,25 +183,37 @@ def tensor_views(
         key = (at.segment, info.dtype, info.shape)
         if offset != run_end or key != run_key:
             if run_info is not None:
-                by_name.update(zip(run, views.run(run_key, run_start, run_end, len(run), run_info), strict=True))
+                by_name.update(zip(run, views.run(run_key[0], run_start, run_end, len(run), run_info), strict=True))
             run, run_info, run_key, run_start, run_end = [], info, key, offset, offset
         run.append(info.name)
         indices.append(index)
         run_end += info.nbytes
     if run_info is not None:
-        by_name.update(zip(run, views.run(run_key, run_start, run_end, len(run), run_info), strict=True))
+        by_name.update(zip(run, views.run(run_key[0], run_start, run_end, len(run), run_info), strict=True))
     if names is None and len(by_name) == count and indices == sorted(indices):
         return by_name  # every tensor placed, in manifest order: none empty, none missing
     placed = dict(zip(indices, by_name.values(), strict=True)) if len(by_name) == len(indices) else {}
-    _SegmentViews.check_complete(infos, placed, names)
+    return _in_manifest_order(infos, placed, names)
+
+
+def _in_manifest_order(
+    infos: Sequence[pb.TensorInfo], placed: dict[int, torch.Tensor], names: set[str] | None
+) -> dict[str, torch.Tensor]:
+    """The wanted tensors by name in manifest order, an empty tensor allocated for each of 0 bytes.
+
+    Raises:
+        FetchError: DATA_LOSS naming the first wanted tensor with bytes but no placement.
+    """
     out: dict[str, torch.Tensor] = {}
     for index, info in enumerate(infos):
         if names is not None and info.name not in names:
             continue
-        view = placed.get(index)
-        if view is None:
-            view = torch.empty(tuple(info.shape), dtype=wire.torch_dtype(info.dtype))
-        out[info.name] = view
+        tensor = placed.get(index)
+        if tensor is None:
+            if info.nbytes:
+                raise FetchError(f"shared memory: no segment holds {info.name!r}", grpc.StatusCode.DATA_LOSS)
+            tensor = torch.empty(tuple(info.shape), dtype=wire.torch_dtype(info.dtype))
+        out[info.name] = tensor
     return out
 
 
@@ -212,10 +224,8 @@ class _SegmentViews:
         self.mapped = mapped
         self._typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
-    def run(self, key: object, start: int, end: int, count: int, info: pb.TensorInfo) -> Sequence[torch.Tensor]:
+    def run(self, segment: int, start: int, end: int, count: int, info: pb.TensorInfo) -> Sequence[torch.Tensor]:
         """`count` tensors shaped like `info` lying back to back in bytes [start, end) of a segment."""
-        assert isinstance(key, tuple)
-        segment = key[0]
         if segment >= len(self.mapped):
             raise FetchError(f"shared memory: {info.name!r} is placed in no segment", grpc.StatusCode.DATA_LOSS)
         region = self.mapped[segment].view
@@ -237,17 +247,6 @@ class _SegmentViews:
         if count == 1:
             return [typed.as_strided(shape, strides, start // size)]
         return typed.as_strided((count, *shape), (numel, *strides), start // size).unbind(0)
-
-    @staticmethod
-    def check_complete(infos: Sequence[pb.TensorInfo], placed: dict[int, torch.Tensor], names: set[str] | None) -> None:
-        """Every wanted tensor with bytes has a placement.
-
-        Raises:
-            FetchError: DATA_LOSS naming the first that has none.
-        """
-        for index, info in enumerate(infos):
-            if info.nbytes and index not in placed and (names is None or info.name in names):
-                raise FetchError(f"shared memory: no segment holds {info.name!r}", grpc.StatusCode.DATA_LOSS)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -358,15 +357,7 @@ def read_copies(
     with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="weightserve-copy") as pool:
         for _ in pool.map(_read, reads):
             pass
-    _SegmentViews.check_complete(infos, placed, names)
-    out: dict[str, torch.Tensor] = {}
-    for index, info in enumerate(infos):
-        if names is None or info.name in names:
-            found = placed.get(index)
-            out[info.name] = (
-                found if found is not None else torch.empty(tuple(info.shape), dtype=wire.torch_dtype(info.dtype))
-            )
-    return out
+    return _in_manifest_order(infos, placed, names)
 
 
 def _plan_reads(reads: list[_Read], read: _Read) -> None:
