@@ -117,16 +117,18 @@ def touch(state: dict[str, Any]) -> int:
 
     import numpy as np
 
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in state.values() if t.nbytes)
-    merged: list[list[int]] = []
-    for start, end in spans:
-        if merged and start <= merged[-1][1] + 64:  # closer than a cache line: the same mapping
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
+    tensors = [t for t in state.values() if t.nbytes]
+    if not tensors:
+        return 0
+    starts = np.fromiter((t.data_ptr() for t in tensors), np.int64, len(tensors))
+    ends = starts + np.fromiter((t.nbytes for t in tensors), np.int64, len(tensors))
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], np.maximum.accumulate(ends[order])
+    # a new range wherever a tensor starts more than a cache line past everything before it
+    breaks = np.flatnonzero(starts[1:] > ends[:-1] + 64) + 1
     total = 0
-    for start, end in merged:
-        span = np.ctypeslib.as_array((ctypes.c_uint8 * (end - start)).from_address(start))
+    for start, end in zip(starts[np.r_[0, breaks]], ends[np.r_[breaks - 1, len(starts) - 1]], strict=True):
+        span = np.ctypeslib.as_array((ctypes.c_uint8 * int(end - start)).from_address(int(start)))
         total += int(span[::PAGE].sum()) + int(span[-1])
     return total
 

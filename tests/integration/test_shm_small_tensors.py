@@ -21,9 +21,10 @@ import torch
 
 from tests.integration.shmkit import ServeUnix, leased, open_fds, wait_until
 from weightserve import wire
-from weightserve.client import WeightClient
+from weightserve.client import WeightClient, placements
 from weightserve.client import shm as client_shm
 from weightserve.config import ServerConfig
+from weightserve.server import proto_convert
 from weightserve.testing import BackgroundServer, LlamaShape, write_llama_checkpoint, write_sharded_safetensors
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
@@ -156,6 +157,43 @@ def test_a_grant_is_a_few_segments_not_one_per_tensor(root: Path, serve_unix: Se
             os.close(fd)
         lease.close()
     wait_until(lambda: leased(server) == 0, "leases kept after the redeemed lease closed")
+
+
+def test_asked_for_runs_a_grant_groups_its_tensors_as_the_client_would(
+    root: Path, serve_unix: ServeUnix, tmp_path: Path
+) -> None:
+    """Runs replace the per-tensor placements, read back as the same runs; 1,000 alike tensors are one run."""
+    uniform = tmp_path / "uniform"
+    (uniform / "org/alike").mkdir(parents=True)
+    alike = {f"experts.{n}.scale": torch.full((64,), n, dtype=torch.bfloat16) for n in range(1000)}
+    write_sharded_safetensors(alike, uniform / "org/alike", num_files=1)
+    for model_root, model, count in ((root, MANY, SMALL + 2), (uniform, "org/alike", 1000)):
+        server = serve_unix(model_root)
+        with WeightClient(server.address) as client:
+            plan = client.get_manifest(model)
+        request = pb.FetchShardSegmentsRequest(shard=pb.ShardSpec(model=model), manifest_id=plan.manifest_id)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.WeightServiceStub(channel)
+            per_tensor = stub.FetchShardSegments(request)
+            request.runs = True
+            grouped = stub.FetchShardSegments(request)
+        assert len(per_tensor.tensors) == count and not per_tensor.runs
+        assert not grouped.tensors and sum(len(run.tensor_index) for run in grouped.runs) == count
+        assert placements.runs_of(grouped, plan) == placements.runs_of(per_tensor, plan)
+    assert len(grouped.runs) == 1
+
+
+def test_a_client_reads_a_server_that_predates_runs(
+    root: Path, serve_unix: ServeUnix, over_grpc: dict[str, dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older server ignores the request's runs field and answers a placement a tensor."""
+    server = serve_unix(root)
+    encode = proto_convert.shard_segments
+    monkeypatch.setattr(proto_convert, "shard_segments", lambda grant, runs: encode(grant, False))
+    with WeightClient(server.address) as client:
+        for model in (MANY, PACKED):
+            assert_identical(client.fetch_state_dict(model, transport="shm"), over_grpc[model])
+            assert_identical(client.fetch_state_dict(model, transport="shm", copy=True, verify=True), over_grpc[model])
 
 
 def test_a_subset_by_name_comes_from_the_shared_segments(

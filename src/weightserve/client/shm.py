@@ -33,6 +33,8 @@ import torch
 from weightserve import wire
 from weightserve.client.assembly import FetchStats, allocate_arena, arena_view, populate_range
 from weightserve.client.common import FetchArgs
+from weightserve.client.gc_pause import gc_paused
+from weightserve.client.placements import Run, names_of, runs_of
 from weightserve.errors import FetchError
 from weightserve.v1 import weightserve_pb2 as pb
 
@@ -154,46 +156,28 @@ def populate(region: memoryview) -> None:
 
 
 def tensor_views(
-    manifest: pb.GetManifestResponse, grant: pb.ShardSegments, mapped: Sequence[Mapped], names: set[str] | None
+    manifest: pb.GetManifestResponse, runs: Sequence[Run], mapped: Sequence[Mapped], names: set[str] | None
 ) -> dict[str, torch.Tensor]:
     """The granted tensors as views of their segments, in manifest order (empty tensors allocated).
 
-    Each segment is viewed once per dtype, and a run of tensors of one dtype and shape
-    lying back to back (the experts of a layer, a model's norms) is one strided view
-    split with `unbind`, so a tensor costs about a microsecond, not the ~5 of a view of
-    its own. Views share their segment's storage; `copy=True` gives each its own.
+    Each segment is viewed once per dtype, and each run is one strided view split with
+    `unbind`, so a tensor costs about a microsecond, not the ~5 of a view of its own.
+    Views share their segment's storage; `copy=True` gives each its own.
 
     Raises:
-        FetchError: DATA_LOSS when a placement lies outside its segment or a tensor has none.
+        FetchError: DATA_LOSS when a run lies outside its segment.
     """
     views = _SegmentViews(mapped)
-    infos = manifest.tensors
-    by_name: dict[str, torch.Tensor] = {}  # in grant order
-    indices: list[int] = []  # of the placed tensors, in grant order
-    run: list[str] = []  # names of the current run
-    run_info: pb.TensorInfo | None = None
-    run_key: tuple[int, str, object] = (0, "", None)
-    run_start = run_end = 0
-    count = len(infos)
-    for at in grant.tensors:
-        index, offset = at.tensor_index, at.offset
-        if index >= count:
-            raise FetchError(f"shared memory: a placement names tensor {index} of {count}", grpc.StatusCode.DATA_LOSS)
-        info = infos[index]
-        key = (at.segment, info.dtype, info.shape)
-        if offset != run_end or key != run_key:
-            if run_info is not None:
-                by_name.update(zip(run, views.run(run_key[0], run_start, run_end, len(run), run_info), strict=True))
-            run, run_info, run_key, run_start, run_end = [], info, key, offset, offset
-        run.append(info.name)
-        indices.append(index)
-        run_end += info.nbytes
-    if run_info is not None:
-        by_name.update(zip(run, views.run(run_key[0], run_start, run_end, len(run), run_info), strict=True))
-    if names is None and len(by_name) == count and indices == sorted(indices):
-        return by_name  # every tensor placed, in manifest order: none empty, none missing
-    placed = dict(zip(indices, by_name.values(), strict=True)) if len(by_name) == len(indices) else {}
-    return _in_manifest_order(infos, placed, names)
+    tensors: list[torch.Tensor] = []  # in manifest order
+    all_names: list[str] = []
+    for run, run_names in zip(runs, names_of(manifest, runs), strict=True):
+        tensors += views.run(run, run_names[0])
+        all_names += run_names
+    by_name = dict(zip(all_names, tensors, strict=True))
+    if names is None and len(by_name) == len(manifest.tensors):
+        return by_name  # every tensor placed (runs are in manifest order): none empty, none missing
+    placed = dict(zip((i for run in runs for i in run.indices), tensors, strict=True))
+    return _in_manifest_order(manifest.tensors, placed, names)
 
 
 def _in_manifest_order(
@@ -224,25 +208,23 @@ class _SegmentViews:
         self.mapped = mapped
         self._typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
-    def run(self, segment: int, start: int, end: int, count: int, info: pb.TensorInfo) -> Sequence[torch.Tensor]:
-        """`count` tensors shaped like `info` lying back to back in bytes [start, end) of a segment."""
-        if segment >= len(self.mapped):
-            raise FetchError(f"shared memory: {info.name!r} is placed in no segment", grpc.StatusCode.DATA_LOSS)
-        region = self.mapped[segment].view
-        if end > len(region):
-            raise FetchError(f"shared memory: {info.name!r} lies outside its segment", grpc.StatusCode.DATA_LOSS)
-        dtype = wire.torch_dtype(info.dtype)
-        shape = tuple(info.shape)
+    def run(self, run: Run, first: str) -> Sequence[torch.Tensor]:
+        """The run's tensors as views of its segment (`first` names it in errors)."""
+        if run.segment >= len(self.mapped):
+            raise FetchError(f"shared memory: {first!r} is placed in no segment", grpc.StatusCode.DATA_LOSS)
+        region = self.mapped[run.segment].view
+        if run.end > len(region):
+            raise FetchError(f"shared memory: {first!r} lies outside its segment", grpc.StatusCode.DATA_LOSS)
+        dtype, shape, count, start = run.dtype, run.shape, len(run.indices), run.offset
         size = dtype.itemsize
         if start % size:  # not aligned for its dtype (a packed file): a view of its own each
-            nbytes = (end - start) // count
-            return [torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=start + i * nbytes)
+            return [torch.frombuffer(region, dtype=torch.uint8, count=run.nbytes, offset=start + i * run.nbytes)
                     .view(dtype).reshape(shape) for i in range(count)]  # fmt: skip
-        typed = self._typed.get((segment, dtype))
+        typed = self._typed.get((run.segment, dtype))
         if typed is None:
             whole = torch.frombuffer(region, dtype=torch.uint8)
-            typed = self._typed[(segment, dtype)] = whole[: len(whole) - len(whole) % size].view(dtype)
-        numel = (end - start) // size // count
+            typed = self._typed[(run.segment, dtype)] = whole[: len(whole) - len(whole) % size].view(dtype)
+        numel = run.nbytes // size
         strides = _contiguous_strides(shape)
         if count == 1:
             return [typed.as_strided(shape, strides, start // size)]
@@ -258,20 +240,25 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def verify(grant: pb.ShardSegments, manifest: pb.GetManifestResponse, tensors: dict[str, torch.Tensor]) -> None:
-    """Check each tensor's crc32c against the grant's.
+def verify(runs: Sequence[Run], manifest: pb.GetManifestResponse, tensors: dict[str, torch.Tensor]) -> None:
+    """Check each tensor's crc32c against the grant's, and its dtype and shape against the manifest's.
 
     Raises:
         FetchError: DATA_LOSS naming the first tensor that does not match.
     """
-    for at in grant.tensors:
-        name = manifest.tensors[at.tensor_index].name
-        tensor = tensors.get(name)
-        if tensor is None:
-            continue
-        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-        if wire.crc32c(data) != at.crc32c:
-            raise FetchError(f"shared memory: tensor {name!r} failed its crc32c", grpc.StatusCode.DATA_LOSS)
+    infos = manifest.tensors
+    for run in runs:
+        for index, crc in zip(run.indices, run.crcs, strict=True):
+            info = infos[index]
+            tensor = tensors.get(info.name)
+            if tensor is None:
+                continue
+            if tensor.dtype != wire.torch_dtype(info.dtype) or tuple(tensor.shape) != tuple(info.shape):
+                raise FetchError(f"shared memory: {info.name!r} is not placed as its manifest says",
+                                 grpc.StatusCode.DATA_LOSS)  # fmt: skip
+            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+            if wire.crc32c(data) != crc:
+                raise FetchError(f"shared memory: tensor {info.name!r} failed its crc32c", grpc.StatusCode.DATA_LOSS)
 
 
 def copied(
@@ -320,7 +307,7 @@ def read_copies(
     fds: Sequence[int],
     sizes: Sequence[int],
     manifest: pb.GetManifestResponse,
-    grant: pb.ShardSegments,
+    runs: Sequence[Run],
     names: set[str] | None,
     into: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
@@ -337,27 +324,25 @@ def read_copies(
     """
     for fd, size in zip(fds, sizes, strict=True):
         check_sealed(fd, size)
-    infos = manifest.tensors
-    wanted = [(at, infos[at.tensor_index]) for at in grant.tensors if at.tensor_index < len(infos)]
-    if len(wanted) != len(grant.tensors):
-        raise FetchError("shared memory: a placement names no tensor of the manifest", grpc.StatusCode.DATA_LOSS)
-    if names is not None:
-        wanted = [(at, info) for at, info in wanted if info.name in names]
-    fits = {info.name for _, info in wanted if _fits_info(into.get(info.name), info)}
-    arena = Arena([info.nbytes for _, info in wanted if info.name not in fits])
+    wanted: list[tuple[int, str, Run, int]] = []  # manifest index, name, run, offset in the segment
+    for run, run_names in zip(runs, names_of(manifest, runs), strict=True):
+        if run.segment >= len(fds) or run.end > sizes[run.segment]:
+            raise FetchError(f"shared memory: {run_names[0]!r} lies outside its segment", grpc.StatusCode.DATA_LOSS)
+        for n, (index, name) in enumerate(zip(run.indices, run_names, strict=True)):
+            if names is None or name in names:
+                wanted.append((index, name, run, run.offset + n * run.nbytes))
+    fits = {name for _, name, run, _ in wanted if _fits_run(into.get(name), run)}
+    arena = Arena([run.nbytes for _, name, run, _ in wanted if name not in fits])
     placed: dict[int, torch.Tensor] = {}
     reads: list[_Read] = []
-    for at, info in wanted:
-        if at.segment >= len(fds) or at.offset + info.nbytes > sizes[at.segment]:
-            raise FetchError(f"shared memory: {info.name!r} lies outside its segment", grpc.StatusCode.DATA_LOSS)
-        dtype, shape = wire.torch_dtype(info.dtype), tuple(info.shape)
-        dest = into[info.name] if info.name in fits else arena.take(dtype, shape, info.nbytes)
-        placed[at.tensor_index] = dest
-        _plan_reads(reads, _Read(fds[at.segment], at.offset, dest.data_ptr(), info.nbytes))
+    for index, name, run, offset in wanted:
+        dest = into[name] if name in fits else arena.take(run.dtype, run.shape, run.nbytes)
+        placed[index] = dest
+        _plan_reads(reads, _Read(fds[run.segment], offset, dest.data_ptr(), run.nbytes))
     with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="weightserve-copy") as pool:
         for _ in pool.map(_read, reads):
             pass
-    return _in_manifest_order(infos, placed, names)
+    return _in_manifest_order(manifest.tensors, placed, names)
 
 
 def _plan_reads(reads: list[_Read], read: _Read) -> None:
@@ -391,12 +376,12 @@ def _read(read: _Read) -> None:
         done += got
 
 
-def _fits_info(dest: torch.Tensor | None, info: pb.TensorInfo) -> bool:
+def _fits_run(dest: torch.Tensor | None, run: Run) -> bool:
     return (
         dest is not None
         and dest.device.type == "cpu"
-        and dest.dtype == wire.torch_dtype(info.dtype)
-        and tuple(dest.shape) == tuple(info.shape)
+        and dest.dtype == run.dtype
+        and tuple(dest.shape) == run.shape
         and dest.is_contiguous()
     )
 
@@ -482,26 +467,28 @@ def receive(
         FetchError: the side socket refused or could not be reached, a segment is not
             sealed or not its size, or (with verify) a tensor failed its crc32c.
     """
+    runs = runs_of(grant, manifest)  # checked before anything is redeemed or mapped
     lease, fds = redeem(grant.handoff_socket, grant.ticket, len(grant.segments), timeout)
     names = set(fetch.names) if fetch.names else None
     sizes = [s.size for s in grant.segments]
     if fetch.device.type == "cpu" and (fetch.copy or fetch.destinations):
         try:
             stats.time_to_first_chunk = time.monotonic() - started
-            state = read_copies(fds, sizes, manifest, grant, names, fetch.destinations or {})
+            state = read_copies(fds, sizes, manifest, runs, names, fetch.destinations or {})
         finally:
             for fd in fds:
                 os.close(fd)
             lease.close()  # nothing maps the segments: the lease ends now
         if fetch.verify:
-            verify(grant, manifest, state)
+            verify(runs, manifest, state)
         return _finish(fetch, manifest, grant, stats, started, state)
     try:
         mapped = map_segments(fds, sizes, lease)
         stats.time_to_first_chunk = time.monotonic() - started
-        views = tensor_views(manifest, grant, mapped, names)
+        with gc_paused():
+            views = tensor_views(manifest, runs, mapped, names)
         if fetch.verify:
-            verify(grant, manifest, views)
+            verify(runs, manifest, views)
         if fetch.device.type != "cpu":
             for region in mapped:
                 populate(region.view)  # one call maps the source pages, rather than a fault each

@@ -20,7 +20,7 @@ from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.wire import WIRE_VERSION
 
 if TYPE_CHECKING:
-    from weightserve.server.segment_plane import SegmentGrant
+    from weightserve.server.segment_plane import RunAt, SegmentGrant
     from weightserve.server.versions import VersionSummary
 
 _LAYOUTS: dict[int, str] = {
@@ -98,15 +98,22 @@ def segment_names(request: pb.FetchShardSegmentsRequest) -> list[str]:
     return limits.check_names(request.names)
 
 
-def shard_segments(grant: SegmentGrant) -> bytes:
-    """A serialized ShardSegments; the placements are encoded once per layout and spliced in."""
+def shard_segments(grant: SegmentGrant, runs: bool) -> bytes:
+    """A serialized ShardSegments; the placements (as runs, when asked) are encoded once per layout and spliced in."""
     layout = grant.layout
-    if layout.encoded is None:
-        placements = [
-            pb.TensorPlacement(tensor_index=t.index, segment=t.segment, offset=t.offset, crc32c=t.crc32c)
-            for t in grant.tensors
-        ]
-        layout.encoded = pb.ShardSegments(tensors=placements).SerializeToString()
+    if runs:
+        if layout.encoded_runs is None:
+            layout.encoded_runs = pb.ShardSegments(runs=[_placement_run(run) for run in grant.runs]).SerializeToString()
+        placements = layout.encoded_runs
+    else:
+        if layout.encoded is None:
+            layout.encoded = pb.ShardSegments(
+                tensors=[
+                    pb.TensorPlacement(tensor_index=t.index, segment=t.segment, offset=t.offset, crc32c=t.crc32c)
+                    for t in grant.tensors
+                ]
+            ).SerializeToString()
+        placements = layout.encoded
     head = pb.ShardSegments(
         manifest_id=grant.manifest_id,
         segments=[pb.SegmentInfo(size=size) for size in grant.sizes],
@@ -114,7 +121,19 @@ def shard_segments(grant: SegmentGrant) -> bytes:
         handoff_socket=grant.socket,
         ticket_ttl_ms=grant.ticket_ms,
     )
-    return bytes(head.SerializeToString()) + layout.encoded
+    return bytes(head.SerializeToString()) + placements
+
+
+def _placement_run(run: RunAt) -> pb.PlacementRun:
+    return pb.PlacementRun(
+        segment=run.segment,
+        offset=run.offset,
+        dtype=run.dtype,
+        shape=run.shape,
+        nbytes=run.nbytes,
+        tensor_index=[t.index for t in run.tensors],
+        crc32c=[t.crc32c for t in run.tensors],
+    )
 
 
 def file_patterns(request: pb.FetchFilesRequest) -> list[str]:

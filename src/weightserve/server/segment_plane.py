@@ -38,6 +38,18 @@ class TensorAt:
     crc32c: int
 
 
+@dataclass(frozen=True)
+class RunAt:
+    """Placed tensors of one dtype and shape lying back to back in one segment (a PlacementRun)."""
+
+    segment: int
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    tensors: list[TensorAt]
+
+
 @dataclass
 class SegmentLayout:
     """Where a selection's tensors lie, worked out once per manifest for the whole plan.
@@ -51,8 +63,12 @@ class SegmentLayout:
     """The distinct segments, in order of first use (the order their descriptors go out)."""
     tensors: list[TensorAt] | None = None
     """Every placed tensor with its segment position and crc32c, once the crcs are known."""
+    runs: list[RunAt] | None = None
+    """`tensors` grouped into runs, for clients that ask for runs."""
     encoded: bytes | None = None
     """`tensors` as the servicer encodes them, kept by it."""
+    encoded_runs: bytes | None = None
+    """`runs` as the servicer encodes them, kept by it."""
     nbytes: int = 0
     """Bytes of the placed tensors."""
 
@@ -72,6 +88,11 @@ class SegmentGrant:
     def tensors(self) -> list[TensorAt]:
         assert self.layout.tensors is not None
         return self.layout.tensors
+
+    @property
+    def runs(self) -> list[RunAt]:
+        assert self.layout.runs is not None
+        return self.layout.runs
 
 
 class SegmentPlane:
@@ -165,7 +186,31 @@ class SegmentPlane:
             manifest.digests.update(found)
         position = {spec.key: n for n, spec in enumerate(layout.specs)}
         digests = manifest.digests
-        layout.tensors = [TensorAt(i, position[p.spec.key], p.offset, digests[i]) for i, p in layout.placed]
+        tensors = [TensorAt(i, position[p.spec.key], p.offset, digests[i]) for i, p in layout.placed]
+        layout.runs = runs_of(manifest, tensors)
+        layout.tensors = tensors
+
+
+def runs_of(manifest: Manifest, tensors: Sequence[TensorAt]) -> list[RunAt]:
+    """Placed tensors grouped into runs: each next one of the same dtype and shape, in the same segment,
+    starting where the last ended, joins the run (a layer's experts, a model's norms)."""
+    runs: list[RunAt] = []
+    last: RunAt | None = None
+    for at in tensors:
+        plan = manifest.tensors[at.index]
+        if (
+            last is not None
+            and at.segment == last.segment
+            and at.offset == last.offset + len(last.tensors) * last.nbytes
+            and plan.nbytes == last.nbytes
+            and plan.dtype == last.dtype
+            and plan.shape == last.shape
+        ):
+            last.tensors.append(at)
+            continue
+        last = RunAt(at.segment, at.offset, plan.dtype, plan.shape, plan.nbytes, [at])
+        runs.append(last)
+    return runs
 
 
 def _segment_crcs(ranges: Sequence[tuple[int, Segment, int, int]]) -> dict[int, int]:

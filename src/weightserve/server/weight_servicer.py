@@ -60,7 +60,7 @@ class WeightServicer:
         """A serialized ShardSegments (its placements are encoded once per layout)."""
         spec, names = convert.shard_spec(request.shard), convert.segment_names(request)
         grant = await self.segments.grant(spec, names, request.manifest_id)
-        return convert.shard_segments(grant)
+        return convert.shard_segments(grant, request.runs)
 
     @call_errors
     async def FetchFiles(self, request: pb.FetchFilesRequest, context: grpc.aio.ServicerContext) -> None:
