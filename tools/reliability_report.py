@@ -112,6 +112,7 @@ PROMISES = {
     "shared-memory segment unsealed, resized or mislabelled": (
         "the client refuses to map it (DATA_LOSS) and closes the descriptor"
     ),
+    "shared-memory grant that disagrees with its manifest": "the client refuses it before mapping anything (DATA_LOSS)",
     "client killed while holding shared-memory segments": "its lease connection closes; the segments are released",
     "server gone while clients hold shared-memory segments": "the clients' tensors stay valid and writable",
     "model whose own cached chunks fill the budget": (
