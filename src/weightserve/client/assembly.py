@@ -28,6 +28,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from weightserve import wire
+from weightserve.client.gc_pause import gc_paused
 from weightserve.errors import IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
 
@@ -260,14 +261,15 @@ class FetchSession:
         self.stats = FetchStats()
         self.on_bytes = on_bytes
         self.destinations = destinations or {}
-        by_name = {t.name: i for i, t in enumerate(manifest.tensors)}
-        wanted = names if names else [t.name for t in manifest.tensors]
-        order = sorted({by_name[n] for n in wanted if n in by_name})  # the stream's order
-        self.pending = [TensorProgress(manifest.tensors[i], i) for i in order]
-        for progress in self.pending:
-            if nbytes_of(progress.info) != progress.info.nbytes:
-                raise IntegrityError(f"manifest entry {progress.info.name!r}: shape and dtype disagree with nbytes")
-        self._by_index = {p.index: p for p in self.pending}
+        with gc_paused():  # an object or two per tensor, all kept: 50,000 tensors took twice as long collecting
+            by_name = {t.name: i for i, t in enumerate(manifest.tensors)}
+            wanted = names if names else [t.name for t in manifest.tensors]
+            order = sorted({by_name[n] for n in wanted if n in by_name})  # the stream's order
+            self.pending = [TensorProgress(manifest.tensors[i], i) for i in order]
+            for progress in self.pending:
+                if nbytes_of(progress.info) != progress.info.nbytes:
+                    raise IntegrityError(f"manifest entry {progress.info.name!r}: shape and dtype disagree with nbytes")
+            self._by_index = {p.index: p for p in self.pending}
         self._cursor = 0
         self._writer = None if device.type == "cpu" else _DeviceWriter(device, max(manifest.max_chunk_bytes, 1))
         self._arena: mmap.mmap | None = None
@@ -464,14 +466,15 @@ class FetchSession:
             self._writer.finish()
         out: dict[str, torch.Tensor] = {}
         converted = set()
-        for progress in self.pending:
-            tensor = progress.tensor
-            if tensor is None:  # an empty tensor, or one a packed chunk wrote into the arena
-                tensor = progress.tensor = self._allocate(progress.info, progress.index, fresh=False)
-            if dtype is not None and tensor.dtype != dtype and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-                converted.add(progress.index)
-            out[progress.info.name] = tensor
+        with gc_paused():  # the tensors packed chunks wrote are made here, thousands at once
+            for progress in self.pending:
+                tensor = progress.tensor
+                if tensor is None:  # an empty tensor, or one a packed chunk wrote into the arena
+                    tensor = progress.tensor = self._allocate(progress.info, progress.index, fresh=False)
+                if dtype is not None and tensor.dtype != dtype and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                    converted.add(progress.index)
+                out[progress.info.name] = tensor
         if converted:  # one arena view left would keep the converted tensors' old bytes alive too
             for progress in self.pending:
                 if progress.index in self._arena_offsets and progress.index not in converted:
