@@ -79,6 +79,47 @@ def test_views_are_copy_on_write_and_copies_are_the_callers_own(root: Path, serv
         assert copy["model.norm.weight"].equal(original.float())
 
 
+def segment_pages() -> dict[str, tuple[int, int, int]]:
+    """This process's mappings of weightserve memfds: address range -> (size, resident, anonymous) in KiB.
+
+    A page written through a MAP_PRIVATE mapping becomes an anonymous copy; the segment's own pages do not.
+    """
+    out: dict[str, tuple[int, int, int]] = {}
+    current: str | None = None
+    fields: dict[str, int] = {}
+    with open("/proc/self/smaps") as smaps:
+        for line in [*smaps, "end-0 "]:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's first line
+                if current is not None:
+                    out[current] = (fields["Size"], fields["Rss"], fields["Anonymous"])
+                current = head if "memfd:weightserve:" in line else None
+                fields = {}
+            elif current is not None and head.endswith(":") and line.split()[1].isdigit():
+                fields[head[:-1]] = int(line.split()[1])
+    return out
+
+
+@pytest.mark.parametrize("piece", [client_shm.POPULATE_PIECE, 2 * 4096])
+def test_views_arrive_with_every_page_mapped_and_none_copied(
+    root: Path, serve_unix: ServeUnix, monkeypatch: pytest.MonkeyPatch, piece: int
+) -> None:
+    """The segments are populated up front (read-only, on several threads when in pieces): nothing faults
+    in on first use, and no page became a private copy."""
+    monkeypatch.setattr(client_shm, "POPULATE_PIECE", piece)
+    server = serve_unix(root)
+    with WeightClient(server.address) as client:
+        before = set(segment_pages())
+        views = client.fetch_state_dict(MODEL, transport="shm")
+        new = {k: v for k, v in segment_pages().items() if k not in before}
+        assert new, "no segment is mapped"
+        for size, resident, copied in new.values():
+            assert (resident, copied) == (size, 0)
+        next(iter(views.values())).view(torch.uint8)[0] ^= 1  # the check sees a copy-on-write page
+        assert sum(copied for _, _, copied in segment_pages().values()) == 4
+        del views
+
+
 @pytest.mark.fault("shared-memory segment unsealed, resized or mislabelled")
 def test_an_unsealed_or_resized_descriptor_is_refused(tmp_path: Path) -> None:
     lease = client_shm.Lease(__import__("socket").socket())

@@ -190,11 +190,12 @@ def populate(tensor: torch.Tensor) -> None:
         populate_range(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
 
-def populate_range(address: int, nbytes: int) -> None:
-    """`populate` for the `nbytes` of writable memory at `address` (the pages they touch)."""
+def populate_range(address: int, nbytes: int, advice: int = MADV_POPULATE_WRITE) -> None:
+    """`populate` for the `nbytes` of memory at `address` (the pages they touch); `advice` may
+    be MADV_POPULATE_READ for a mapping that must not be written. The call lets go of the GIL."""
     first = address - address % mmap.PAGESIZE
     if _LIBC is not None and nbytes:
-        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(address + nbytes - first), MADV_POPULATE_WRITE)
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(address + nbytes - first), advice)
 
 
 def _libc() -> ctypes.CDLL | None:
