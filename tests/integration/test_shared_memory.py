@@ -104,7 +104,7 @@ def segment_pages() -> dict[str, tuple[int, int, int]]:
 def test_views_arrive_with_every_page_mapped_and_none_copied(
     root: Path, serve_unix: ServeUnix, monkeypatch: pytest.MonkeyPatch, piece: int
 ) -> None:
-    """The segments are populated up front (read-only, on several threads when in pieces): nothing faults
+    """The segments are populated before the fetch returns (read-only, on threads, in pieces): nothing faults
     in on first use, and no page became a private copy."""
     monkeypatch.setattr(client_shm, "POPULATE_PIECE", piece)
     server = serve_unix(root)
