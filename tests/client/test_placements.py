@@ -7,7 +7,7 @@ import grpc
 import pytest
 import torch
 
-from weightserve.client.placements import Run, names_of, runs_of
+from weightserve.client.placements import Run, manifest_names, names_of, runs_of
 from weightserve.errors import FetchError
 from weightserve.v1 import weightserve_pb2 as pb
 
@@ -54,7 +54,7 @@ def test_back_to_back_tensors_of_one_dtype_and_shape_make_one_run() -> None:
     ]  # fmt: skip
     assert runs[0].crcs == [1000, 1001, 1002]
     assert (runs[1].offset, runs[1].end) == (192, 320)
-    assert names_of(plan, runs)[3] == ["t.6", "t.7"]
+    assert names_of(manifest_names(plan), runs)[3] == ["t.6", "t.7"]
 
 
 def test_a_run_breaks_at_a_new_segment_or_a_gap() -> None:

@@ -19,6 +19,7 @@ import grpc
 import torch
 
 from weightserve import wire
+from weightserve.client.gc_pause import gc_paused
 from weightserve.errors import FetchError
 from weightserve.v1 import weightserve_pb2 as pb
 
@@ -59,10 +60,16 @@ def runs_of(grant: pb.ShardSegments, manifest: pb.GetManifestResponse) -> list[R
     return runs
 
 
-def names_of(manifest: pb.GetManifestResponse, runs: Sequence[Run]) -> list[list[str]]:
-    """Each run's tensor names."""
-    names = [info.name for info in manifest.tensors]
-    return [[names[i] for i in run.indices] for run in runs]
+def manifest_names(manifest: pb.GetManifestResponse) -> list[str]:
+    """Every tensor name of the manifest, by position (~0.3 us a tensor: a client makes the list while the
+    server answers FetchShardSegments)."""
+    with gc_paused():
+        return [info.name for info in manifest.tensors]
+
+
+def names_of(all_names: Sequence[str], runs: Sequence[Run]) -> list[list[str]]:
+    """Each run's tensor names, out of `manifest_names`."""
+    return [[all_names[i] for i in run.indices] for run in runs]
 
 
 def _from_runs(messages: Sequence[pb.PlacementRun], manifest: pb.GetManifestResponse) -> list[Run]:

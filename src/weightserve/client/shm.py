@@ -34,7 +34,7 @@ from weightserve import wire
 from weightserve.client.assembly import FetchStats, allocate_arena, arena_view, populate_range
 from weightserve.client.common import FetchArgs
 from weightserve.client.gc_pause import gc_paused
-from weightserve.client.placements import Run, names_of, runs_of
+from weightserve.client.placements import Run, manifest_names, names_of, runs_of
 from weightserve.errors import FetchError
 from weightserve.v1 import weightserve_pb2 as pb
 
@@ -183,7 +183,11 @@ def populating(mapped: Sequence[Mapped]) -> Iterator[None]:
 
 
 def tensor_views(
-    manifest: pb.GetManifestResponse, runs: Sequence[Run], mapped: Sequence[Mapped], names: set[str] | None
+    manifest: pb.GetManifestResponse,
+    all_names: Sequence[str],
+    runs: Sequence[Run],
+    mapped: Sequence[Mapped],
+    names: set[str] | None,
 ) -> dict[str, torch.Tensor]:
     """The granted tensors as views of their segments, in manifest order (empty tensors allocated).
 
@@ -196,11 +200,11 @@ def tensor_views(
     """
     views = _SegmentViews(mapped)
     tensors: list[torch.Tensor] = []  # in manifest order
-    all_names: list[str] = []
-    for run, run_names in zip(runs, names_of(manifest, runs), strict=True):
+    placed_names: list[str] = []
+    for run, run_names in zip(runs, names_of(all_names, runs), strict=True):
         tensors += views.run(run, run_names[0])
-        all_names += run_names
-    by_name = dict(zip(all_names, tensors, strict=True))
+        placed_names += run_names
+    by_name = dict(zip(placed_names, tensors, strict=True))
     if names is None and len(by_name) == len(manifest.tensors):
         return by_name  # every tensor placed (runs are in manifest order): none empty, none missing
     placed = dict(zip((i for run in runs for i in run.indices), tensors, strict=True))
@@ -334,6 +338,7 @@ def read_copies(
     fds: Sequence[int],
     sizes: Sequence[int],
     manifest: pb.GetManifestResponse,
+    all_names: Sequence[str],
     runs: Sequence[Run],
     names: set[str] | None,
     into: dict[str, torch.Tensor],
@@ -352,7 +357,7 @@ def read_copies(
     for fd, size in zip(fds, sizes, strict=True):
         check_sealed(fd, size)
     wanted: list[tuple[int, str, Run, int]] = []  # manifest index, name, run, offset in the segment
-    for run, run_names in zip(runs, names_of(manifest, runs), strict=True):
+    for run, run_names in zip(runs, names_of(all_names, runs), strict=True):
         if run.segment >= len(fds) or run.end > sizes[run.segment]:
             raise FetchError(f"shared memory: {run_names[0]!r} lies outside its segment", grpc.StatusCode.DATA_LOSS)
         for n, (index, name) in enumerate(zip(run.indices, run_names, strict=True)):
@@ -487,21 +492,27 @@ def receive(
     stats: FetchStats,
     timeout: float,
     started: float,
+    all_names: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state dict a grant describes: redeem, check, map, and view (or copy) every tensor.
+
+    `all_names` is `manifest_names(manifest)` where the caller made it already (while
+    the grant was on its way).
 
     Raises:
         FetchError: the side socket refused or could not be reached, a segment is not
             sealed or not its size, or (with verify) a tensor failed its crc32c.
     """
     runs = runs_of(grant, manifest)  # checked before anything is redeemed or mapped
+    if all_names is None:
+        all_names = manifest_names(manifest)
     lease, fds = redeem(grant.handoff_socket, grant.ticket, len(grant.segments), timeout)
     names = set(fetch.names) if fetch.names else None
     sizes = [s.size for s in grant.segments]
     if fetch.device.type == "cpu" and (fetch.copy or fetch.destinations):
         try:
             stats.time_to_first_chunk = time.monotonic() - started
-            state = read_copies(fds, sizes, manifest, runs, names, fetch.destinations or {})
+            state = read_copies(fds, sizes, manifest, all_names, runs, names, fetch.destinations or {})
         finally:
             for fd in fds:
                 os.close(fd)
@@ -514,7 +525,7 @@ def receive(
         stats.time_to_first_chunk = time.monotonic() - started
         with populating(mapped):  # for a GPU too: the copies then read mapped pages, rather than fault on each
             with gc_paused():
-                views = tensor_views(manifest, runs, mapped, names)
+                views = tensor_views(manifest, all_names, runs, mapped, names)
             if fetch.verify:
                 verify(runs, manifest, views)
         state = views if fetch.device.type == "cpu" else copied(views, fetch.device, fetch.destinations or {})

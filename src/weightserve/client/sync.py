@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -37,11 +38,14 @@ from weightserve.client.expert_slots import check_expert_slots
 from weightserve.client.files import FileWriter
 from weightserve.client.manifest_pages import ManifestPages
 from weightserve.client.modules import check_keys, module_destinations
+from weightserve.client.placements import manifest_names
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.security import Pem, security_from
 from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 MAX_SHORT_UPLOADS = 16
 """Upload streams that may end without an error and without the commit before publish gives up."""
@@ -163,6 +167,17 @@ class WeightClient:
         except grpc.RpcError as e:
             raise self._why_not_ready(e) or fetch_error(e, action) from None
 
+    def _call_meanwhile(self, action: str, method: Any, request: Any, meanwhile: Callable[[], T]) -> tuple[Any, T]:
+        """`_call`, doing `meanwhile` on this thread while the server answers: (the answer, what it returned)."""
+        future = method.future(request, timeout=self.timeout, wait_for_ready=True)
+        try:
+            done = meanwhile()
+            return future.result(), done
+        except grpc.RpcError as e:
+            raise self._why_not_ready(e) or fetch_error(e, action) from None
+        finally:
+            future.cancel()  # a no-op once answered; otherwise `meanwhile` raised
+
     def _why_not_ready(self, error: grpc.RpcError) -> FetchError | None:
         """After a wait_for_ready call ran out of time: why the channel never connected (a refused
         connection, a failed TLS handshake), or None when it is connected and the server was slow."""
@@ -256,7 +271,12 @@ class WeightClient:
         check_expert_slots(manifest, fetch.shard.model)
         request = segments_request(fetch, manifest)
         try:
-            grant = self._call(f"segments of {fetch.shard.model}", self._stub.FetchShardSegments, request)
+            grant, all_names = self._call_meanwhile(
+                f"segments of {fetch.shard.model}",
+                self._stub.FetchShardSegments,
+                request,
+                partial(manifest_names, manifest),
+            )
         except FetchError as e:
             if not shm_unsupported(e):
                 raise
@@ -264,7 +284,7 @@ class WeightClient:
             return None
         stats = FetchStats(replica=self.address)
         self.last_fetch_stats = stats
-        state = shm.receive(fetch, manifest, grant, stats, self.timeout, started)
+        state = shm.receive(fetch, manifest, grant, stats, self.timeout, started, all_names)
         logger.info("fetched %s over shared memory: %s", fetch.shard.model, stats.summary())
         return state
 
