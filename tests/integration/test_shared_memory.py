@@ -100,24 +100,31 @@ def segment_pages() -> dict[str, tuple[int, int, int]]:
     return out
 
 
-@pytest.mark.parametrize("piece", [client_shm.POPULATE_PIECE, 2 * 4096])
-def test_views_arrive_with_every_page_mapped_and_none_copied(
-    root: Path, serve_unix: ServeUnix, monkeypatch: pytest.MonkeyPatch, piece: int
+@pytest.mark.parametrize(("world_size", "piece"), [(1, client_shm.POPULATE_PIECE), (1, 2 * 4096), (4, 2 * 4096)])
+def test_views_arrive_with_their_pages_mapped_and_none_copied(
+    root: Path, serve_unix: ServeUnix, monkeypatch: pytest.MonkeyPatch, world_size: int, piece: int
 ) -> None:
-    """The segments are populated before the fetch returns (read-only, on threads, in pieces): nothing faults
-    in on first use, and no page became a private copy."""
+    """The rank's bytes are populated before the fetch returns (read-only, on threads, in pieces): nothing
+    faults in on first use, no page became a private copy, and a rank maps in only its share of the
+    segments every rank maps whole."""
     monkeypatch.setattr(client_shm, "POPULATE_PIECE", piece)
     server = serve_unix(root)
+    held = []  # every rank's views stay alive: no mapping's address is reused by the next
     with WeightClient(server.address) as client:
-        before = set(segment_pages())
-        views = client.fetch_state_dict(MODEL, transport="shm")
-        new = {k: v for k, v in segment_pages().items() if k not in before}
-        assert new, "no segment is mapped"
-        for size, resident, copied in new.values():
-            assert (resident, copied) == (size, 0)
-        next(iter(views.values())).view(torch.uint8)[0] ^= 1  # the check sees a copy-on-write page
+        for rank in range(world_size):
+            before = set(segment_pages())
+            views = client.fetch_state_dict(MODEL, rank, world_size, transport="shm")
+            held.append(views)
+            new = {k: v for k, v in segment_pages().items() if k not in before}
+            assert new, "no segment is mapped"
+            resident = 1024 * sum(r for _, r, _ in new.values())
+            share = sum(t.nbytes for t in views.values())
+            assert share <= resident <= share + 2 * 4096 * len(views)  # each run's pages, rounded out
+            assert sum(copied for _, _, copied in new.values()) == 0
+            if world_size == 1:
+                assert all(resident == size for size, resident, _ in new.values())
+        next(iter(held[0].values())).view(torch.uint8)[0] ^= 1  # the check sees a copy-on-write page
         assert sum(copied for _, _, copied in segment_pages().values()) == 4
-        del views
 
 
 @pytest.mark.fault("shared-memory segment unsealed, resized or mislabelled")
