@@ -87,6 +87,7 @@ def grouped_grant(plan: pb.GetManifestResponse) -> pb.ShardSegments:
         (lambda runs: runs[0].tensor_index.__setitem__(slice(None), [1, 0, 2]), "out of manifest order"),
         (lambda runs: (runs.add().CopyFrom(runs[0]), runs.__delitem__(0)), "out of manifest order"),
         (lambda runs: runs[0].shape.__setitem__(1, 9), "shaped"),
+        (lambda runs: runs[0].shape.__setitem__(slice(None), [-4, -8]), "shaped"),
         (lambda runs: setattr(runs[0], "dtype", "F16"), "not as in its manifest"),
         (lambda runs: setattr(runs[0], "dtype", "Q4_K"), "Q4_K"),
         (lambda runs: (setattr(runs[1], "nbytes", 32), runs[1].shape.__setitem__(0, 8)), "not as in its manifest"),

@@ -125,7 +125,7 @@ def _from_placements(placements: Sequence[pb.TensorPlacement], manifest: pb.GetM
 
 def _check_geometry(run: Run, first: pb.TensorInfo) -> None:
     """The run's shape and size agree with each other and with the manifest's first tensor."""
-    if math.prod(run.shape) * run.dtype.itemsize != run.nbytes:
+    if any(dim < 0 for dim in run.shape) or math.prod(run.shape) * run.dtype.itemsize != run.nbytes:
         raise _bad(f"a run of {run.nbytes}-byte tensors is shaped {list(run.shape)} of {run.dtype}")
     if (_dtype(first.dtype), tuple(first.shape), first.nbytes) != (run.dtype, run.shape, run.nbytes):
         raise _bad(f"the grant places {first.name!r} as {list(run.shape)} {run.dtype}, not as in its manifest")
