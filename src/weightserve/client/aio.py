@@ -38,6 +38,7 @@ from weightserve.client.expert_slots import check_expert_slots
 from weightserve.client.files import FileWriter
 from weightserve.client.manifest_pages import ManifestPages
 from weightserve.client.modules import module_destinations
+from weightserve.client.placements import manifest_names
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.security import Pem, security_from
 from weightserve.errors import FetchError, IntegrityError
@@ -212,16 +213,19 @@ class AsyncWeightClient:
         """See WeightClient._fetch_segments."""
         check_expert_slots(manifest, fetch.shard.model)
         request = segments_request(fetch, manifest)
+        names = asyncio.ensure_future(asyncio.to_thread(manifest_names, manifest))  # while the server answers
         try:
             grant = await self._call(f"segments of {fetch.shard.model}", self._stub.FetchShardSegments, request)
-        except FetchError as e:
-            if not shm_unsupported(e):
+        except BaseException as e:
+            names.cancel()
+            if not isinstance(e, FetchError) or not shm_unsupported(e):
                 raise
             logger.info("%s: streaming chunks: the server does not serve shared memory (%s)", self.address, e)
             return None
         stats = FetchStats(replica=self.address)
         self.last_fetch_stats = stats
-        state = await asyncio.to_thread(shm.receive, fetch, manifest, grant, stats, self.timeout, started)
+        all_names = await names
+        state = await asyncio.to_thread(shm.receive, fetch, manifest, grant, stats, self.timeout, started, all_names)
         logger.info("fetched %s over shared memory: %s", fetch.shard.model, stats.summary())
         return state
 
