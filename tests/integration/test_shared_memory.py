@@ -319,6 +319,39 @@ def test_the_asyncio_client_receives_segments_too(root: Path, serve_unix: ServeU
     assert equal(chunks, views)
 
 
+def test_both_clients_stream_chunks_from_a_server_that_grants_no_segments(
+    root: Path, serve_unix: ServeUnix, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server on a Unix socket that refuses FetchShardSegments as one without shared memory does: the
+    fetch streams chunks instead, says why, and leaves nothing running (the asyncio client's name list)."""
+    import asyncio
+
+    from weightserve.errors import PreconditionError
+    from weightserve.server.segment_plane import SegmentPlane
+
+    server = serve_unix(root)
+    with WeightClient(server.address) as client:
+        expected = client.fetch_state_dict(MODEL, transport="grpc")
+
+    async def refuse(*args: object) -> None:
+        raise PreconditionError("shared memory needs a server listening on a Unix socket (--listen unix:PATH)")
+
+    monkeypatch.setattr(SegmentPlane, "grant", refuse)
+
+    async def run() -> dict[str, torch.Tensor]:
+        async with AsyncWeightClient(server.address) as client:
+            state = await client.fetch_state_dict(MODEL)
+        assert {t.get_name() for t in asyncio.all_tasks()} == {asyncio.current_task().get_name()}
+        return state
+
+    with caplog.at_level(logging.INFO, logger="weightserve.client"):
+        with WeightClient(server.address) as client:
+            assert equal(client.fetch_state_dict(MODEL), expected)
+            assert client.last_fetch_stats is not None and client.last_fetch_stats.bytes_received > 0
+        assert equal(asyncio.run(run()), expected)
+    assert sum("does not serve shared memory" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_load_into_writes_shared_memory_into_the_modules_tensors(root: Path, serve_unix: ServeUnix) -> None:
     server = serve_unix(root)
     with WeightClient(server.address) as client:
