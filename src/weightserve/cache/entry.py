@@ -48,7 +48,7 @@ class CachedPack:
 
     message: bytes
     crcs: tuple[int, ...]
-    chunks: tuple[CachedChunk | None, ...] = ()
+    chunks: tuple[CachedChunk | None, ...]
 
 
 @dataclass

@@ -351,7 +351,7 @@ class _Read:
 
 
 COPY_THREADS = min(4, os.cpu_count() or 1)
-"""Reads that copy=True runs at once (the kernel copies, and faults the pages in, on each)."""
+"""Threads copy=True reads on, and views populate on (the kernel does the work of each, without the GIL)."""
 READ_BLOCK = 32 << 20
 """Most bytes one read copies: a large tensor is read by several threads."""
 

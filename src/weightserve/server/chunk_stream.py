@@ -116,14 +116,13 @@ def read_pack(
     sources: list[Source],
     indices: tuple[int, ...],
     cached: list[CachedChunk | None],
-    keep: bool = True,
 ) -> CachedPack:
     """Read and frame one packed chunk (runs on the read pool).
 
     Each tensor comes from its cached chunk where one is given, else from its file;
-    tensors lying back to back in one file are read with one call. With `keep`, the
-    tensors read from files are also framed as canonical chunks (CachedPack.chunks),
-    for the streams waiting on this read and for the memory cache.
+    tensors lying back to back in one file are read with one call. The tensors read
+    from files are also framed as canonical chunks (CachedPack.chunks), for the
+    streams waiting on this read and for the memory cache.
     """
     sizes = [plans[i].nbytes for i in indices]
     crcs: list[int] = []
@@ -167,8 +166,6 @@ def read_pack(
 
     prefix_len = len(framing(0))
     message = build_message(prefix_len, sum(sizes), fill)
-    if not keep:
-        return CachedPack(message, tuple(crcs))
     fresh: list[CachedChunk | None] = []
     at = len(message) - sum(sizes)
     for index, nbytes, crc, hit in zip(indices, sizes, crcs, cached, strict=True):
