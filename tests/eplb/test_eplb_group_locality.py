@@ -90,7 +90,7 @@ def test_under_the_constraint_the_default_is_never_less_balanced_than_greedy_nor
     greedy = rebalance_experts(weight, physical, groups, nodes, gpus, policy="greedy")
     default = rebalance_experts(weight, physical, groups, nodes, gpus)
     assert groups_on_one_node(greedy)  # greedy already keeps the constraint: same footing
-    assert balancedness(weight, default) >= balancedness(weight, greedy)
+    assert balancedness(weight, default) >= balancedness(weight, greedy) * (1 - 1e-9)  # equal up to summation order
     assert balancedness(weight, default) <= locality_bound(weight, default) * (1 + 1e-9)
 
 
