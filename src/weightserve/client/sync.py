@@ -292,13 +292,16 @@ class WeightClient:
         """Sleep the pause's floor, then wait for the channel to be ready; False if it was not in time."""
         started = time.monotonic()
         time.sleep(pause.floor)
-        ready = grpc.channel_ready_future(self._channel)
+        # A health call that waits for a ready channel, not channel_ready_future: that one's
+        # polling thread outlives a channel closed meanwhile and dies with "Channel closed!".
         try:
-            ready.result(timeout=pause.ready_timeout(time.monotonic() - started))
-        except grpc.FutureTimeoutError:
-            return False
-        finally:
-            ready.cancel()
+            self._health.Check(
+                health_pb2.HealthCheckRequest(),
+                timeout=pause.ready_timeout(time.monotonic() - started),
+                wait_for_ready=True,
+            )
+        except grpc.RpcError as e:
+            return e.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
         return True
 
     def load_into(
