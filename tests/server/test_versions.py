@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -65,7 +66,7 @@ def test_a_publish_is_the_next_version_and_a_fetch_serves_the_latest_unless_pinn
     pinned = client.fetch_state_dict(MODEL, version=1)
     assert pinned[NORM].equal(v0[NORM] + 1) and pinned[DOWN].equal(v0[DOWN] * 2)
     assert all(client.fetch_state_dict(MODEL, version=0)[k].equal(v0[k]) for k in v0)
-    assert client.get_manifest(MODEL, version=1).revision.endswith("+v1")
+    assert re.search(r"\+v1\.[0-9a-f]{16}$", client.get_manifest(MODEL, version=1).revision)
 
     listed = client.list_versions(MODEL)
     assert [(v.version, v.base_version, v.tensors_published) for v in listed] == [(0, 0, 0), (1, 0, 2), (2, 1, 1)]
@@ -342,7 +343,7 @@ def test_prefetch_warms_the_latest_version(client: WeightClient, server: Backgro
     client.publish(MODEL, {NORM: v0[NORM] + 1})
     client.prefetch(MODEL, world_size=2, wait=True)
     revisions = {entry.revision for entry in server.server.cache.open_entries()}  # type: ignore[union-attr]
-    assert any(revision.endswith("+v1") for revision in revisions), revisions
+    assert any(re.search(r"\+v1\.[0-9a-f]{16}$", revision) for revision in revisions), revisions
 
 
 def test_one_changed_byte_past_the_first_compared_block_is_found(

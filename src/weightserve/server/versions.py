@@ -2,9 +2,10 @@
 
 Without `--state-dir` there is only version 0 (the checkpoint) and nothing can be
 published. With it, a request that pins no version gets the latest; a manifest's
-revision (`REV+vN`) pins the version it was planned for, so a resumed stream never
-crosses a publish. A worker's WatchVersions stream leases the version it serves;
-retention (`--max-versions`) keeps every leased version and the newest.
+revision (`REV+vN.DIGEST`) pins the version it was planned for, so a resumed stream never
+crosses a publish, nor moves onto a replica whose version N holds other weights. A
+worker's WatchVersions stream leases the version it serves; retention (`--max-versions`)
+keeps every leased version and the newest.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +32,10 @@ MAX_DECLARED = 1_000_000
 """Most tensors one upload may declare."""
 
 NO_STATE_DIR = "versions need a server started with --state-dir"
+
+_VERSION_TAG = re.compile(r"v(?P<number>[0-9]{1,18})(?:\.(?P<digest>[0-9a-f]{16}))?")
+"""A revision's version part: the number, and the content digest that makes it unambiguous
+across replicas (absent in a revision typed by hand: then the number alone pins it)."""
 
 
 @dataclass(frozen=True)
@@ -65,15 +71,18 @@ class Versions:
             PreconditionError: no such version, or versions without a state dir.
         """
         base, _, tag = spec.revision.partition("+")
-        pinned = spec.version
+        pinned, digest = spec.version, ""
         if tag:
-            if not (tag.startswith("v") and tag[1:].isdigit()):
-                raise InvalidRequestError(f"revision {spec.revision[:80]!r}: the part after '+' names a version (vN)")
-            if pinned is not None and pinned != int(tag[1:]):
+            named = _VERSION_TAG.fullmatch(tag)
+            if named is None:
                 raise InvalidRequestError(
-                    f"revision {spec.revision!r} is version {tag[1:]}, not the version {pinned} asked"
+                    f"revision {spec.revision[:80]!r}: the part after '+' names a version (vN.DIGEST)"
                 )
-            pinned = int(tag[1:])
+            if pinned is not None and pinned != int(named["number"]):
+                raise InvalidRequestError(
+                    f"revision {spec.revision!r} is version {named['number']}, not the version {pinned} asked"
+                )
+            pinned, digest = int(named["number"]), named["digest"] or ""
         store = self.store
         if store is None:
             if pinned or spec.since_version is not None:
@@ -85,7 +94,13 @@ class Versions:
             return resolved, None
         found = await asyncio.to_thread(store.get, spec.model, version)
         assert found is not None
-        return resolved, Variant(f"v{version}", _wrapper(found, lambda blob: store.blob_path(spec.model, blob)))
+        if digest and digest != found.content_digest:
+            raise PreconditionError(
+                f"version {version} of {spec.model} here is other weights ({found.content_digest}) than the "
+                f"version {version} the manifest was planned on ({digest}): fetch the manifest again"
+            )
+        tag = f"v{version}.{found.content_digest}"
+        return resolved, Variant(tag, _wrapper(found, lambda blob: store.blob_path(spec.model, blob)))
 
     # --------------------------------------------------------------- publishing
 

@@ -16,6 +16,7 @@ upload got. Blocking I/O throughout: the server calls this off its event loop.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import logging
@@ -78,6 +79,19 @@ class Version:
     published: tuple[str, ...] = ()
     """The tensors this version's upload carried."""
     bytes_published: int = 0
+
+    @functools.cached_property
+    def content_digest(self) -> str:
+        """16 hex digits naming what this version serves, whoever numbered it.
+
+        Two servers can each hold a "version 1" with other bytes (a publish taken by
+        another replica while the owner was away, an owner that lost its state dir); a
+        revision that pins only the number would let a stream resumed across them mix
+        the two. Blob names are sha256 digests of the bytes, so this hashes content.
+        """
+        tensors = sorted((name, t.dtype, list(t.shape), t.blob) for name, t in self.tensors.items())
+        text = json.dumps([self.base_revision, self.format, tensors], separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
         data = asdict(self)
