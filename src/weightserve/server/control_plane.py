@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import itertools
 import logging
 import time
@@ -27,24 +26,22 @@ import torch
 
 from weightserve.cache.model_cache import ModelCache
 from weightserve.eplb import (
-    DEFAULT_POLICY,
-    LOCALITIES,
     ExpertMapping,
     Topology,
     balancedness,
     dispatch_nodes,
     group_locality,
     locality_bound,
-    policy_for,
     rebalance_experts,
 )
 from weightserve.errors import InvalidRequestError, JobNotFoundError, PreconditionError
 from weightserve.recording import NULL_RECORDER, Recorder
+from weightserve.server.rebalance_plan import ModelExperts, RebalancePlan, check_names, plan_rebalance
 from weightserve.sharding.experts import ExpertSlots, MoeLayout, is_expert
 from weightserve.sharding.spec import ShardSpec
 from weightserve.state.control_store import ControlStore
 from weightserve.state.load import LoadWindow, ReportSequences, check_counts
-from weightserve.state.mappings import MappingHistory, check_placement_size, start_placement
+from weightserve.state.mappings import MappingHistory, start_placement
 
 logger = logging.getLogger(__name__)
 
@@ -79,27 +76,6 @@ class RebalanceJob:
     seconds: float = 0.0
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the job stops running, whether it succeeded or failed."""
-
-
-@dataclass(frozen=True)
-class ModelExperts:
-    """A model's MoE structure and the bytes of one expert's weights in one layer."""
-
-    layout: MoeLayout
-    bytes_per_expert: int
-    n_group: int = 0
-    topk_group: int = 0
-    """The model config's expert groups and groups per token (0: it names none)."""
-
-    def config_topk_group(self, num_groups: int) -> int:
-        """The config's topk_group if it describes `num_groups` groups, else 0.
-
-        It applies when the config names no n_group or the same number of groups as the
-        topology, and is at most `num_groups`.
-        """
-        if self.n_group not in (0, num_groups) or self.topk_group > num_groups:
-            return 0
-        return self.topk_group
 
 
 class ControlPlane:
@@ -215,6 +191,10 @@ class ControlPlane:
         self.recorder.load_report(model)
         return in_window, False
 
+    def knows(self, model: str) -> bool:
+        """Whether the control state holds `model` (only MoE models that opened get there)."""
+        return model in self.windows or model in self.histories
+
     def current(self, model: str) -> ExpertMapping | None:
         """The latest published mapping of `model`; None while version 0 (not stored) applies."""
         history = self.histories.get(model)
@@ -267,99 +247,78 @@ class ControlPlane:
         *,
         groups_from_config: bool = False,
     ) -> tuple[str, bool]:
-        """Start a job (or return the running one's id).
+        """Start a job (or return the running one's id); see `plan_rebalance` for the arguments.
 
-        Args:
-            groups_from_config: the topology's num_groups was not given: take the model
-                config's n_group (DeepSeek-style group-limited routing) when it divides the
-                experts, else 1 (no groups).
-            locality: "group" (or empty: the default) or "relaxed".
-            topk_group: groups per token for the dispatch-nodes estimate; 0 takes the
-                model config's topk_group (when its n_group, if any, is the topology's
-                num_groups), else half the groups.
+        A second call for the model while a job runs, or while another call is starting
+        one, gets that job's id: the check of `running` and the job's registration follow
+        the last await with none between, so two calls cannot both pass the check.
 
         Raises:
-            UnknownNameError: no policy is registered as `policy` (INVALID_ARGUMENT at once,
-                not a job that fails later).
-            InvalidRequestError: an unknown locality, or topk_group outside [0, num_groups].
+            UnknownNameError: no policy is registered as `policy`.
+            InvalidRequestError: a request no job could run (INVALID_ARGUMENT at once, never
+                a job that fails later).
+            PreconditionError: no load was reported for the model yet.
         """
-        policy_for(policy or DEFAULT_POLICY)
-        locality = locality or LOCALITIES[0]
-        if locality not in LOCALITIES:
-            raise InvalidRequestError(f"locality must be one of {list(LOCALITIES)}, got {locality[:64]!r}")
-        if model in self.running:
-            return self.running[model], True
+        check_names(policy, locality)  # before opening the model
         info = await self.experts_of(model)
+        # No await from here on: this is one step of the event loop.
+        running = self.running.get(model)
+        if running is not None:
+            return running, True
         window = self.windows.get(model)
         if window is None or window.total is None:
             raise PreconditionError(f"no expert load reported for {model!r}; call ReportExpertLoad first")
-        previous = self.current(model)
-        topology = topology or (previous.topology if previous else None)
-        if topology is None:
-            raise InvalidRequestError(f"model {model!r} has no mapping yet: give the topology")
-        if groups_from_config and info.n_group > 1 and info.layout.num_experts % info.n_group == 0:
-            topology = dataclasses.replace(topology, num_groups=info.n_group)
-        replicas = replicas or (previous.num_physical if previous else info.layout.num_experts)
-        check_placement_size(info.layout.num_experts, replicas, topology.num_gpus)
-        if topology.num_groups > info.layout.num_experts:
-            raise InvalidRequestError(
-                f"{topology.num_groups} expert groups for {info.layout.num_experts} experts: groups divide the experts"
-            )
-        if not 0 <= topk_group <= topology.num_groups:
-            raise InvalidRequestError(
-                f"topk_group must be in [0, {topology.num_groups}] (num_groups), got {topk_group}"
-            )
-        topk_group = topk_group or info.config_topk_group(topology.num_groups) or max(1, topology.num_groups // 2)
-        if previous is None or previous.topology.num_gpus != topology.num_gpus or previous.num_physical != replicas:
-            # another shape: start from that shape's version 0 (computed, never re-published)
-            previous = ExpertMapping.initial(
-                len(info.layout.layers), info.layout.num_experts, replicas, Topology(1, topology.num_gpus)
-            )
+        plan = plan_rebalance(
+            model,
+            info,
+            window.total,
+            self.current(model),
+            policy,
+            replicas,
+            topology,
+            locality,
+            topk_group,
+            groups_from_config=groups_from_config,
+        )
         job = RebalanceJob(uuid.uuid4().hex[:16], model)
         self.jobs[job.job_id] = job
         self.running[model] = job.job_id
-        self.recorder.rebalance_started(model, policy or DEFAULT_POLICY)
-        weight = window.total.clone()
-        task = asyncio.ensure_future(
-            self._run(job, weight, policy, replicas, topology, previous, info, locality, topk_group)
-        )
-        task.add_done_callback(lambda _: self.running.pop(model, None))
+        self.recorder.rebalance_started(model, plan.policy)
+        task = asyncio.ensure_future(self._run(job, plan, info))
+        task.add_done_callback(lambda _: self._stopped(job))  # also when cancelled before it ran
         return job.job_id, False
 
-    async def _run(
-        self,
-        job: RebalanceJob,
-        weight: torch.Tensor,
-        policy: str,
-        replicas: int,
-        topology: Topology,
-        previous: ExpertMapping,
-        info: ModelExperts,
-        locality: str = "group",
-        topk_group: int = 1,
-    ) -> None:
+    def _stopped(self, job: RebalanceJob) -> None:
+        """The job no longer runs: the next Rebalance of its model starts a new one."""
+        if self.running.get(job.model) == job.job_id:
+            del self.running[job.model]
+
+    async def _run(self, job: RebalanceJob, plan: RebalancePlan, info: ModelExperts) -> None:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        weight, previous, topology = plan.weight, plan.previous, plan.topology
         try:
             mapping = await loop.run_in_executor(
                 self.executor,
                 lambda: rebalance_experts(
                     weight,
-                    replicas,
+                    plan.replicas,
                     topology.num_groups,
                     topology.num_nodes,
                     topology.num_gpus,
-                    policy=policy or None,
+                    policy=plan.policy,
                     previous=previous,
-                    locality=locality,
+                    locality=plan.locality,
                 ),
             )
+            # `previous` is still the mapping in force: only this job, the model's one
+            # running job, publishes until it ends.
             job.before, job.after = balancedness(weight, previous), balancedness(weight, mapping)
             # `previous` may be a version 0 made for one node: judge it on the new topology.
             before = ExpertMapping.from_phy2log(previous.phy2log, mapping.num_logical, mapping.topology, 0)
             job.locality_before, job.locality_after = group_locality(before), group_locality(mapping)
-            job.dispatch_before = dispatch_nodes(weight, before, topk_group)
-            job.dispatch_after = dispatch_nodes(weight, mapping, topk_group)
+            job.dispatch_before = dispatch_nodes(weight, before, plan.topk_group)
+            job.dispatch_after = dispatch_nodes(weight, mapping, plan.topk_group)
             job.bound = locality_bound(weight, mapping)
             for gpu in range(topology.num_gpus):
                 moved = sum(len(slots) for slots in mapping.delta(previous, gpu))
@@ -379,10 +338,11 @@ class ControlPlane:
             job.state, job.error = "failed", str(e)
             logger.warning("rebalance of %s failed: %s", job.model, e)
         job.seconds = time.perf_counter() - started
+        self._stopped(job)  # with `ended`, in one step: a caller told the job ended may start the next
         job.ended.set()
         self.recorder.rebalance_finished(
             job.model,
-            policy or DEFAULT_POLICY,
+            plan.policy,
             job.state,
             job.seconds,
             job.before,
