@@ -191,10 +191,6 @@ class ControlPlane:
         self.recorder.load_report(model)
         return in_window, False
 
-    def knows(self, model: str) -> bool:
-        """Whether the control state holds `model` (only MoE models that opened get there)."""
-        return model in self.windows or model in self.histories
-
     def current(self, model: str) -> ExpertMapping | None:
         """The latest published mapping of `model`; None while version 0 (not stored) applies."""
         history = self.histories.get(model)

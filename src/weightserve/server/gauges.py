@@ -20,9 +20,6 @@ from weightserve.storage.base import Storage
 
 CACHE_STATES = ("loading", "warming", "ready")
 
-ModelLabel = Callable[[str], str]
-"""The label a model name gets (its name, or "other" for a name the server cannot open)."""
-
 
 def cache_gauges(cache: ModelCache) -> GaugeSource:
     def read() -> Iterator[Metric]:
@@ -65,23 +62,31 @@ def disk_cache_gauges(remotes: Mapping[str, Storage]) -> GaugeSource:
     return read
 
 
-def eplb_gauges(control: ControlPlane, label: ModelLabel) -> GaugeSource:
+def eplb_gauges(control: ControlPlane) -> GaugeSource:
+    """The EPLB gauges, labelled by the control state's own model names.
+
+    The cache's view ("other" for a model not open now) would give two evicted models,
+    or every model restored from --state-dir, the same label: duplicate series, of which
+    Prometheus keeps an arbitrary one. The control state's names are canonical and only
+    ever those of MoE models that opened here (or on the server that saved the state),
+    so each model is one series and a name a caller made up never becomes a label.
+    """
+
     def read() -> Iterator[Metric]:
-        models = sorted(set(control.histories) | set(control.last_report_wall))
-        versions = [((label(m),), current.version) for m in models if (current := control.current(m)) is not None]
+        versions = [((m,), current.version) for m in sorted(control.histories) if (current := control.current(m))]
         yield gauge("weightserve_eplb_mapping_version", "The expert mapping version in force (0: the start one)",
                     ("model",), versions)  # fmt: skip
-        ages = [((label(m),), age_seconds(t)) for m, t in control.last_report_wall.items()]
+        ages = [((m,), age_seconds(t)) for m, t in sorted(control.last_report_wall.items())]
         yield gauge("weightserve_eplb_last_report_age_seconds", "Seconds since the last expert load report",
                     ("model",), ages)  # fmt: skip
         imbalance = []
-        for model, window in control.windows.items():
+        for model, window in sorted(control.windows.items()):
             if window.total is None:
                 continue
             loads = window.total.to(torch.float64)
             means = loads.mean(dim=1).clamp(min=1e-12)
             ratios = (loads.max(dim=1).values / means).tolist()
-            imbalance += [((label(model), str(layer)), ratio) for layer, ratio in enumerate(ratios)]
+            imbalance += [((model, str(layer)), ratio) for layer, ratio in enumerate(ratios)]
         yield gauge(
             "weightserve_eplb_layer_load_imbalance",
             "Per MoE layer, the hottest expert's load over the mean, in the current load window",
@@ -92,7 +97,15 @@ def eplb_gauges(control: ControlPlane, label: ModelLabel) -> GaugeSource:
 
 
 def sources(
-    cache: ModelCache, gate: StreamGate, remotes: Mapping[str, Storage], control: ControlPlane, label: ModelLabel
+    cache: ModelCache,
+    gate: StreamGate,
+    remotes: Mapping[str, Storage],
+    control: ControlPlane,
+    label: Callable[[str], str] | None = None,
 ) -> Iterable[GaugeSource]:
-    """Every gauge source of a server."""
-    return (cache_gauges(cache), stream_gauges(gate), disk_cache_gauges(remotes), eplb_gauges(control, label))
+    """Every gauge source of a server.
+
+    `label`, the cache's view of a model name, is no longer used (see `eplb_gauges`); the
+    parameter goes when build.py stops passing it.
+    """
+    return (cache_gauges(cache), stream_gauges(gate), disk_cache_gauges(remotes), eplb_gauges(control))

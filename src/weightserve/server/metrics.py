@@ -5,6 +5,9 @@ gRPC ones are those of the widely used gRPC interceptors, so existing dashboards
 Labels are closed sets: model names come from the operator's roots and allow-list (an
 unknown model never becomes a label: requests for names the server cannot open are
 counted under `model="other"`); there are no rank, tensor, expert or client labels.
+EPLB metrics take the control plane's model names as they are, not the cache's view: it
+records only models it keeps state for (MoE models that opened here), and a model evicted
+while its load window lives on keeps its own label.
 
 Recording never raises into the serving path: each method catches and logs (once) what
 a broken metric throws. Every server owns its own registry, so several servers in one
@@ -227,6 +230,11 @@ class PrometheusRecorder(Recorder):
     def model_label(self, model: str) -> str:
         return model if model and self.known_model(model) else OTHER_MODEL
 
+    @staticmethod
+    def expert_model_label(model: str) -> str:
+        """An EPLB metric's label: the control plane's own name for the model, whether it is open or not."""
+        return model or OTHER_MODEL
+
     @_never_raises
     def rpc_started(self, service: str, method: str, kind: str) -> None:
         self.rpc_started_total.labels(kind, service, method).inc()
@@ -295,11 +303,11 @@ class PrometheusRecorder(Recorder):
 
     @_never_raises
     def load_report(self, model: str) -> None:
-        self.load_reports.labels(self.model_label(model)).inc()
+        self.load_reports.labels(self.expert_model_label(model)).inc()
 
     @_never_raises
     def rebalance_started(self, model: str, policy: str) -> None:
-        label = self.model_label(model)
+        label = self.expert_model_label(model)
         for outcome in ("succeeded", "failed"):  # both at 0 from the start, so increase() sees the first of each
             self.rebalances.labels(label, policy, outcome)
 
@@ -316,7 +324,7 @@ class PrometheusRecorder(Recorder):
         dispatch: tuple[float, float] = (0.0, 0.0),
         bound: float = 0.0,
     ) -> None:
-        label = self.model_label(model)
+        label = self.expert_model_label(model)
         self.rebalances.labels(label, policy, outcome).inc()
         self.rebalance_seconds.labels(policy).observe(seconds)
         if outcome == "succeeded":
