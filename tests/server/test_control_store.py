@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from weightserve.eplb import ExpertMapping, Topology
+from weightserve.server.control_plane import ControlPlane
 from weightserve.state.control_store import LOAD_FILE, ControlStore
 from weightserve.state.load import LoadWindow, ReportSequences
 from weightserve.state.mappings import MappingHistory
@@ -41,7 +42,7 @@ def test_a_load_window_round_trips_with_its_sequences(tmp_path: Path) -> None:
     for n in range(5):
         window.add(torch.full((2, 8), n, dtype=torch.int64))
         assert not sequences.is_retry(n % 2, n)
-    store.save_load(MODEL, window, sequences, 123.5)
+    store.save_load(MODEL, list(window.reports), sequences.last, 123.5)
     saved = store.load_loads(window_size=2)[MODEL]
     assert len(saved.window.reports) == 2 and saved.window.total is not None
     assert saved.window.total.equal(torch.full((2, 8), 3 + 4, dtype=torch.int64))
@@ -68,3 +69,23 @@ def test_state_files_that_cannot_be_trusted_are_skipped_with_a_log(
     assert len(skipped) == 4 and all("ignoring" in line for line in skipped), skipped
     (folder / LOAD_FILE).write_bytes(b"\x00" * 7)
     assert MODEL not in store.load_loads(10)
+
+
+def test_a_snapshot_writes_the_windows_as_copied_on_the_loop_not_as_they_are_later(tmp_path: Path) -> None:
+    """keep_snapshots copies on the event loop and writes on a thread: reports counted
+    meanwhile (the loop goes on) neither break the write nor slip into it."""
+    control = ControlPlane(None, None, window=4, store=ControlStore(tmp_path))  # type: ignore[arg-type]
+    window, sequences = LoadWindow(4), ReportSequences()
+    control.windows[MODEL], control.sequences[MODEL] = window, sequences
+    window.add(torch.ones((2, 8), dtype=torch.int64))
+    assert not sequences.is_retry(0, 1)
+    control._changed.add(MODEL)
+    copies = control._changed_windows()
+    for n in range(2, 7):  # what the loop counts while the thread writes
+        window.add(torch.full((2, 8), n, dtype=torch.int64))
+        assert not sequences.is_retry(n % 3, n)
+    assert control._write_snapshots(copies) == 1
+    saved = ControlStore(tmp_path).load_loads(window_size=4)[MODEL]
+    assert len(saved.window.reports) == 1 and saved.window.total is not None
+    assert saved.window.total.equal(torch.ones((2, 8), dtype=torch.int64))
+    assert saved.sequences.is_retry(0, 1) and not saved.sequences.is_retry(1, 4)

@@ -121,23 +121,39 @@ class ControlPlane:
 
     def snapshot(self) -> int:
         """Write the load windows that changed since the last snapshot; the number written."""
-        if self.store is None:
-            return 0
-        changed, self._changed = self._changed, set()
-        for model in changed:
-            window = self.windows.get(model)
-            if window is not None:
-                self.store.save_load(model, window, self.sequences[model], self.last_report_wall.get(model, 0.0))
-        return len(changed)
+        return self._write_snapshots(self._changed_windows())
 
     async def keep_snapshots(self, every: float = SNAPSHOT_SECONDS) -> None:
-        """Snapshot the load windows every `every` seconds until cancelled (then once more)."""
+        """Snapshot the load windows every `every` seconds until cancelled (then once more).
+
+        The windows are copied here, on the event loop that changes them, and written on a
+        thread: a report arriving during the write must not change what is being written.
+        """
         try:
             while True:
                 await asyncio.sleep(every)
-                await asyncio.to_thread(self.snapshot)
+                await asyncio.to_thread(self._write_snapshots, self._changed_windows())
         finally:
             self.snapshot()
+
+    def _changed_windows(self) -> list[tuple[str, list[torch.Tensor], dict[int, int], float]]:
+        """(model, reports, sequences, last report time) of each window changed since the last snapshot."""
+        if self.store is None:
+            return []
+        changed, self._changed = self._changed, set()
+        copies = []
+        for model in changed:
+            window = self.windows.get(model)
+            if window is not None:
+                wall = self.last_report_wall.get(model, 0.0)
+                copies.append((model, list(window.reports), dict(self.sequences[model].last), wall))
+        return copies
+
+    def _write_snapshots(self, copies: list[tuple[str, list[torch.Tensor], dict[int, int], float]]) -> int:
+        if self.store is not None:
+            for model, reports, sequences, wall in copies:
+                self.store.save_load(model, reports, sequences, wall)
+        return len(copies)
 
     async def experts_of(self, model: str) -> ModelExperts:
         """The model's MoE layout (INVALID_ARGUMENT for a dense model)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,16 +104,22 @@ class ControlStore:
 
     # -------------------------------------------------------------- load windows
 
-    def save_load(self, model: str, window: LoadWindow, sequences: ReportSequences, last_report_wall: float) -> None:
-        """Snapshot one model's load window (atomically: a crash leaves the previous snapshot)."""
+    def save_load(
+        self, model: str, reports: Sequence[torch.Tensor], sequences: Mapping[int, int], last_report_wall: float
+    ) -> None:
+        """Snapshot one model's load window: its reports, and each EP rank's last sequence number.
+
+        Atomic: a crash leaves the previous snapshot. The arguments are the caller's copies,
+        taken where the window changes (the event loop); this runs on a worker thread.
+        """
         folder = self._claim(model)
-        reports = torch.stack(list(window.reports)) if window.reports else torch.zeros(0, 0, 0, dtype=torch.int64)
+        stacked = torch.stack(list(reports)) if reports else torch.zeros(0, 0, 0, dtype=torch.int64)
         metadata = {
             "model": model,
-            "sequences": json.dumps({str(rank): seq for rank, seq in sequences.last.items()}),
+            "sequences": json.dumps({str(rank): seq for rank, seq in sequences.items()}),
             "last_report_wall": repr(last_report_wall),
         }
-        atomic_write(folder / LOAD_FILE, lambda p: save_file({"reports": reports.contiguous()}, str(p), metadata))
+        atomic_write(folder / LOAD_FILE, lambda p: save_file({"reports": stacked.contiguous()}, str(p), metadata))
 
     def load_loads(self, window_size: int) -> dict[str, SavedLoad]:
         """Every model's last snapshotted window (its newest `window_size` reports)."""
