@@ -150,3 +150,24 @@ def test_the_token_command_prints_a_token_and_an_entry_that_parses(capsys: pytes
     first = capsys.readouterr().out.split("\n", 1)[0]
     assert main(["token", "--name", "x"]) == 0
     assert capsys.readouterr().out.split("\n", 1)[0] != first  # random each time
+
+
+@pytest.mark.fault("bad or unknown server setting", cases=3)
+def test_a_file_reloaded_empty_or_without_tokens_keeps_the_tokens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "tokens.toml"
+    path.write_text(entry("workers", WORKERS, 'models = ["org/*"]'))
+    tokens = TokenFile(path)
+    for text in ("", "\n# rotated soon\n", "tokens = []\n"):  # `> tokens.toml`, an editor's truncation
+        path.write_text(text)
+        with caplog.at_level(logging.ERROR):
+            assert not tokens.reload()
+        assert tokens.lookup("s3cret-workers") is not None, text
+    assert tokens.rejected == 3 and caplog.text.count("holds no [[tokens]]") == 3
+    path.write_text(entry("controller", CONTROLLER))
+    assert tokens.reload() and tokens.lookup("s3cret-workers") is None  # a real revocation still takes
+
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert TokenFile(empty).tokens == {}  # at start an empty file is no tokens: every call is refused

@@ -15,7 +15,8 @@ One table per token; the file holds a token's SHA-256, never the token:
 
 A model glob matches canonical model names: `*` matches within one path segment (it never
 crosses `/`), `**` matches across segments, `?` one character of a segment. TokenFile
-re-reads the file when it changes or on SIGHUP; a bad file keeps the tokens in force.
+re-reads the file when it changes or on SIGHUP; a bad file, or one that holds no token,
+keeps the tokens in force.
 """
 
 from __future__ import annotations
@@ -183,8 +184,9 @@ def _token(entry: object, where: str) -> Token:
 class TokenFile:
     """The tokens in force, re-read when the file changes (looked at once a second) or on `reload()`.
 
-    A file that fails to parse keeps the tokens in force and logs why; the server never
-    starts without a good file.
+    A file that fails to parse, or holds no token, keeps the tokens in force and logs why;
+    the server never starts without a file that parses (one with no tokens refuses every
+    call until tokens are added).
     """
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
@@ -199,18 +201,32 @@ class TokenFile:
 
     def lookup(self, secret: str) -> Token | None:
         """The token whose SHA-256 is `secret`'s, or None."""
+        return self.find(token_digest(secret))
+
+    def find(self, digest: str) -> Token | None:
+        """The token in force with this hex SHA-256, or None; the file is looked at as `lookup` does.
+
+        Open watch streams ask this again as they go, so a revoked token's watch ends.
+        """
         if self._now() - self._looked >= STAT_INTERVAL:
             self._looked = self._now()
             if self._stat() != self._stamp:
                 self.reload()
-        return self.tokens.get(token_digest(secret))
+        return self.tokens.get(digest)
 
     def reload(self) -> bool:
-        """Read the file again; False (tokens unchanged) when it is unreadable or invalid."""
+        """Read the file again; False (tokens unchanged) when it is unreadable, invalid or holds no token.
+
+        A file with no tokens is what a truncating editor, `> tokens.toml` or a copy caught
+        half-way leaves for a moment; taking it would lock every caller out until the next
+        change, so it is refused like a broken one. To revoke every token, stop the server.
+        """
         with self._lock:
             self._stamp = self._stat()
             try:
                 tokens = self._read()
+                if not tokens and self.tokens:
+                    raise ValueError(f"--auth-tokens {self.path}: holds no [[tokens]] (empty or caught mid-write?)")
             except ValueError as e:
                 self.rejected += 1
                 logger.error("auth tokens not reloaded, keeping the %d in force: %s", len(self.tokens), e)
