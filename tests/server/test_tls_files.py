@@ -96,3 +96,30 @@ def test_a_kubernetes_style_symlink_swap_is_seen(tmp_path: Path) -> None:
     os.rename(mount / "..data_tmp", mount / "..data")
     assert reloading.fetch() is not None
     assert reloading.current.cert == v2.cert
+
+
+@pytest.mark.fault("bad or unknown server setting")
+def test_a_rotation_to_a_certificate_not_valid_yet_keeps_the_old_pair_until_it_is(
+    files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [utc_now()]
+    reloading = ReloadingCertificates(files, clock=lambda: now[0])
+    first = reloading.current
+    tomorrow = now[0] + datetime.timedelta(days=1)
+    early = make_leaf(
+        make_ca(), "server-tomorrow", not_before=tomorrow, not_after=tomorrow + datetime.timedelta(days=30)
+    )
+    tmp = files.cert.with_suffix(".new")
+    for data, path in ((early.key, files.key), (early.cert, files.cert)):  # whole files, renamed in
+        tmp.write_bytes(data)
+        tmp.rename(path)
+    with caplog.at_level(logging.ERROR):
+        assert reloading.fetch() is None
+        assert reloading.fetch() is None  # logged and counted once, not per handshake
+    assert reloading.current is first and (reloading.rejected, reloading.reloads) == (1, 0)
+    assert caplog.text.count("keeping the previous certificate") == 1 and "is not valid before" in caplog.text
+
+    now[0] = tomorrow + datetime.timedelta(seconds=1)  # its time has come: the next handshake takes it
+    assert reloading.fetch() is not None
+    assert reloading.current.cert == early.cert and (reloading.rejected, reloading.reloads) == (1, 1)
+    assert reloading.fetch() is None

@@ -5,8 +5,9 @@ threads; it returns a new certificate configuration or None for "keep the one yo
 Ours `stat()`s the files (Kubernetes swaps a Secret by repointing its `..data` symlink,
 which `stat` follows) and re-reads them only when a stamp changed. A new pair is checked
 before it replaces the old one: the key must match the leaf certificate, the leaf must not
-have expired, and the client CA must parse. A half-written rotation (certificate updated,
-key not yet) keeps the old pair, logs why once, and is tried again at the next change.
+have expired nor be not yet valid, and the client CA must parse. A half-written rotation
+(certificate updated, key not yet) keeps the old pair, logs why once, and is tried again at
+the next change; a pair not valid yet is taken once its notBefore has passed.
 Connections and streams already open keep the keys they were made with.
 """
 
@@ -16,6 +17,7 @@ import datetime
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,10 @@ import grpc
 logger = logging.getLogger(__name__)
 
 Stamp = tuple[tuple[int, int, int, int], ...]
+
+
+def _utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class TlsPems:
     cert: bytes
     key: bytes
     client_ca: bytes | None
+    not_before: datetime.datetime
+    """When the leaf certificate becomes valid: before then every handshake with it fails."""
 
     def configuration(self) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration([(self.key, self.cert)], root_certificates=self.client_ca)
@@ -79,14 +87,12 @@ def read_pems(files: TlsFiles, now: datetime.datetime | None = None) -> TlsPems:
     now = now or datetime.datetime.now(datetime.timezone.utc)
     if leaf.not_valid_after_utc <= now:
         raise ValueError(f"--tls-cert {files.cert} expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
-    if leaf.not_valid_before_utc > now:
-        logger.warning("--tls-cert %s is not valid before %s UTC", files.cert, leaf.not_valid_before_utc)
     if client_ca is not None:
         try:
             x509.load_pem_x509_certificates(client_ca)
         except ValueError as e:
             raise ValueError(f"--tls-client-ca {files.client_ca}: not a PEM certificate bundle ({e})") from None
-    return TlsPems(cert, key, client_ca)
+    return TlsPems(cert, key, client_ca, leaf.not_valid_before_utc)
 
 
 def _read(path: Path, flag: str) -> bytes:
@@ -112,11 +118,17 @@ def stamp(files: TlsFiles) -> Stamp:
 class ReloadingCertificates:
     """The fetcher behind dynamic server credentials: the current pair, re-read on change."""
 
-    def __init__(self, files: TlsFiles) -> None:
+    def __init__(self, files: TlsFiles, clock: Callable[[], datetime.datetime] = _utc_now) -> None:
         self.files = files
+        self._clock = clock
         self._lock = threading.Lock()
         self._stamp = stamp(files)
-        self.current = read_pems(files)
+        self.current = read_pems(files, clock())
+        if self.current.not_before > clock():  # nothing older to keep: serve it, and say so
+            since = f"{self.current.not_before:%Y-%m-%d %H:%M:%S}"
+            logger.warning("--tls-cert %s is not valid before %s UTC", files.cert, since)
+        self._early: TlsPems | None = None
+        """A checked pair that was not valid yet when its files changed, taken once it is."""
         self.reloads = 0
         self.rejected = 0
 
@@ -129,23 +141,44 @@ class ReloadingCertificates:
         )
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """A new configuration when the files changed and check out; None keeps the current one."""
+        """A new configuration when the files changed and check out; None keeps the current one.
+
+        A pair not valid yet (a clock ahead at the issuer, a certificate issued for later)
+        is refused like an expired one: every handshake with it would fail. It is taken at
+        the first handshake after its notBefore, unless the files change again first.
+        """
         now = stamp(self.files)
-        if now == self._stamp:
+        if now == self._stamp and (self._early is None or self._early.not_before > self._clock()):
             return None
         with self._lock:
-            if now == self._stamp:  # another handshake thread got here first
+            if now == self._stamp and self._early is None:  # another handshake thread got here first
                 return None
-            self._stamp = now
-            try:
-                pems = read_pems(self.files)
-            except ValueError as e:
-                self.rejected += 1
-                logger.error("TLS files changed but were not loaded, keeping the previous certificate: %s", e)
+            pems = self._changed(now) if now != self._stamp else self._early
+            if pems is None or pems == self.current or pems.not_before > self._clock():
                 return None
-            if pems == self.current:
-                return None
+            self._early = None
             self.current = pems
             self.reloads += 1
         logger.info("TLS certificate reloaded from %s", self.files.cert)
         return pems.configuration()
+
+    def _changed(self, now: Stamp) -> TlsPems | None:
+        """The files' new pair once checked, or None (counted and logged once) when it cannot serve yet."""
+        self._stamp, self._early = now, None
+        try:
+            pems = read_pems(self.files, self._clock())
+        except ValueError as e:
+            self.rejected += 1
+            logger.error("TLS files changed but were not loaded, keeping the previous certificate: %s", e)
+            return None
+        if pems.not_before > self._clock():
+            self.rejected += 1
+            self._early = pems
+            logger.error(
+                "TLS files changed but were not loaded, keeping the previous certificate: --tls-cert %s is not "
+                "valid before %s UTC; it is taken then",
+                self.files.cert,
+                f"{pems.not_before:%Y-%m-%d %H:%M:%S}",
+            )
+            return None
+        return pems
