@@ -142,11 +142,20 @@ def _grpc_servers(
     controls: ControlServicer,
     publishing: VersionServicer,
 ) -> tuple[grpc.aio.Server, grpc.aio.Server | None]:
-    """The data port's server and, with --control-listen, the control port's, with their services."""
+    """The data port's server and, with --control-listen, the control port's, with their services.
+
+    With --control-listen the data port still knows every ControlService method, Prefetch
+    and Evict, and answers each UNIMPLEMENTED naming the flag, so a caller dialling the
+    wrong port learns where to go rather than grpc's bare "Method not found!".
+    """
     server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
     if config.control_listen:  # the data port answers the control methods with where they are
+        every_control_method = frozenset(m.name for m in pb.DESCRIPTOR.services_by_name["ControlService"].methods)
         server.add_generic_rpc_handlers(
-            [_handlers(weights, SERVICE_NAME, PREENCODED_RESPONSES, elsewhere=CONTROL_METHODS)]
+            [
+                _handlers(weights, SERVICE_NAME, PREENCODED_RESPONSES, elsewhere=CONTROL_METHODS),
+                _handlers(controls, CONTROL_SERVICE_NAME, frozenset(), elsewhere=every_control_method),
+            ]
         )
         control_server: grpc.aio.Server | None = grpc.aio.server(
             options=server_options(config), interceptors=interceptors

@@ -27,15 +27,15 @@ async def serve(config: ServerConfig) -> None:
         # loop, rather than leave grpc to clean up after the loop is gone.
         await server.stop(0)
         raise
-    host = config.listen.rsplit(":", 1)[0]
     side = f", metrics and probes on http://{server.side.address}" if server.side is not None else ""
-    control = (
-        f", control on {config.control_listen.rsplit(':', 1)[0]}:{server.control_port}" if server.control_server else ""
-    )
+    control = ""
+    if server.control_server:
+        control = f", control on {bound_address(config.control_listen, server.control_port)}"
     security = ("TLS" if server.certificates else "plaintext") + (", tokens" if server.tokens else "")
     logger.info(
-        "weightserve listening on %s:%d (%s)%s%s; %d models under %s",
-        host, server.port, security, control, side, server.models_at_start, [str(r) for r in config.model_roots],
+        "weightserve listening on %s (%s)%s%s; %d models under %s",
+        bound_address(config.listen, server.port), security, control, side, server.models_at_start,
+        [str(r) for r in config.model_roots],
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -48,6 +48,14 @@ async def serve(config: ServerConfig) -> None:
     logger.info("draining: refusing new calls, waiting up to %.0fs for streams in flight", config.grace_seconds)
     await server.stop(config.grace_seconds)
     logger.info("stopped")
+
+
+def bound_address(address: str, port: int) -> str:
+    """Where a listener is, for the start-up line: `host:port` with the port bound (port 0
+    picks one), or a Unix socket's address as given (its "port" is grpc's 1 for success)."""
+    if address.startswith("unix"):  # unix:PATH, unix://ABSOLUTE, unix-abstract:NAME
+        return address
+    return f"{address.rsplit(':', 1)[0]}:{port}"
 
 
 def main(config: ServerConfig) -> None:
