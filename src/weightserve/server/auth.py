@@ -27,6 +27,7 @@ import grpc
 from weightserve.errors import InvalidRequestError, PermissionDeniedError, UnauthenticatedError
 from weightserve.recording import Recorder
 from weightserve.server.call_context import current_call
+from weightserve.server.log_text import escape_text, field
 from weightserve.server.proto_convert import model_name
 from weightserve.server.status_codes import abort_with
 from weightserve.server.tokens import ANONYMOUS, UNKNOWN, Token, TokenFile
@@ -68,14 +69,18 @@ def bearer(metadata: Any) -> str | None:
 
 
 def audit(caller: Token, method: str, model: str, outcome: str, details: str = "") -> None:
-    """One audit line: who did what to which model, and how it ended."""
+    """One audit line: who did what to which model, and how it ended.
+
+    The caller's values (the model, an error quoting what it sent) are escaped, so no
+    request can end the line and write a forged one into the audit trail.
+    """
     audit_log.info(
         "token=%s action=%s model=%s outcome=%s%s",
-        caller.name,
-        method,
-        model or "-",
+        field(caller.name),
+        field(method),
+        field(model) if model else "-",
         outcome,
-        f" ({details[:200]})" if details else "",
+        f" ({escape_text(details[:200])})" if details else "",
         extra={"token": caller.name, "action": method, "model": model, "outcome": outcome, "details": details[:200]},
     )
 

@@ -9,6 +9,7 @@ import grpc
 from weightserve.eplb import ExpertMapping, Topology
 from weightserve.errors import JobNotFoundError
 from weightserve.server.auth import current_caller
+from weightserve.server.call_context import current_call
 from weightserve.server.control_plane import ControlPlane, RebalanceJob
 from weightserve.server.proto_convert import model_name
 from weightserve.server.request_limits import MAX_JOB_ID_BYTES, MAX_POLICY_BYTES, check_text
@@ -96,8 +97,10 @@ class ControlServicer:
         self, request: pb.GetRebalanceRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetRebalanceResponse:
         job_id = check_text("job id", request.job_id, MAX_JOB_ID_BYTES)
-        if not current_caller().may_read(self.control.job(job_id).model):
+        model = self.control.job(job_id).model
+        if not current_caller().may_read(model):
             raise JobNotFoundError(f"no rebalance job {job_id[:64]!r} of a model your token covers")
+        current_call().note_model(model)  # the audit line names the job's model
         return job_to(await self.control.wait_job(job_id, request.wait_seconds))
 
     @stream_errors

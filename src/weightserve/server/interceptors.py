@@ -22,6 +22,7 @@ import grpc
 
 from weightserve.recording import Recorder
 from weightserve.server.call_context import CallRecord, close_call, open_call, request_id_from
+from weightserve.server.log_text import escape_text, field
 
 access_log = logging.getLogger("weightserve.access")
 
@@ -173,24 +174,27 @@ def _noop() -> None:
 
 
 def log_call(record: CallRecord, seconds: float) -> None:
-    """The access log line of a finished call (DEBUG for health checks and reflection)."""
+    """The access log line of a finished call (DEBUG for health checks and reflection).
+
+    Caller-supplied values are escaped (server/log_text.py): none can start a new line.
+    """
     level = logging.DEBUG if record.service in QUIET_SERVICES else logging.INFO
     if not access_log.isEnabledFor(level):
         return
     access_log.log(
         level,
         "%s %s%s%s %d bytes %.3fs %s peer=%s token=%s request_id=%s%s",
-        record.method,
-        record.model or "-",
-        f" [{record.shard}]" if record.shard else "",
+        field(record.method),
+        field(record.model) if record.model else "-",
+        f" [{escape_text(record.shard)}]" if record.shard else "",
         f" {record.messages} msgs" if record.messages else "",
         record.bytes,
         seconds,
         record.code,
-        record.peer,
-        record.caller or "-",
-        record.request_id,
-        f" ({record.details[:200]})" if record.details and record.code != "OK" else "",
+        field(record.peer),
+        field(record.caller) if record.caller else "-",
+        field(record.request_id),
+        f" ({escape_text(record.details[:200])})" if record.details and record.code != "OK" else "",
         extra={
             "rpc": record.method,
             "service": record.service,

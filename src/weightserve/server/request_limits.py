@@ -9,6 +9,7 @@ checked where the model is known (sharding/, server/control_plane.py).
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 from weightserve.errors import InvalidRequestError
@@ -40,9 +41,31 @@ def check_text(what: str, value: str, limit: int) -> str:
     return value
 
 
+UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+"""Control, format and surrogate characters and line or paragraph separators: no model
+directory or remote name needs one, and in a log line they could end the line or hide
+what follows."""
+
+
+def check_printable(what: str, value: str) -> str:
+    """`value`, unless it holds a character of UNPRINTABLE_CATEGORIES.
+
+    Raises:
+        InvalidRequestError: names the field, the character's code point and its position
+            (never the value, which could carry a forged log line).
+    """
+    for index, char in enumerate(value):
+        if unicodedata.category(char) in UNPRINTABLE_CATEGORIES:
+            raise InvalidRequestError(
+                f"{what} has the unprintable character U+{ord(char):04X} at position {index}; names are printable text"
+            )
+    return value
+
+
 def check_model_name(name: str) -> str:
-    """A model name within the length and depth limits."""
+    """A model name within the length and depth limits, of printable characters only."""
     check_text("model name", name, MAX_MODEL_NAME_BYTES)
+    check_printable("model name", name)
     if name.count("/") >= MAX_MODEL_NAME_PARTS:
         raise InvalidRequestError(
             f"model name has {name.count('/') + 1} path parts; the limit is {MAX_MODEL_NAME_PARTS}"

@@ -10,6 +10,7 @@ from weightserve.errors import InvalidRequestError
 from weightserve.server import proto_convert as convert
 from weightserve.server import request_limits as limits
 from weightserve.server.auth import current_caller
+from weightserve.server.call_context import current_call
 from weightserve.server.status_codes import call_errors, stream_errors
 from weightserve.server.versions import Versions
 from weightserve.v1 import weightserve_pb2 as pb
@@ -41,6 +42,7 @@ class VersionServicer:
             upload_id = limits.check_text("upload id", message.upload_id, MAX_UPLOAD_ID_BYTES)
             if upload is None or upload.upload_id != upload_id:
                 upload = self.versions.upload(upload_id, current_caller().may_read)
+                current_call().note_model(upload.model)  # the audit line names the model published
             if message.HasField("chunk"):
                 chunk = message.chunk
                 await self.versions.write(
@@ -59,8 +61,10 @@ class VersionServicer:
         committed = self.versions.committed(upload_id, current_caller().may_read)
         if committed is not None:
             model, version = committed
+            current_call().note_model(model)
             return pb.PublishStatus(upload_id=upload_id, model=model, committed=True, version=version)
         upload = self.versions.upload(upload_id, current_caller().may_read)
+        current_call().note_model(upload.model)
         return convert.publish_status(upload, upload.committed_version)
 
     @call_errors
