@@ -3,8 +3,9 @@
 With `--auth-tokens`, every call but a health check carries `authorization: Bearer
 TOKEN`. The interceptor finds the token (UNAUTHENTICATED when it is missing or unknown),
 checks the method's scope (PERMISSION_DENIED for a Prefetch without `cache`, a Rebalance
-without `control`) and the request's model against the token's globs (PERMISSION_DENIED,
-whether or not the model exists, so a refusal names nothing the caller may not see). The
+without `control`) and the request's model, wherever the request names it
+(server/request_models.py), against the token's globs (PERMISSION_DENIED, whether or not
+the model exists, so a refusal names nothing the caller may not see). The
 caller's token is then the call's `current_caller()`: ListModels shows only its models,
 GetRebalance only its jobs, and the stream gate applies its limits.
 
@@ -16,6 +17,7 @@ the token), what, on which model, and how it ended; refusals are audit lines too
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -28,10 +30,12 @@ from weightserve.errors import InvalidRequestError, PermissionDeniedError, Unaut
 from weightserve.recording import Recorder
 from weightserve.server.call_context import current_call
 from weightserve.server.log_text import escape_text, field
-from weightserve.server.proto_convert import model_name
+from weightserve.server.request_models import UncheckedRequestError, model_of
 from weightserve.server.status_codes import abort_with
 from weightserve.server.tokens import ANONYMOUS, UNKNOWN, Token, TokenFile
+from weightserve.server.watch_guard import WATCH_METHODS, while_allowed
 
+logger = logging.getLogger(__name__)
 audit_log = logging.getLogger("weightserve.audit")
 
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
@@ -144,6 +148,9 @@ class _Check:
         self.owner, self.method, self.scope = owner, method, scope
         self.caller = ANONYMOUS
         self.refusal: Exception | None = None
+        self.digest = ""
+        self.model = ""
+        self.audited = False
 
     def authenticate(self, metadata: Any) -> None:
         tokens = self.owner.tokens
@@ -158,7 +165,7 @@ class _Check:
             self.refusal = UnauthenticatedError(message)
             self.owner.refused(reason, UNKNOWN, self.method, "", self.refusal)
             return
-        self.caller = token
+        self.caller, self.digest = token, token.sha256
         if not token.may(self.scope):
             self.refusal = PermissionDeniedError(
                 f"token {token.name!r} may not call {self.method} (it needs {self.scope} = true)"
@@ -168,18 +175,57 @@ class _Check:
     async def admit(self, request: Any, context: Any) -> None:
         """Make the token the call's caller, or end the call with the refusal."""
         current_call().caller = self.caller.name
-        if self.refusal is None and request is not None:
-            model = _model_of(request)
-            if model and not self.caller.may_read(model):
-                self.refusal = PermissionDeniedError(f"token {self.caller.name!r} does not cover model {model!r}")
-                self.owner.refused("model", self.caller, self.method, model, self.refusal)
+        if self.refusal is None and request is not None and self.owner.tokens is not None:
+            self.check_model(request)
         if self.refusal is not None:
             await abort_with(context, self.refusal)
         _CALLER.set(self.caller)
 
+    def check_model(self, request: Any) -> None:
+        """Refuse a request whose model (in whatever field: request_models.MODEL_OF) the token does not cover.
+
+        A malformed name is refused here too (INVALID_ARGUMENT, as the servicer would), so
+        no name the check could not read ever reaches a servicer unchecked.
+        """
+        try:
+            model = model_of(request)
+        except InvalidRequestError as e:
+            self.refusal = e
+            if self.scope:
+                audit(self.caller, self.method, "", "INVALID_ARGUMENT", str(e))
+            return
+        except UncheckedRequestError as e:
+            logger.error("refusing %s: %s", self.method, e)
+            model, self.refusal = "", PermissionDeniedError(f"{self.method} cannot be checked against token scopes")
+        else:
+            self.model = model
+            if not model or self.caller.may_read(model):
+                return
+            self.refusal = PermissionDeniedError(f"token {self.caller.name!r} does not cover model {model!r}")
+        self.owner.refused("model", self.caller, self.method, model, self.refusal)
+
+    def withdrawn(self) -> Exception | None:
+        """Why this call's token no longer admits it (revoked, or its scope or models narrowed), or None."""
+        tokens = self.owner.tokens
+        if tokens is None:
+            return None
+        token = tokens.find(self.digest)
+        if token is None:
+            return UnauthenticatedError(f"token {self.caller.name!r} was revoked while this call streamed")
+        if not token.may(self.scope) or (self.model and not token.may_read(self.model)):
+            return PermissionDeniedError(f"token {token.name!r} no longer covers this call")
+        return None
+
+    async def end_withdrawn(self, error: Exception, context: Any) -> None:
+        """Count, audit and end a stream whose token was withdrawn while it ran."""
+        reason = "unknown_token" if isinstance(error, UnauthenticatedError) else "model"
+        self.owner.refused(reason, self.caller, self.method, self.model, error)
+        self.audited = True
+        await abort_with(context, error)
+
     def audit_end(self, outcome: str | None) -> None:
         """The audit line of a scoped action (Prefetch, Evict, the control calls)."""
-        if self.scope:
+        if self.scope and not self.audited:
             record = current_call()
             audit(self.caller, self.method, record.model, outcome or record.code, record.details)
 
@@ -227,9 +273,16 @@ class _Check:
         async def checked(request: Any, context: Any) -> AsyncIterator[Any]:
             await self.admit(request, context)
             outcome: str | None = "UNKNOWN"
+            stream = behavior(request, context)
+            if self.method in WATCH_METHODS and self.owner.tokens is not None:
+                stream = while_allowed(stream, self.withdrawn)
             try:
-                async for message in behavior(request, context):
-                    yield message
+                async with contextlib.aclosing(stream):
+                    try:
+                        async for message in stream:
+                            yield message
+                    except (UnauthenticatedError, PermissionDeniedError) as e:  # only while_allowed raises these
+                        await self.end_withdrawn(e, context)
                 outcome = None
             except grpc.aio.AbortError:
                 outcome = None
@@ -241,18 +294,6 @@ class _Check:
                 self.audit_end(outcome)
 
         return checked
-
-
-def _model_of(request: Any) -> str:
-    """The canonical model a request names; '' for none or a malformed one (the servicer refuses that)."""
-    fields = request.DESCRIPTOR.fields_by_name
-    text = request.shard.model if "shard" in fields else request.model if "model" in fields else ""
-    if not text:
-        return ""
-    try:
-        return model_name(text)
-    except InvalidRequestError:
-        return ""
 
 
 def _refusing_stream_stream(handler: grpc.RpcMethodHandler, check: _Check) -> grpc.RpcMethodHandler:
