@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-from weightserve.errors import InvalidRequestError
+from weightserve.errors import CorruptCheckpointError, InvalidRequestError
 from weightserve.loaders.base import TensorRecord
 from weightserve.loaders.pieces import ZEROS, Piece
 from weightserve.sharding.model_config import ModelConfig
@@ -25,10 +25,21 @@ Ranges = list[tuple[int, int]]
 
 
 def slice_ranges(record: TensorRecord, dim: int, ranges: Ranges) -> TensorPlan:
-    """The tensor made of `ranges` (start, length) along `dim`, concatenated in order."""
+    """The tensor made of `ranges` (start, length) along `dim`, concatenated in order.
+
+    Raises:
+        CorruptCheckpointError: a range lies outside the tensor. Ranges come from config.json
+            as well as from shapes, and a range past the tensor would read its neighbours.
+    """
     shape = list(record.shape)
     if dim >= len(shape):
         raise InvalidRequestError(f"tensor {record.name!r} of shape {shape} has no dim {dim} to split")
+    for start, length in ranges:
+        if start < 0 or length < 0 or start + length > shape[dim]:
+            raise CorruptCheckpointError(
+                f"{record.name!r} has {shape[dim]} along dim {dim}; its slice [{start}, {start + length}) "
+                "lies outside it: config.json and the tensor disagree"
+            )
     inner = math.prod(shape[dim + 1 :]) * DTYPE_SIZES[record.dtype]
     if record.block_bytes and dim == len(shape) - 1:
         for start, length in ranges:
@@ -83,6 +94,8 @@ def even_range(size: int, rank: int, world_size: int, what: str) -> tuple[int, i
 def kv_range(config: ModelConfig, rank: int, world_size: int, name: str) -> tuple[int, int]:
     """The k/v rows a rank holds: its share of the heads, or the one head it replicates."""
     heads, head_dim = config.num_key_value_heads, config.head_dim
+    if not heads:
+        raise CorruptCheckpointError(f"config.json: num_key_value_heads is 0, so {name!r} cannot be split by heads")
     if world_size <= heads:
         start, count = even_range(heads, rank, world_size, f"num_key_value_heads of {name!r}")
         return start * head_dim, count * head_dim
@@ -114,13 +127,31 @@ def _vocab(record: TensorRecord, config: ModelConfig, rank: int, world_size: int
     return TensorPlan(record.name, record.dtype, (count, *record.shape[1:]), tuple(pieces))
 
 
+def _check_rows(record: TensorRecord, heads: int, head_dim: int, fields: str) -> None:
+    """The tensor has the rows config.json's head counts say, or slicing by heads would cut
+    across them (or, for k/v, past the tensor into its neighbours)."""
+    rows = record.shape[0] if record.shape else 0
+    if rows != heads * head_dim:
+        raise CorruptCheckpointError(
+            f"{record.name!r} has {rows} rows, but config.json's {fields} ({heads} x {head_dim}) make "
+            f"{heads * head_dim}: the checkpoint and its config disagree"
+        )
+
+
 def _q(record: TensorRecord, config: ModelConfig, rank: int, world_size: int) -> TensorPlan:
     _check_attention(config, world_size, record.name)
+    heads = config.num_attention_heads
+    if not record.shape or record.shape[0] % heads:  # rows of whole heads (a gated q has 2 x head_dim each)
+        rows = record.shape[0] if record.shape else 0
+        raise CorruptCheckpointError(
+            f"{record.name!r} has {rows} rows, not a multiple of config.json's num_attention_heads {heads}"
+        )
     return slice_ranges(record, 0, [even_range(record.shape[0], rank, world_size, f"rows of {record.name!r}")])
 
 
 def _kv(record: TensorRecord, config: ModelConfig, rank: int, world_size: int) -> TensorPlan:
     _check_attention(config, world_size, record.name)
+    _check_rows(record, config.num_key_value_heads, config.head_dim, "num_key_value_heads x head_dim")
     return slice_ranges(record, 0, [kv_range(config, rank, world_size, record.name)])
 
 
