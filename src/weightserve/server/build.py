@@ -111,7 +111,7 @@ def build_server(config: ServerConfig) -> Server:
     if metrics:
         label = _model_label(cache)
         prometheus.known_model = lambda name: label(name) == name
-        prometheus.registry.register(StateCollector(gauges.sources(cache, gate, remotes, control, label)))
+        prometheus.registry.register(StateCollector(gauges.sources(cache, gate, remotes, control)))
         host, side_port = metrics_address(config)
         side = SidePortSpec(host, side_port, prometheus.registry)
     services = (SERVICE_NAME, CONTROL_SERVICE_NAME, VERSION_SERVICE_NAME)

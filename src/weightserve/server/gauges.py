@@ -7,7 +7,7 @@ plane already keep.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from prometheus_client.core import Metric
@@ -97,15 +97,7 @@ def eplb_gauges(control: ControlPlane) -> GaugeSource:
 
 
 def sources(
-    cache: ModelCache,
-    gate: StreamGate,
-    remotes: Mapping[str, Storage],
-    control: ControlPlane,
-    label: Callable[[str], str] | None = None,
+    cache: ModelCache, gate: StreamGate, remotes: Mapping[str, Storage], control: ControlPlane
 ) -> Iterable[GaugeSource]:
-    """Every gauge source of a server.
-
-    `label`, the cache's view of a model name, is no longer used (see `eplb_gauges`); the
-    parameter goes when build.py stops passing it.
-    """
+    """Every gauge source of a server."""
     return (cache_gauges(cache), stream_gauges(gate), disk_cache_gauges(remotes), eplb_gauges(control))
