@@ -358,3 +358,15 @@ def test_one_changed_byte_past_the_first_compared_block_is_found(
     client.publish(MODEL, {DOWN: down})
     assert client.fetch_state_dict(MODEL, 0, 2, since_version=0) == {}
     assert set(client.fetch_state_dict(MODEL, 1, 2, since_version=0)) == {DOWN}
+
+
+@pytest.mark.fault("model name or symlink escaping the roots", cases=5)
+def test_versions_of_a_model_that_does_not_exist_are_not_found_at_once(client: WeightClient) -> None:
+    for name in ("org/does-not-exist", "../../etc", "org/tiny-llama/../..", ".", "org/" + "x" * 300):
+        error = fetch_error(lambda name=name: client.list_versions(name))
+        assert error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), error
+        watch = client.watch_versions(name, serving_version=0)
+        with pytest.raises(FetchError) as refused:  # at once, not a wait that never ends
+            next(iter(watch))
+        assert refused.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+    assert [v.version for v in client.list_versions(MODEL)] == [0]

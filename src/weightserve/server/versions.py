@@ -190,13 +190,24 @@ class Versions:
     # ------------------------------------------------------------------ listing
 
     async def summaries(self, model: str) -> list[VersionSummary]:
-        """Every version of a model, version 0 first."""
+        """Every version of a model, version 0 first.
+
+        Raises:
+            ModelNotFoundError: no such model (and no versions of it stored).
+        """
         found = await asyncio.to_thread(self.store.versions, model) if self.store is not None else []
+        if not found:
+            await self.cache.locate(model)  # a model with versions was one when they were published
         leases = self.leases.get(model, collections.Counter())
         return [VersionSummary(model, 0, 0, 0, 0, 0, leases[0])] + [self._summary(v, leases) for v in found]
 
     async def watch(self, model: str, after: int, serving: int | None) -> AsyncIterator[VersionSummary]:
-        """Each version after `after`, as it is published; leases `serving` until the caller stops."""
+        """Each version after `after`, as it is published; leases `serving` until the caller stops.
+
+        Raises:
+            ModelNotFoundError: no such model: a watch of a misspelt name fails, not waits forever.
+        """
+        await self.summaries(model)  # before any state is kept for the name
         if serving is not None:
             self.leases[model][serving] += 1
         try:
@@ -211,7 +222,10 @@ class Versions:
                         await condition.wait()
         finally:
             if serving is not None:
-                self.leases[model][serving] -= 1
+                leases = self.leases[model]
+                leases[serving] -= 1
+                if not +leases:  # no lease left: keep no per-model state
+                    del self.leases[model]
 
     def _summary(self, version: Version, leases: collections.Counter[int]) -> VersionSummary:
         return VersionSummary(
