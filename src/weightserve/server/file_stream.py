@@ -5,20 +5,27 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from weightserve import wire
-from weightserve.errors import PreconditionError
+from weightserve.errors import ModelNotFoundError, PreconditionError
 from weightserve.loaders.access import reading
 from weightserve.storage.base import ModelLocation
-from weightserve.storage.local import WEIGHT_SUFFIXES
+from weightserve.storage.local import WEIGHT_SUFFIXES, holds_own_model
 
 DEFAULT_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
 """Configs, generation config, tokenizer files and chat templates at the top level."""
 
 _NEVER = ("*.index.json",)
+
+MayEnter = Callable[[str], bool]
+"""Whether a sub-folder (its '/'-separated path in the model) may be served; see select_dir_files."""
+
+
+def _anywhere(rel: str) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
@@ -34,42 +41,76 @@ class FilePiece:
     data: bytes
 
 
-def select_files(location: ModelLocation, patterns: list[str] | None) -> list[tuple[str, Path]]:
+def select_files(
+    location: ModelLocation, patterns: list[str] | None, may_enter: MayEnter = _anywhere
+) -> list[tuple[str, Path]]:
     """(name a client sees, file) of a located model's files that match `patterns`.
 
     A model without a directory of its own (dummy weights) has exactly the files its
     location names; otherwise see `select_dir_files`.
+
+    Raises:
+        ModelNotFoundError: the directory holds neither weights nor a config.json at its
+            top level (a folder of models such as "org" is no model whose files to send).
     """
     if not location.files:
         root = location.model_dir.resolve()
-        return [(p.relative_to(root).as_posix(), p) for p in select_dir_files(root, patterns, location.link_root)]
-    wanted = list(patterns or DEFAULT_PATTERNS)
-    return [(rel, path) for rel, path in location.files if any(fnmatch.fnmatchcase(rel, p) for p in wanted)]
+        if not holds_own_model(root):
+            raise ModelNotFoundError(
+                f"{location.name!r} is not a model: no weights or config.json at its top level "
+                "(ListModels shows what is served)"
+            )
+        chosen = select_dir_files(root, patterns, location.link_root, may_enter)
+        return [(p.relative_to(root).as_posix(), p) for p in chosen]
+    if not patterns:  # the defaults: top-level files only, as from a directory
+        return [(rel, path) for rel, path in location.files if "/" not in rel and _matches(rel, list(DEFAULT_PATTERNS))]
+    return [(rel, path) for rel, path in location.files if _matches(rel, patterns)]
 
 
-def select_dir_files(model_dir: Path, patterns: list[str] | None, link_root: Path | None = None) -> list[Path]:
+def select_dir_files(
+    model_dir: Path, patterns: list[str] | None, link_root: Path | None = None, may_enter: MayEnter = _anywhere
+) -> list[Path]:
     """Regular files under `model_dir` matching `patterns` (relative, '/'-separated paths).
 
-    Weight files, index files, hidden files and anything resolving outside `link_root`
-    (default: the model directory) are never selected.
+    Without patterns, DEFAULT_PATTERNS select top-level files only. Patterns may reach
+    into sub-folders, but never into one that is a model of its own (weights or a
+    config.json: "org/base/checkpoint-100" is another model, with its own token globs)
+    nor one `may_enter` refuses (a token that does not cover "MODEL/SUB"). Weight files,
+    index files, hidden files and anything resolving outside `link_root` (default: the
+    model directory) are never selected.
     """
-    patterns = list(patterns or DEFAULT_PATTERNS)
+    deep = bool(patterns)
+    wanted = list(patterns or DEFAULT_PATTERNS)
     root = model_dir.resolve()
     allowed = (link_root or model_dir).resolve()
     chosen = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if deep and _may_descend(here / d, root, may_enter))
         for filename in sorted(filenames):
-            path = Path(dirpath) / filename
+            path = here / filename
             rel = path.relative_to(root).as_posix()
             if filename.startswith(".") or filename.endswith(WEIGHT_SUFFIXES):
                 continue
-            if any(fnmatch.fnmatch(rel, p) for p in _NEVER) or not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
+            if any(fnmatch.fnmatch(rel, p) for p in _NEVER) or not _matches(rel, wanted):
                 continue
             real = path.resolve()
             if os.path.commonpath([real, allowed]) == str(allowed) and real.is_file():
                 chosen.append(path)
     return chosen
+
+
+def _matches(rel: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(rel, p) for p in patterns)
+
+
+def _may_descend(directory: Path, root: Path, may_enter: MayEnter) -> bool:
+    """A sub-folder whose files belong to the model: not hidden, no model itself, covered by the caller."""
+    return (
+        not directory.name.startswith(".")
+        and not holds_own_model(directory)
+        and may_enter(directory.relative_to(root).as_posix())
+    )
 
 
 def _file_pieces(rel: str, path: Path, chunk_bytes: int) -> Iterator[FilePiece]:
