@@ -74,7 +74,14 @@ def capped_server(model_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
 int32 = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([0, 1, 2, 3, 4, 8, 2**31 - 1, -1]))
 small = st.integers(0, 16)
 text = st.one_of(st.text(max_size=40), st.sampled_from(["", "a/" * 2**14, "x" * 5000, "\x00", "../.."]))
-model = st.one_of(st.sampled_from(MODELS), text)
+long_part = st.builds(
+    lambda prefix, size, char: prefix + char * (min(size, 1024 - len(prefix)) // len(char.encode())),
+    st.sampled_from(["", "org/", "org/tiny-llama/", "a/" * 20]),
+    st.integers(256, 1024),
+    st.sampled_from(["x", "\u00e9", "\U0001f600"]),
+)
+"""Names within the 1 KiB and 32-part limits whose one part is over the file systems' 255 bytes."""
+model = st.one_of(st.sampled_from(MODELS), text, long_part)
 
 
 def shard_specs() -> st.SearchStrategy[pb.ShardSpec]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.conftest import ServeFn
 from tests.server.test_experts import MODEL as MOE_MODEL
 from tests.server.test_experts import root as moe_root  # noqa: F401 - the module-scoped MoE fixture
 from weightserve.client import WeightClient
@@ -198,3 +199,43 @@ def test_a_cache_budget_below_the_read_pool_reserve_is_refused_at_start() -> Non
         ServerConfig(cache_memory=1 << 20, read_threads=2)
     assert ServerConfig(cache_memory=64 << 20, read_threads=2).cache_memory == 64 << 20
     assert ServerConfig(cache_memory=0).cache_memory == 0
+
+
+LONG_PART = "org/" + "x" * 300
+"""304 bytes and 2 parts, within the name limits, but one part over the file systems' 255."""
+
+
+@pytest.mark.fault("request past a static or model limit", cases=9)
+def test_a_name_part_over_255_bytes_is_invalid_argument_on_every_rpc(
+    model_root: Path,
+    moe_root: Path,  # noqa: F811
+    serve: ServeFn,
+    tmp_path: Path,
+) -> None:
+    server = serve(model_root, moe_root, state_dir=tmp_path / "state")
+    weights, control = stubs(server.address)
+    versions = pb_grpc.VersionServiceStub(grpc.insecure_channel(server.address))
+    spec = shard(LONG_PART)
+    tensor = pb.TensorInfo(name="w", dtype="F32", shape=[1], nbytes=4)
+    calls = {
+        "GetManifest": lambda: weights.GetManifest(pb.GetManifestRequest(shard=spec), timeout=10),
+        "FetchShard": lambda: weights.FetchShard(pb.FetchShardRequest(shard=spec), timeout=10),
+        "FetchFiles": lambda: weights.FetchFiles(pb.FetchFilesRequest(model=LONG_PART), timeout=10),
+        "Prefetch": lambda: weights.Prefetch(pb.PrefetchRequest(model=LONG_PART), timeout=10),
+        "Evict": lambda: weights.Evict(pb.EvictRequest(model=LONG_PART), timeout=10),
+        "ReportExpertLoad": lambda: control.ReportExpertLoad(
+            pb.ReportExpertLoadRequest(model=LONG_PART, load=pb.ExpertCounts(moe_layers=1, experts=1, counts=[1])),
+            timeout=10,
+        ),
+        "Rebalance": lambda: control.Rebalance(pb.RebalanceRequest(model=LONG_PART), timeout=10),
+        "WatchExpertMapping": lambda: control.WatchExpertMapping(
+            pb.WatchExpertMappingRequest(model=LONG_PART), timeout=10
+        ),
+        "StartPublish": lambda: versions.StartPublish(
+            pb.StartPublishRequest(model=LONG_PART, tensors=[tensor]), timeout=10
+        ),
+    }
+    for method, call in calls.items():
+        error = call_error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, error.code(), error.details())
+        assert "path part of 300 bytes" in error.details() and "at most 255 bytes" in error.details(), method

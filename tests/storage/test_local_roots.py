@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from weightserve.errors import ModelNotFoundError
+from weightserve.errors import InvalidRequestError, ModelNotFoundError
 from weightserve.storage.local import LocalRoots, local_revision
 
 
@@ -101,6 +101,37 @@ def test_symlink_pointing_outside_the_root_is_not_found(tmp_path: Path) -> None:
         with pytest.raises(ModelNotFoundError, match=r"not under any --model-root"):
             roots.resolve(name)
     assert roots.list_models() == {}
+
+
+@pytest.mark.fault("request past a static or model limit", cases=4)
+def test_a_path_part_over_255_bytes_names_the_part_limit(tmp_path: Path) -> None:
+    make_model(tmp_path, "org/m")
+    roots = LocalRoots([tmp_path])
+    for name in ("org/" + "x" * 256, "x" * 1020, "org/" + "\u00e9" * 128, "a/" * 30 + "b" * 300):
+        with pytest.raises(InvalidRequestError, match=r"path part of \d+ bytes .*at most 255 bytes"):
+            roots.resolve(name)
+    with pytest.raises(ModelNotFoundError):
+        roots.resolve("org/" + "y" * 255)  # at the limit: an absent model like any other
+
+
+@pytest.mark.fault("model name or symlink escaping the roots", cases=4)
+def test_a_lookup_the_file_system_refuses_is_not_found(tmp_path: Path) -> None:
+    """ELOOP, ENOTDIR, EACCES: the name is the caller's, so none of them is the server's error."""
+    make_model(tmp_path, "org/m")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "org" / "a").symlink_to(tmp_path / "org" / "b")
+    (tmp_path / "org" / "b").symlink_to(tmp_path / "org" / "a")
+    locked = make_model(tmp_path, "locked/inner").parent
+    locked.chmod(0)
+    try:
+        roots = LocalRoots([tmp_path])
+        for name in ("loop/x", "org/a/x", "org/m/config.json/x", "locked/inner"):
+            if name == "locked/inner" and os.geteuid() == 0:
+                continue  # root searches any directory
+            with pytest.raises(ModelNotFoundError, match="not under any --model-root"):
+                roots.resolve(name)
+    finally:
+        locked.chmod(0o755)
 
 
 def test_symlink_inside_the_root_resolves(tmp_path: Path) -> None:
