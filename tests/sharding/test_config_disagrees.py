@@ -10,6 +10,7 @@ config fields (DATA_LOSS), or made only of bytes of the tensor it names.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from hypothesis import strategies as st
 
 from tests.sharding import fixtures as fx
 from weightserve.client import WeightClient
-from weightserve.errors import FetchError, WeightserveError
+from weightserve.errors import CorruptCheckpointError, FetchError, WeightserveError
 from weightserve.loaders.pieces import ZEROS
+from weightserve.sharding.experts import moe_layout
 from weightserve.sharding.model_config import ModelConfig
 from weightserve.sharding.plan import plan_shard
 from weightserve.sharding.spec import ShardSpec
@@ -117,3 +119,49 @@ def test_a_served_model_whose_config_lies_is_data_loss_at_every_rank(
 
 def test_model_config_reads_what_the_tests_lie_about() -> None:
     assert ModelConfig.from_dict({"num_attention_heads": 4, "head_dim": 8}).num_key_value_heads == 4
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        assert ModelConfig.from_dict({key: 8}).num_experts == 8
+
+
+def _without(family: fx.Family, dropped: str) -> fx.Family:
+    return replace(family, shapes={n: s for n, s in family.shapes.items() if not re.search(dropped, n)})
+
+
+@pytest.mark.fault(
+    "config.json that disagrees with its tensors",
+    expect="DATA_LOSS naming the tensor and the config fields; never another tensor's bytes",
+    cases=4,
+)
+@pytest.mark.parametrize(
+    ("dropped", "expected", "why"),
+    [
+        (r"experts\.3\.", 0, r"lacks expert\(s\) \[3\]"),  # expert 4 would be served as 3
+        (r"layers\.1\..*experts\.5\.w2", 0, "expert 5 has weights"),
+        (r"experts\.7\.", 8, "config.json says 8"),  # 0..6 are contiguous: only the config tells
+        ("^$", 16, "config.json says 16"),
+    ],
+    ids=["missing-middle-expert", "expert-missing-a-weight", "missing-last-expert", "config-counts-more"],
+)
+def test_experts_that_are_not_0_to_e_minus_1_with_the_same_weights_are_data_loss(
+    dropped: str, expected: int, why: str
+) -> None:
+    family = _without(fx.FAMILIES["mixtral"], dropped)
+    records = fx.records_of(family)
+    with pytest.raises(CorruptCheckpointError, match=why):
+        moe_layout(records, expected)
+    config = replace(family.model_config, num_experts=expected)
+    with pytest.raises(CorruptCheckpointError):  # the layout is checked before any slot is placed
+        plan_shard(records, ShardSpec("m", ep_size=2, ep_rank=0), config)
+
+
+def test_a_served_moe_model_missing_an_expert_is_data_loss_for_expert_parallel_ranks(
+    serve: Any, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    family = _without(fx.FAMILIES["mixtral"], r"experts\.3\.")
+    family.write(root / "org/gappy")
+    server = serve(root)
+    with WeightClient(server.address) as client, pytest.raises(FetchError) as refused:
+        client.get_manifest("org/gappy", ep_size=2, ep_rank=0)
+    assert refused.value.code() == grpc.StatusCode.DATA_LOSS, refused.value
+    assert "lacks expert(s) [3]" in str(refused.value)

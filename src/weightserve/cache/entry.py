@@ -101,7 +101,7 @@ class ModelEntry:
     def moe_layout(self) -> MoeLayout | None:
         """The checkpoint's MoE layers and expert count (None for a dense model), found once."""
         if not self.moe_known:
-            self.moe, self.moe_known = moe_layout(self.loader.records), True
+            self.moe, self.moe_known = moe_layout(self.loader.records, self.model_config.num_experts), True
         return self.moe
 
     @property

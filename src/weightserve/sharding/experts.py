@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from weightserve.errors import InvalidRequestError
+from weightserve.errors import CorruptCheckpointError, InvalidRequestError
 from weightserve.loaders.base import TensorRecord
 from weightserve.sharding.slicing import slice_ranges
 from weightserve.sharding.tensor_plan import TensorPlan
@@ -39,16 +39,25 @@ class MoeLayout:
         return self.layers.index(layer)
 
 
-def moe_layout(records: Sequence[TensorRecord]) -> MoeLayout | None:
+def moe_layout(records: Sequence[TensorRecord], expected: int = 0) -> MoeLayout | None:
     """Find the expert tensors; None for a dense model.
+
+    Expert ids are positions in the router's output, so a layer must hold experts
+    0..E-1 with the same weights each, and E must be config.json's count (`expected`,
+    0: none given); numbering the experts found instead would serve expert 4 as 3.
 
     Raises:
         InvalidRequestError: layers disagree on the number of experts.
+        CorruptCheckpointError: a layer lacks an expert, or an expert lacks a weight the
+            others have, or the count is not config.json's.
     """
     experts: dict[int, set[int]] = {}
+    parts: dict[tuple[int, int], set[str]] = {}
     for record in records:
         if match := PER_EXPERT.match(record.name):
-            experts.setdefault(int(match["layer"]), set()).add(int(match["expert"]))
+            layer, expert = int(match["layer"]), int(match["expert"])
+            experts.setdefault(layer, set()).add(expert)
+            parts.setdefault((layer, expert), set()).add(match["rest"])
         elif (match := FUSED.match(record.name)) and record.shape:
             experts.setdefault(int(match["layer"]), set()).update(range(record.shape[0]))
     if not experts:
@@ -56,7 +65,30 @@ def moe_layout(records: Sequence[TensorRecord]) -> MoeLayout | None:
     counts = {len(ids) for ids in experts.values()}
     if len(counts) != 1:
         raise InvalidRequestError(f"MoE layers disagree on the number of experts: {sorted(counts)}")
-    return MoeLayout(tuple(sorted(experts)), counts.pop())
+    count = counts.pop()
+    for layer, ids in sorted(experts.items()):
+        _check_experts(layer, ids, count, expected, parts)
+    return MoeLayout(tuple(sorted(experts)), count)
+
+
+def _check_experts(
+    layer: int, ids: set[int], count: int, expected: int, parts: dict[tuple[int, int], set[str]]
+) -> None:
+    """Layer `layer` holds experts 0..count-1, config.json's count of them, each with the same weights."""
+    missing = sorted(set(range(count)) - ids)
+    if missing:
+        raise CorruptCheckpointError(
+            f"MoE layer {layer} holds {count} experts numbered up to {max(ids)}: it lacks expert(s) {missing[:8]}"
+        )
+    if expected and count != expected:
+        raise CorruptCheckpointError(f"MoE layer {layer} holds {count} experts; config.json says {expected}")
+    weights = [parts[(layer, e)] for e in sorted(ids) if (layer, e) in parts]
+    if weights and any(w != weights[0] for w in weights):
+        odd = next(e for e in sorted(ids) if parts.get((layer, e)) != weights[0])
+        raise CorruptCheckpointError(
+            f"MoE layer {layer}: expert {odd} has weights {sorted(parts.get((layer, odd), set()))}, "
+            f"expert 0 has {sorted(weights[0])}"
+        )
 
 
 def is_expert(name: str) -> bool:

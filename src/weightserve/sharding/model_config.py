@@ -27,6 +27,8 @@ class ModelConfig:
     """Expert groups of group-limited routing (DeepSeek-V3 style); 0: none named."""
     topk_group: int = 0
     """Groups each token is routed to; 0: none named. Read for EPLB's dispatch estimate only."""
+    num_experts: int = 0
+    """Routed experts per MoE layer (num_local_experts, num_experts or n_routed_experts); 0: not named."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -47,6 +49,9 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
             n_group=_hint(cfg, "n_group"),
             topk_group=_hint(cfg, "topk_group"),
+            num_experts=next(
+                (n for key in ("num_local_experts", "num_experts", "n_routed_experts") if (n := _hint(cfg, key))), 0
+            ),
         )
 
     @classmethod

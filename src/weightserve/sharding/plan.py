@@ -45,7 +45,7 @@ def plan_shard(
         return stream_order([whole_tensor(r) for r in _sharded_rank(sharded, spec)])
     expert_part: list[TensorPlan] = []
     if spec.ep_size:
-        layout = moe_layout(records)
+        layout = moe_layout(records, config.num_experts)
         if layout is None or experts is None:
             raise InvalidRequestError(f"model {spec.model!r} has no experts to spread over ep_size {spec.ep_size}")
         stage = {r.name for r in in_stage(records, spec, config)}
