@@ -3,6 +3,7 @@ the control methods went under --control-listen."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import grpc
 import pytest
 
 from tests.conftest import ServeFn
+from weightserve.client import WeightClient
 from weightserve.server.lifecycle import bound_address
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
@@ -52,3 +54,25 @@ def test_the_data_port_answers_every_control_method_with_where_it_is_served(mode
                 call()
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, method
             assert info.value.details() == f"{method} is served on the control address (--control-listen), not here"
+
+
+@pytest.mark.fault("bad or unknown server setting")
+def test_a_second_server_on_a_live_unix_socket_is_refused_and_the_first_keeps_serving(
+    model_root: Path, serve: ServeFn, tmp_path: Path
+) -> None:
+    address = f"unix:{tmp_path / 'ws.sock'}"
+    first = serve(model_root, listen=address, metrics_listen="off")
+    with pytest.raises(OSError, match="another server is listening on"):
+        serve(model_root, listen=address, metrics_listen="off")
+    with WeightClient(first.address) as client:  # both socket files are still the first server's
+        assert client.get_manifest("org/tiny-llama").tensors
+        client.fetch_state_dict("org/tiny-llama", transport="shm")
+
+
+def test_a_dead_servers_socket_file_is_replaced(model_root: Path, serve: ServeFn, tmp_path: Path) -> None:
+    stale = tmp_path / "ws.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(stale))  # bound, never listening: connecting is refused, as after a crash
+    server = serve(model_root, listen=f"unix:{stale}", metrics_listen="off")
+    with WeightClient(server.address) as client:
+        assert client.get_manifest("org/tiny-llama").tensors

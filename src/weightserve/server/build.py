@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,7 @@ def _listen(server: grpc.aio.Server, flag: str, address: str, certificates: Relo
     Raises:
         OSError: one line naming the flag when the address cannot be bound.
     """
+    refuse_live_socket(flag, address)
     try:
         if certificates is not None:
             port = server.add_secure_port(address, certificates.credentials())
@@ -203,6 +205,27 @@ def _listen(server: grpc.aio.Server, flag: str, address: str, certificates: Relo
     if port == 0 and not address.startswith("unix:"):
         raise OSError(f"{flag} {address}: cannot listen there (is another server running there?)")
     return port
+
+
+def refuse_live_socket(flag: str, address: str) -> None:
+    """Refuse a Unix socket another process still listens on: binding replaces the file, and
+    the running server would go on, SERVING, with nobody able to reach it. A socket file
+    that refuses connections is a dead server's, and is replaced.
+
+    Raises:
+        OSError: one line naming the flag when something answers there.
+    """
+    grpc_socket, side_socket = socket_path(address), handoff_path(address)
+    for path, kind in ((grpc_socket, socket.SOCK_STREAM), (side_socket, socket.SOCK_SEQPACKET)):
+        if path is None or not path.is_socket():
+            continue
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                continue  # refused: a dead server's file (or not ours to judge: binding says the rest)
+        raise OSError(f"{flag} {address}: another server is listening on {path}; stop it first")
 
 
 def warn_if_exposed(config: ServerConfig) -> None:
