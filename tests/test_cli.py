@@ -425,7 +425,7 @@ def serve_fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
             "--cache-memory '3 parsecs': '3 parsecs' is not a size (try 20GiB, 512MB or a byte count)",
         ),
         (["--grace-seconds", "soon"], "--grace-seconds 'soon': 'soon' is not a number"),
-        (["--listen", "localhost"], "listen 'localhost' must be HOST:PORT or unix:PATH"),
+        (["--listen", "localhost"], "--listen 'localhost': must be HOST:PORT or unix:PATH"),
         (["--log-level", "loud"], "log_level 'loud' must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL (any case)"),
         (["--log-format", "xml"], "log_format 'xml' must be one of text, json"),
         (["--loader", "mmap"], "loader 'mmap' must be one of safetensors, fastsafetensors"),
@@ -438,6 +438,40 @@ def test_a_bad_serve_flag_is_one_line_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], said: str
 ) -> None:
     assert serve_fails(["--model-root", str(tmp_path), *flags], capsys) == said
+
+
+@pytest.mark.fault("bad or unknown server setting", cases=9)
+def test_an_address_with_a_port_outside_0_to_65535_is_refused_naming_its_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """grpc took such a port modulo 2^16 (116156 listened on 50620); the metrics port raised OverflowError."""
+    for flag, value, said in (
+        ("--listen", "127.0.0.1:116156", "port 116156 is outside 0-65535"),
+        ("--listen", "127.0.0.1:-5", "must be HOST:PORT with a port number within 0-65535"),
+        ("--listen", "[::1]:65536", "port 65536 is outside 0-65535"),
+        ("--metrics-listen", "127.0.0.1:75536", "port 75536 is outside 0-65535"),
+        ("--metrics-listen", "127.0.0.1:99999999999999999999", "is outside 0-65535"),
+        ("--control-listen", "127.0.0.1:70000", "port 70000 is outside 0-65535"),
+        ("--advertise", "peer.local:65536", "port 65536 is outside 0-65535"),
+        ("--advertise", ":50051", "must name a host other replicas reach"),
+        ("--coordination", "redis://redis:70000", "port '70000' must be a number within 0-65535"),
+    ):
+        line = serve_fails(["--model-root", str(tmp_path), flag, value], capsys)
+        assert line.startswith(f"{flag} {value!r}: ") and said in line, line
+
+
+@pytest.mark.fault("bad or unknown server setting", cases=2)
+def test_a_port_outside_the_range_is_refused_from_a_variable_or_the_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WEIGHTSERVE_LISTEN", "127.0.0.1:116157")
+    said = "WEIGHTSERVE_LISTEN='127.0.0.1:116157': port 116157 is outside 0-65535"
+    assert serve_fails(["--model-root", str(tmp_path)], capsys) == said
+    monkeypatch.delenv("WEIGHTSERVE_LISTEN")
+    config = tmp_path / "ws.toml"
+    config.write_text('metrics_listen = "127.0.0.1:75536"\n')
+    said = f"config file {config}: metrics_listen = '127.0.0.1:75536': port 75536 is outside 0-65535"
+    assert serve_fails(["--model-root", str(tmp_path), "--config", str(config)], capsys) == said
 
 
 def test_argparse_keeps_usage_for_what_is_not_a_value(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from weightserve import addresses
+
 ENV_PREFIX = "WEIGHTSERVE_"
 MiB = 1024 * 1024
 
@@ -214,10 +216,12 @@ class ServerConfig:
         # `not x >= 0` rather than `x < 0`: NaN fails every comparison and must be refused
         if not self.grace_seconds >= 0 or not self.keepalive_seconds > 0 or not self.keepalive_timeout_seconds > 0:
             raise ValueError("grace_seconds must be >= 0 and keepalive times > 0 (and not NaN)")
-        if ":" not in self.listen and not self.listen.startswith("unix:"):
-            raise ValueError(f"listen {self.listen!r} must be HOST:PORT or unix:PATH")
-        if self.metrics_listen not in ("", "off") and not re.fullmatch(r".*:\d{1,5}", self.metrics_listen):
-            raise ValueError(f"metrics_listen {self.metrics_listen!r} must be HOST:PORT, or off")
+        for name, check in _ADDRESS_PARSERS.items():
+            value = getattr(self, name)
+            try:
+                check(value)
+            except ValueError as e:
+                raise ValueError(f"{name} {value!r}: {e}") from None
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format {self.log_format!r} must be one of {', '.join(LOG_FORMATS)}")
         self._check_access()
@@ -235,8 +239,6 @@ class ServerConfig:
             raise ValueError(f"max_versions {self.max_versions} must be >= 0 (0 keeps every version)")
         if self.socket_mode and not re.fullmatch(r"0?[0-7]{3}", self.socket_mode):
             raise ValueError(f"socket_mode {self.socket_mode!r} must be octal permissions such as 0660")
-        if self.control_listen and ":" not in self.control_listen:
-            raise ValueError(f"control_listen {self.control_listen!r} must be HOST:PORT or unix:PATH")
         if self.control_listen and self.control_listen == self.listen and not self.listen.endswith(":0"):
             raise ValueError(f"control_listen {self.control_listen!r} must differ from listen")
 
@@ -310,8 +312,6 @@ class ServerConfig:
 
 
 def _check_fleet(coordination: str, lease_seconds: float) -> None:
-    if coordination and not coordination.startswith(("redis://", "rediss://")):
-        raise ValueError(f"coordination {coordination!r} must be redis://HOST:PORT (or rediss://)")
     if not lease_seconds > 0:
         raise ValueError(f"lease_seconds {lease_seconds} must be > 0")
 
@@ -323,7 +323,17 @@ _LIST_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
 }
 """Settings that hold several values: the separator in a variable's text, and each value's parser."""
 
+_ADDRESS_PARSERS: dict[str, Callable[[str], str]] = {
+    "listen": addresses.listen_address,
+    "control_listen": addresses.optional_listen_address,
+    "metrics_listen": addresses.metrics_address,
+    "advertise": addresses.peer_address,
+    "coordination": addresses.redis_url,
+}
+"""Address settings: checked as text when parsed (so a flag's error names the flag) and again when built."""
+
 _FIELD_PARSERS: dict[str, Callable[[str], Any]] = {
+    **_ADDRESS_PARSERS,
     "sharding_rules": lambda raw: Path(raw) if raw else None,
     "disk_cache_dir": lambda raw: Path(raw) if raw else None,
     "tls_cert": lambda raw: Path(raw) if raw else None,

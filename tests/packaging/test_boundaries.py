@@ -125,12 +125,13 @@ def test_below_the_servicers_never_imports_grpc(package: str) -> None:
     ("module", "also"),
     [
         ("weightserve.errors", ()),
-        ("weightserve.config", ()),
+        ("weightserve.config", ("weightserve.addresses",)),
+        ("weightserve.addresses", ()),
         ("weightserve.config_file", ("tomli",)),  # tomli: the stdlib's tomllib, installed on 3.10
         ("weightserve.atomic", ()),
         ("weightserve.registry", ("weightserve.errors",)),
     ],
-    ids=["errors", "config", "config_file", "atomic", "registry"],
+    ids=["errors", "config", "addresses", "config_file", "atomic", "registry"],
 )
 def test_leaf_modules_import_stdlib_only(module: str, also: tuple[str, ...]) -> None:
     paths = modules_under(module)
