@@ -105,6 +105,59 @@ def test_missing_required_arguments_exit_with_usage(capsys: pytest.CaptureFixtur
     assert "--server" in capsys.readouterr().err
 
 
+@pytest.mark.fault("bad or unknown server setting", cases=3)
+def test_fetch_checks_out_before_fetching(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file, or a path under one, is refused at once: no server is asked (none listens at port 1)."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    for out, said in (
+        (afile, "is a file, not a directory"),
+        (afile / "x", "cannot make the directory"),
+        (Path("/proc/none/x"), "cannot make the directory"),
+    ):
+        assert main(["fetch", MODEL, "--server", "127.0.0.1:1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"weightserve fetch: --out {out}: {said}") and err.count("\n") == 1, err
+    assert afile.read_text() == "not a directory"
+
+
+def test_fetch_says_in_one_line_why_writing_failed(
+    model_root: Path, serve, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(path: Path, write: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr("weightserve.atomic.atomic_write", full)
+    server = serve(model_root)
+    assert main(["fetch", MODEL, "--server", server.address, "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("weightserve fetch: no space left on the device of ") and err.count("\n") == 1, err
+
+
+@pytest.mark.fault("bad or unknown server setting", cases=9)
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["fetch", MODEL, "--out", "o", "--world-size", "0"], "argument --world-size: '0' must be >= 1"),
+        (["fetch", MODEL, "--out", "o", "--world-size", "two"], "argument --world-size: 'two' is not a whole number"),
+        (["fetch", MODEL, "--out", "o", "--rank", "-1"], "argument --rank: '-1' must be >= 0"),
+        (["prefetch", MODEL, "--world-size", "0"], "argument --world-size: '0' must be >= 1"),
+        (["prefetch", MODEL, "--ranks", "0", "-3"], "argument --ranks: '-3' must be >= 0"),
+        (["shard", MODEL, "--out", "o", "--world-size", "0"], "argument --world-size: '0' must be >= 1"),
+        (["rebalance", MODEL, "--nodes", "0"], "argument --nodes: '0' must be >= 1"),
+        (["rebalance", MODEL, "--gpus-per-node", "-4"], "argument --gpus-per-node: '-4' must be >= 1"),
+        (["rebalance", MODEL, "--num-replicas", "0"], "argument --num-replicas: '0' must be >= 1"),
+    ],
+)
+def test_a_size_below_1_or_a_negative_rank_is_refused_at_the_flag(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--server", "127.0.0.1:1"] if argv[0] != "shard" else argv)
+    assert info.value.code == 2
+    assert said in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ lazy imports
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from weightserve.cli.remote import add_server_args, client_options, connect, reach, security_of
+from weightserve.cli.remote import add_server_args, client_options, connect, positive_int, reach, security_of
 
 if TYPE_CHECKING:
     from weightserve.client import AsyncWeightClient
@@ -43,16 +43,18 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--policy", help=f"{POLICIES[0]} (the default), {', '.join(POLICIES[1:])}, or one registered on the server"
     )
     rebalance.add_argument(
-        "--num-replicas", type=int,
+        "--num-replicas", type=positive_int,
         help="expert slots per layer, a multiple of the GPUs (default: the current mapping's, or one per expert)",
     )  # fmt: skip
-    rebalance.add_argument("--nodes", type=int, help="server nodes (with --gpus-per-node; needed the first time)")
-    rebalance.add_argument("--gpus-per-node", type=int, help="EP ranks per node")
     rebalance.add_argument(
-        "--groups", type=int, help="expert groups (default the config's n_group, else 1; with the topology)"
+        "--nodes", type=positive_int, help="server nodes (with --gpus-per-node; needed the first time)"
+    )
+    rebalance.add_argument("--gpus-per-node", type=positive_int, help="EP ranks per node")
+    rebalance.add_argument(
+        "--groups", type=positive_int, help="expert groups (default the config's n_group, else 1; with the topology)"
     )
     rebalance.add_argument(
-        "--topk-group", type=int,
+        "--topk-group", type=positive_int,
         help="groups each token is routed to, for the dispatch estimate "
         "(default the model config's topk_group, else half the groups; with the topology)",
     )  # fmt: skip

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from weightserve.cli.remote import add_server_args, connect
+from weightserve.cli.output import check_out_dir, write_failure
+from weightserve.cli.remote import add_server_args, connect, non_negative_int, positive_int
 
 if TYPE_CHECKING:
     from weightserve.client import WeightClient
@@ -22,9 +23,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     fetch = sub.add_parser("fetch", help="fetch a rank's state dict and the model's files")
     fetch.add_argument("model")
     add_server_args(fetch)
-    fetch.add_argument("--out", required=True, help="directory to write into")
-    fetch.add_argument("--rank", type=int, default=0)
-    fetch.add_argument("--world-size", type=int, default=1)
+    fetch.add_argument("--out", required=True, help="directory to write into (made if missing)")
+    fetch.add_argument("--rank", type=non_negative_int, default=0, help="tensor-parallel rank (default 0)")
+    fetch.add_argument("--world-size", type=positive_int, default=1, help="tensor-parallel size (default 1)")
     fetch.add_argument("--revision")
     fetch.add_argument("--format")
     fetch.set_defaults(run=run_fetch)
@@ -36,8 +37,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     prefetch = sub.add_parser("prefetch", help="warm a model's ranks in the server's cache")
     prefetch.add_argument("model")
     add_server_args(prefetch, timeout=600.0, timeout_help="seconds the call may take, the warming with --wait (600)")
-    prefetch.add_argument("--world-size", type=int, default=1, help="tensor-parallel size of the ranks (default 1)")
-    prefetch.add_argument("--ranks", type=int, nargs="+", metavar="RANK", help="ranks to warm (default: all)")
+    prefetch.add_argument(
+        "--world-size", type=positive_int, default=1, help="tensor-parallel size of the ranks (default 1)"
+    )
+    prefetch.add_argument(
+        "--ranks", type=non_negative_int, nargs="+", metavar="RANK", help="ranks to warm (default: all)"
+    )
     prefetch.add_argument("--wait", action="store_true", help="answer when the warming is done (default: at once)")
     prefetch.set_defaults(run=run_prefetch)
 
@@ -47,16 +52,20 @@ def run_fetch(args: argparse.Namespace) -> int:
 
     from weightserve.atomic import atomic_write
 
-    out = Path(args.out)
+    out = check_out_dir(Path(args.out))  # before the fetch, which a bad --out would waste
     with connect(args) as client:
         state = client.fetch_state_dict(
             args.model, args.rank, args.world_size, revision=args.revision, format=args.format
         )
         name = "model.safetensors" if args.world_size == 1 else f"model-rank-{args.rank}-part-0.safetensors"
-        atomic_write(out / name, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp)))
-        files = client.fetch_files(args.model, out, revision=args.revision)
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        try:
+            atomic_write(out / name, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp)))
+            files = client.fetch_files(args.model, out, revision=args.revision)
+        except OSError as e:  # the output side: a full disk, a directory made read-only meanwhile
+            sys.stderr.write(f"weightserve fetch: {write_failure(e, out, total)}\n")
+            return 1
         stats = client.last_fetch_stats
-    total = sum(t.numel() * t.element_size() for t in state.values())
     took = f" in {stats.seconds:.2f}s" if stats is not None else ""
     sys.stdout.write(f"wrote {len(state)} tensors ({total:,} bytes{took}) to {out / name} and {len(files)} files\n")
     return 0

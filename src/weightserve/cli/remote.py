@@ -47,6 +47,29 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    """A size such as --world-size: a whole number >= 1 (the wire's 0-means-1 is no value to give)."""
+    value = _whole(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An index such as --rank: a whole number >= 0."""
+    value = _whole(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
 def add_server_args(parser: argparse.ArgumentParser, timeout: float = 60.0, timeout_help: str = "") -> None:
     """--server, defaulting to $WEIGHTSERVE_SERVER (required without it), and --timeout."""
     default = os.environ.get(SERVER_VARIABLE) or None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from weightserve.cli.output import write_failure
+from weightserve.cli.remote import positive_int
 from weightserve.config import parse_size
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     shard = sub.add_parser("shard", help="save a model per rank (vLLM's sharded_state files), or --check one")
     shard.add_argument("model", nargs="?", help="model directory, or a name under --model-root")
-    shard.add_argument("--world-size", type=int, help="tensor-parallel size to save for")
+    shard.add_argument("--world-size", type=positive_int, help="tensor-parallel size to save for")
     shard.add_argument("--out", type=Path, help="new or empty directory to write")
     shard.add_argument("--max-part-size", type=parse_size, help="cap on a part file's bytes, e.g. 5GiB")
     shard.add_argument("--layout", choices=("checkpoint", "vllm"), default="checkpoint", help="names to save")
@@ -97,14 +98,3 @@ def run_shard(args: argparse.Namespace) -> int:
             return 1
     sys.stdout.write(f"wrote {len(written)} files ({plan.total_bytes:,} tensor bytes) to {args.out}\n")
     return 0
-
-
-def write_failure(error: OSError, out: Path, nbytes: int) -> str:
-    """One line saying why writing `out` failed and what to do (nothing partial was published)."""
-    if error.errno == errno.ENOSPC:
-        return (
-            f"no space left on the device of {out} ({nbytes:,} tensor bytes to write); free space or give "
-            "another --out, and remove what the interrupted run left there"
-        )
-    reason = error.strerror or str(error)
-    return f"cannot write {out}: {reason}; give another --out, and remove what the interrupted run left there"
