@@ -100,3 +100,11 @@ class FetchError(WeightserveError, RuntimeError):
     def details(self) -> str:
         """The human-readable message, as grpc.RpcError.details() gives it."""
         return str(self)
+
+
+class RedeemError(FetchError):
+    """The side socket did not hand over a shared-memory grant's descriptors.
+
+    The grant itself was fine, so the same fetch can still stream chunks: with
+    transport="auto" the client does, and raises this only for transport="shm".
+    """

@@ -17,7 +17,7 @@ from weightserve.client.assembly import FetchSession, FetchStats
 from weightserve.client.call_metadata import is_unix
 from weightserve.client.expert_slots import check_expert_slots
 from weightserve.client.retry import RetryPolicy, retry_after
-from weightserve.errors import FetchError, IntegrityError, InvalidRequestError
+from weightserve.errors import FetchError, IntegrityError, InvalidRequestError, RedeemError
 from weightserve.v1 import weightserve_pb2 as pb
 
 logger = logging.getLogger("weightserve.client")
@@ -228,6 +228,18 @@ def shm_unsupported(error: FetchError) -> bool:
     return code == grpc.StatusCode.UNIMPLEMENTED or (
         code == grpc.StatusCode.FAILED_PRECONDITION and "listening on a Unix socket" in str(error)
     )
+
+
+def redeem_fallback(fetch: FetchArgs, error: RedeemError, address: str, said: bool) -> bool:
+    """Whether a fetch whose grant could not be redeemed streams chunks instead: only with transport="auto".
+
+    Says why at WARNING the first time for a client (`said` False) and at DEBUG after: a
+    stuck side socket fails every fetch alike. Returns False to re-raise `error`.
+    """
+    if fetch.transport != "auto":
+        return False
+    (logger.debug if said else logger.warning)("%s: streaming chunks: %s", address, error)
+    return True
 
 
 def shm_fallback(fetch: FetchArgs, target: str) -> str | None:

@@ -35,7 +35,7 @@ from weightserve.client.assembly import FetchStats, allocate_arena, arena_view, 
 from weightserve.client.common import FetchArgs
 from weightserve.client.gc_pause import gc_paused
 from weightserve.client.placements import Run, manifest_names, names_of, runs_of
-from weightserve.errors import FetchError
+from weightserve.errors import FetchError, RedeemError
 from weightserve.v1 import weightserve_pb2 as pb
 
 MAGIC = b"WSFD1"
@@ -68,42 +68,81 @@ class Lease:
             self.sock = None
 
 
+REDEEM_SECONDS = 10.0
+"""Longest wait for the side socket to hand over a grant's descriptors (or the call's timeout, if shorter).
+
+The segments exist before the ticket is issued, so a live server answers in
+milliseconds; a wait past this means the side socket is stuck (its accept loop ended,
+its backlog full), and waiting out the call's whole timeout (60 s by default) before
+streaming chunks instead would only delay the fetch.
+"""
+
+
 def redeem(path: str, ticket: bytes, count: int, timeout: float) -> tuple[Lease, list[int]]:
     """The `count` descriptors a ticket grants, and the lease connection that holds them.
 
+    Waits at most `timeout` seconds (capped at REDEEM_SECONDS) for each step.
+
     Raises:
-        FetchError: UNAVAILABLE when the side socket cannot be reached; FAILED_PRECONDITION
-            when the server refuses the ticket (used or expired) or sends the wrong number.
+        RedeemError: UNAVAILABLE when the side socket cannot be reached or drops the
+            connection; DEADLINE_EXCEEDED when it does not answer in time;
+            FAILED_PRECONDITION when the server refuses the ticket (used, expired, or it is
+            busy) or sends the wrong number; RESOURCE_EXHAUSTED when descriptors were cut off.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.settimeout(timeout)
     fds: list[int] = []
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except OSError as e:
+        raise RedeemError(f"shared memory: no socket for {path}: {e}", grpc.StatusCode.RESOURCE_EXHAUSTED) from None
+    sock.settimeout(min(timeout, REDEEM_SECONDS))
     try:
         try:
             sock.connect(path)
-            sock.sendall(MAGIC + ticket)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused before it read the ticket:
+                sock.sendall(MAGIC + ticket)  # its reason waits to be read below
+            while True:  # a grant of no segments is one message of none
+                fds += _receive_batch(sock, count)
+                if len(fds) >= count:
+                    break
+        except TimeoutError:
+            raise RedeemError(
+                f"shared memory: {path} did not hand over the segments within {sock.gettimeout():g} s",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ) from None
         except OSError as e:
-            raise FetchError(f"shared memory: cannot reach {path}: {e}", grpc.StatusCode.UNAVAILABLE) from None
-        while True:
-            message, received, flags, _ = socket.recv_fds(sock, 4096, MAX_FDS_PER_MESSAGE)
-            fds += received
-            if flags & socket.MSG_CTRUNC:
-                raise FetchError("shared memory: descriptors were cut off (open files limit?)",
-                                 grpc.StatusCode.RESOURCE_EXHAUSTED)  # fmt: skip
-            if not message.startswith(b"OK"):
-                reason = message[2:].decode(errors="replace") if message.startswith(b"ER") else "no answer"
-                raise FetchError(f"shared memory: {reason}", grpc.StatusCode.FAILED_PRECONDITION)
-            _, batch, total = BATCH_HEADER.unpack(message[: BATCH_HEADER.size])
-            if total != count or batch != len(received):
-                raise FetchError(f"shared memory: {total} descriptors offered for {count} segments",
-                                 grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
-            if len(fds) >= count:
-                return Lease(sock), fds
+            raise RedeemError(f"shared memory: cannot reach {path}: {e}", grpc.StatusCode.UNAVAILABLE) from None
+        return Lease(sock), fds
     except BaseException:
         for fd in fds:
             os.close(fd)
         sock.close()
         raise
+
+
+def _receive_batch(sock: socket.socket, count: int) -> list[int]:
+    """One message of the server's: the descriptors it carries (checked), or a RedeemError for a refusal."""
+    try:
+        message, received, flags, _ = socket.recv_fds(sock, 4096, MAX_FDS_PER_MESSAGE)
+    except ConnectionResetError:  # closed with our ticket unread: the kernel says so before the refusal it queued
+        message, received, flags, _ = socket.recv_fds(sock, 4096, MAX_FDS_PER_MESSAGE)
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise RedeemError("shared memory: descriptors were cut off (open files limit?)",
+                              grpc.StatusCode.RESOURCE_EXHAUSTED)  # fmt: skip
+        if not message:
+            raise RedeemError("shared memory: the side socket closed without an answer", grpc.StatusCode.UNAVAILABLE)
+        if not message.startswith(b"OK"):
+            reason = message[2:].decode(errors="replace") if message.startswith(b"ER") else "no answer"
+            raise RedeemError(f"shared memory: {reason}", grpc.StatusCode.FAILED_PRECONDITION)
+        _, batch, total = BATCH_HEADER.unpack(message[: BATCH_HEADER.size])
+        if total != count or batch != len(received):
+            raise RedeemError(f"shared memory: {total} descriptors offered for {count} segments",
+                              grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+    except BaseException:
+        for fd in received:
+            os.close(fd)
+        raise
+    return received
 
 
 @dataclass
@@ -522,8 +561,10 @@ def receive(
     the grant was on its way).
 
     Raises:
-        FetchError: the side socket refused or could not be reached, a segment is not
-            sealed or not its size, or (with verify) a tensor failed its crc32c.
+        RedeemError: the side socket refused the ticket, or could not be reached or did
+            not answer in time (the fetch may stream chunks instead).
+        FetchError: a segment is not sealed or not its size, or (with verify) a tensor
+            failed its crc32c.
     """
     runs = runs_of(grant, manifest)  # checked before anything is redeemed or mapped
     if all_names is None:
