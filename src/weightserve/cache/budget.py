@@ -1,7 +1,9 @@
 """The cache's memory budget: cached chunks plus the windows of streams in flight.
 
 Cached chunks of entries no stream is reading are evicted least recently used first.
-A stream's window (its read-ahead) is reserved for as long as it runs; to make room for
+A stream's window (its read-ahead) is reserved for as long as it runs, and the bytes of a
+shared-memory segment from the moment its build starts (until it is counted as the
+entry's own, or fails), so requests at once are refused as one after another are; to make room for
 one, the chunks of entries being streamed are dropped too (after the idle ones), since a
 cached chunk is only a copy of file bytes. A request is refused with RESOURCE_EXHAUSTED
 only when the other streams' windows (and what cannot be dropped) leave less than one
@@ -60,6 +62,8 @@ class MemoryBudget:
         self.reserved = reserved
         self._entries = entries
         self.windows = 0
+        self.building = 0
+        """Bytes of shared-memory segments being built: not yet the entries' resident bytes."""
         self.evictions = 0
 
     @property
@@ -70,7 +74,7 @@ class MemoryBudget:
         return sum(e.resident_bytes for e in self._entries())
 
     def used(self) -> int:
-        return self.reserved + self.resident() + self.windows
+        return self.reserved + self.resident() + self.windows + self.building
 
     def _evict_until(self, needed: int, *, pinned_too: bool = False) -> bool:
         """Evict entries' cached chunks, least recently used first, until `needed` bytes fit.
@@ -132,10 +136,28 @@ class MemoryBudget:
         self.recorder.budget_refusal()
         raise ResourceExhaustedError(
             f"cache memory budget {self.limit} bytes: {self.resident()} held by chunks, manifests and leased "
-            f"segments and {self.windows} by stream windows leave less than the {nbytes} bytes {what} needs; "
-            "retry when clients release their segments, or raise --cache-memory",
+            f"segments, {self.building} by segments being built and {self.windows} by stream windows leave less "
+            f"than the {nbytes} bytes {what} needs; retry when clients release their segments, or raise --cache-memory",
             retry_after=WINDOW_RETRY_SECONDS,
         )
+
+    def reserve_build(self, nbytes: int, what: str) -> None:
+        """Make room for segments about to be built and hold it until `release_build`.
+
+        A build takes a while on the read pool; until its segment is counted as the
+        entry's, only this reservation keeps a concurrent request from claiming the same room.
+
+        Raises:
+            ResourceExhaustedError: as `make_room`.
+        """
+        self.make_room(nbytes, what)
+        if self.enabled:
+            self.building += nbytes
+
+    def release_build(self, nbytes: int) -> None:
+        """A build ended: its segment now counts as the entry's resident bytes, or it failed."""
+        if self.enabled:
+            self.building -= nbytes
 
     def admit(self, nbytes: int) -> bool:
         """Whether a chunk of `nbytes` may be kept (evicting unpinned entries to make room)."""

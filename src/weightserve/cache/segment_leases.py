@@ -1,9 +1,11 @@
 """Leasing shared-memory segments: built once however many ask, counted in the budget, released by leases.
 
 A request for a rank's segments builds the missing ones on the read pool (one build
-per segment however many requests want it at once), makes room for them in the memory
-budget first, and leases every segment it returns. Releasing the lease closes segments
-nobody else leases unless the budget has room to keep them for the next client.
+per segment however many requests want it at once), reserves their bytes in the memory
+budget before it starts them (held until each is counted as the entry's, so requests at
+once are refused exactly as one after another are), and leases every segment it returns.
+Releasing the lease closes segments nobody else leases unless the budget has room to
+keep them for the next client.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ class SegmentLeases:
         """
         unique = list({spec.key: spec for spec in specs}.values())
         missing = [s for s in unique if entry.segments.get(s.key) is None and s.key not in entry.segment_builds]
-        if missing:
-            self.cache.budget.make_room(sum(s.size for s in missing), f"{len(missing)} new shared-memory segments")
+        if missing:  # reserved and started with no await between: a request at once sees them building
+            self.cache.budget.reserve_build(sum(s.size for s in missing), f"{len(missing)} new shared-memory segments")
+        started = {spec.key: self._start_build(entry, spec) for spec in missing}
         leased: list[Segment] = []
         try:
-            await asyncio.gather(*(self._leased(entry, spec, leased) for spec in unique))
+            await asyncio.gather(*(self._leased(entry, spec, leased, started.get(spec.key)) for spec in unique))
         except BaseException:
             self.release(entry, leased)  # a failed or cancelled request holds nothing
             raise
@@ -59,10 +62,13 @@ class SegmentLeases:
             entry.segments.drop_idle()
             self.cache.lingering.discard(entry)
 
-    async def _leased(self, entry: ModelEntry, spec: SegmentSpec, leased: list[Segment]) -> Segment:
-        """The spec's segment, leased the moment it is in hand (nothing can drop a leased one)."""
+    async def _leased(
+        self, entry: ModelEntry, spec: SegmentSpec, leased: list[Segment], build: asyncio.Task[Segment] | None
+    ) -> Segment:
+        """The spec's segment (from `build`, when this request started it), leased the moment it is in hand."""
         while True:
-            segment = await self._segment(entry, spec)
+            segment = await (asyncio.shield(build) if build is not None else self._segment(entry, spec))
+            build = None  # dropped by an eviction before it was leased: looked up (or built) again
             if segment.fd >= 0:  # not dropped by an eviction between its build and now
                 entry.segments.lease([segment])
                 leased.append(segment)
@@ -74,20 +80,29 @@ class SegmentLeases:
             self.cache.recorder.cache_lookup(True)
             return found
         task = entry.segment_builds.get(spec.key)
-        if task is None:
-            self.cache.recorder.cache_lookup(False)
-            task = asyncio.ensure_future(self._build(entry, spec))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            entry.segment_builds[spec.key] = task
-            task.add_done_callback(lambda _: entry.segment_builds.pop(spec.key, None))
+        if task is None:  # evicted since the request began: built again, its bytes reserved again
+            self.cache.budget.reserve_build(spec.size, "a shared-memory segment dropped meanwhile")
+            task = self._start_build(entry, spec)
         else:
             self.cache.recorder.single_flight_wait()
         return await asyncio.shield(task)
 
+    def _start_build(self, entry: ModelEntry, spec: SegmentSpec) -> asyncio.Task[Segment]:
+        """Build the spec's segment on the read pool (a cache miss), its bytes already reserved in the budget."""
+        self.cache.recorder.cache_lookup(False)
+        task = asyncio.ensure_future(self._build(entry, spec))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        entry.segment_builds[spec.key] = task
+        task.add_done_callback(lambda _: entry.segment_builds.pop(spec.key, None))
+        return task
+
     async def _build(self, entry: ModelEntry, spec: SegmentSpec) -> Segment:
         loop = asyncio.get_running_loop()
-        segment = await loop.run_in_executor(self.executor, build_segment, spec, entry.sources, entry.name)
-        self.built += 1
-        self.built_bytes += segment.size
-        self.cache.recorder.bytes_read(entry.source, segment.size)
-        return entry.segments.add(segment)
+        try:
+            segment = await loop.run_in_executor(self.executor, build_segment, spec, entry.sources, entry.name)
+            self.built += 1
+            self.built_bytes += segment.size
+            self.cache.recorder.bytes_read(entry.source, segment.size)
+            return entry.segments.add(segment)
+        finally:  # counted as the entry's now (same step, no await), or failed
+            self.cache.budget.release_build(spec.size)
