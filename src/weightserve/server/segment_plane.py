@@ -108,8 +108,8 @@ class SegmentPlane:
         """Lease the rank's segments and issue the ticket for their descriptors.
 
         Raises:
-            PreconditionError: the server has no side socket (it listens on TCP), or
-                `manifest_id` no longer matches the model.
+            PreconditionError: the server has no side socket (it listens on TCP), its side
+                socket stopped accepting, or `manifest_id` no longer matches the model.
             TensorNotFoundError: a name is not in the plan.
             ResourceExhaustedError: the memory budget has no room for the segments.
         """
@@ -119,6 +119,11 @@ class SegmentPlane:
                 "its descriptors are handed over beside it; stream with FetchShard instead"
             )
         handoff = self.handoff
+        if not handoff.accepting:  # its ticket could never be redeemed: the client would wait out its timeout
+            raise PreconditionError(
+                f"shared memory is off: the server is listening on a Unix socket, but its side socket {handoff.path} "
+                "stopped accepting (see the server's log); stream with FetchShard instead"
+            )
         cache = self.plane.cache
         async with self.plane.use(spec) as (entry, resolved):
             spec = current_call().note_spec(resolved)  # the version made explicit
