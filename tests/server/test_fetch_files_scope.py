@@ -54,19 +54,22 @@ def paths(stub: pb_grpc.WeightServiceStub, token: str, model: str, *patterns: st
     return {c.path for c in stub.FetchFiles(request, metadata=(("authorization", f"Bearer {token}"),), timeout=10)}
 
 
-@pytest.mark.fault("missing, unknown or out-of-scope token", cases=5)
+@pytest.mark.fault("missing, unknown or out-of-scope token", cases=6)
 def test_files_of_a_nested_model_are_never_sent_with_the_outer_one(root: Path, serve: ServeFn, tmp_path: Path) -> None:
     server = serve(root, auth_tokens=tokens_file(tmp_path / "tokens.toml"))
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.WeightServiceStub(channel)
         top = {"config.json", "generation_config.json", "tokenizer_config.json"}
         assert paths(stub, TEAM, "team/base") == top  # the defaults: top level only
-        # The token covers "team/base" but no sub-folder of it: none is entered.
-        assert paths(stub, TEAM, "team/base", "*", "*/*", "**") == top
-        # A token covering the sub-folders gets plain ones, still never a nested model's.
-        assert paths(stub, DEEP, "team/base", "*") == top | {"tokenizer/tokenizer.json", "notes/deeper/readme.txt"}
-        assert paths(stub, DEEP, "team/base", "secret-ft/*", "runs/*", "cfg-only/*") == set()
+        # Plain sub-folders are the model's own; a nested model's files never come, at any depth.
+        plain = top | {"tokenizer/tokenizer.json", "notes/deeper/readme.txt"}
+        for token in (TEAM, DEEP):
+            assert paths(stub, token, "team/base", "*") == plain
+            assert paths(stub, token, "team/base", "secret-ft/*", "runs/*", "runs/*/*", "cfg-only/*") == set()
         assert paths(stub, DEEP, "team/base/secret-ft") == top  # asked for by its own name: its files
+        with pytest.raises(grpc.RpcError) as refused:  # ... by a token that covers it
+            paths(stub, TEAM, "team/base/secret-ft")
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 @pytest.mark.fault("missing, unknown or out-of-scope token")

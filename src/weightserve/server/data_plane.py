@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -57,10 +57,6 @@ class ResumeFrom:
 
     tensor: str
     offset: int
-
-
-def _anyone(model: str) -> bool:
-    return True
 
 
 class DataPlane:
@@ -237,23 +233,15 @@ class DataPlane:
                 sent / max(seconds, 1e-9) / 1e9,
             )
 
-    async def files(
-        self, model: str, revision: str, patterns: list[str] | None, may_read: Callable[[str], bool] = _anyone
-    ) -> AsyncIterator[FilePiece]:
-        """The model's non-weight files (config, tokenizer), chunked with checksums.
-
-        `may_read(name)` says whether the caller may read a model name: a sub-folder
-        "SUB" is served only when it may read "MODEL/SUB", since that folder could be
-        asked for as a model of its own.
-        """
+    async def files(self, model: str, revision: str, patterns: list[str] | None) -> AsyncIterator[FilePiece]:
+        """The model's non-weight files (config, tokenizer), chunked with checksums; never
+        those of a model inside it (see select_dir_files)."""
         location = await self.cache.locate(model)
         if revision:
             found = await asyncio.to_thread(files_at, location)
             if found.revision != revision:
                 raise PreconditionError(f"model {model!r} is at revision {found.revision}, not the pinned {revision}")
-        remote = parse_remote(model)
-        base = remote.unversioned if remote is not None else model
-        chosen = await asyncio.to_thread(select_files, location, patterns, lambda rel: may_read(f"{base}/{rel}"))
+        chosen = await asyncio.to_thread(select_files, location, patterns)
         async for piece in stream_files(chosen, self.config.chunk_bytes):
             yield piece
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +20,6 @@ DEFAULT_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
 
 _NEVER = ("*.index.json",)
 
-MayEnter = Callable[[str], bool]
-"""Whether a sub-folder (its '/'-separated path in the model) may be served; see select_dir_files."""
-
-
-def _anywhere(rel: str) -> bool:
-    return True
-
-
 @dataclass(frozen=True)
 class FilePiece:
     """One chunk of one file (a FileChunk without protobuf)."""
@@ -41,9 +33,7 @@ class FilePiece:
     data: bytes
 
 
-def select_files(
-    location: ModelLocation, patterns: list[str] | None, may_enter: MayEnter = _anywhere
-) -> list[tuple[str, Path]]:
+def select_files(location: ModelLocation, patterns: list[str] | None) -> list[tuple[str, Path]]:
     """(name a client sees, file) of a located model's files that match `patterns`.
 
     A model without a directory of its own (dummy weights) has exactly the files its
@@ -60,22 +50,20 @@ def select_files(
                 f"{location.name!r} is not a model: no weights or config.json at its top level "
                 "(ListModels shows what is served)"
             )
-        chosen = select_dir_files(root, patterns, location.link_root, may_enter)
+        chosen = select_dir_files(root, patterns, location.link_root)
         return [(p.relative_to(root).as_posix(), p) for p in chosen]
     if not patterns:  # the defaults: top-level files only, as from a directory
         return [(rel, path) for rel, path in location.files if "/" not in rel and _matches(rel, list(DEFAULT_PATTERNS))]
     return [(rel, path) for rel, path in location.files if _matches(rel, patterns)]
 
 
-def select_dir_files(
-    model_dir: Path, patterns: list[str] | None, link_root: Path | None = None, may_enter: MayEnter = _anywhere
-) -> list[Path]:
+def select_dir_files(model_dir: Path, patterns: list[str] | None, link_root: Path | None = None) -> list[Path]:
     """Regular files under `model_dir` matching `patterns` (relative, '/'-separated paths).
 
     Without patterns, DEFAULT_PATTERNS select top-level files only. Patterns may reach
-    into sub-folders, but never into one that is a model of its own (weights or a
-    config.json: "org/base/checkpoint-100" is another model, with its own token globs)
-    nor one `may_enter` refuses (a token that does not cover "MODEL/SUB"). Weight files,
+    into sub-folders (a `tokenizer/` folder is the model's), but never into one that is a
+    model of its own (weights or a config.json: "org/base/checkpoint-100" is another
+    model, with its own token globs), at any depth. Weight files,
     index files, hidden files and anything resolving outside `link_root` (default: the
     model directory) are never selected.
     """
@@ -86,7 +74,7 @@ def select_dir_files(
     chosen = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if deep and _may_descend(here / d, root, may_enter))
+        dirnames[:] = sorted(d for d in dirnames if deep and _may_descend(here / d))
         for filename in sorted(filenames):
             path = here / filename
             rel = path.relative_to(root).as_posix()
@@ -104,13 +92,10 @@ def _matches(rel: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) for p in patterns)
 
 
-def _may_descend(directory: Path, root: Path, may_enter: MayEnter) -> bool:
-    """A sub-folder whose files belong to the model: not hidden, no model itself, covered by the caller."""
-    return (
-        not directory.name.startswith(".")
-        and not holds_own_model(directory)
-        and may_enter(directory.relative_to(root).as_posix())
-    )
+def _may_descend(directory: Path) -> bool:
+    """A sub-folder whose files belong to the model: not hidden, and no model itself (a folder
+    with neither weights nor a config.json is no model, so no token scope can name it apart)."""
+    return not directory.name.startswith(".") and not holds_own_model(directory)
 
 
 def _file_pieces(rel: str, path: Path, chunk_bytes: int) -> Iterator[FilePiece]:

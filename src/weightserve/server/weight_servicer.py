@@ -64,10 +64,9 @@ class WeightServicer:
 
     @call_errors
     async def FetchFiles(self, request: pb.FetchFilesRequest, context: grpc.aio.ServicerContext) -> None:
-        patterns, caller = convert.file_patterns(request), current_caller()
-        with self.gate.admit(convert.peer_of(context), caller) as stream:
-            model = convert.model_name(request.model)
-            async for piece in self.plane.files(model, request.revision, patterns, caller.may_read):
+        patterns = convert.file_patterns(request)
+        with self.gate.admit(convert.peer_of(context), current_caller()) as stream:
+            async for piece in self.plane.files(convert.model_name(request.model), request.revision, patterns):
                 await stream.write(context, convert.file_chunk(piece))
 
     @call_errors
