@@ -13,6 +13,7 @@ import unicodedata
 from collections.abc import Sequence
 
 from weightserve.errors import InvalidRequestError
+from weightserve.storage.local import check_parts
 
 MAX_MODEL_NAME_BYTES = 1024
 MAX_MODEL_NAME_PARTS = 32
@@ -63,9 +64,12 @@ def check_printable(what: str, value: str) -> str:
 
 
 def check_model_name(name: str) -> str:
-    """A model name within the length and depth limits, of printable characters only."""
+    """A model name within the length and depth limits (a part within what a file system
+    holds), of printable characters only: checked before the token's globs and for remote
+    names too, which the disk cache stores as paths."""
     check_text("model name", name, MAX_MODEL_NAME_BYTES)
     check_printable("model name", name)
+    check_parts(name)
     if name.count("/") >= MAX_MODEL_NAME_PARTS:
         raise InvalidRequestError(
             f"model name has {name.count('/') + 1} path parts; the limit is {MAX_MODEL_NAME_PARTS}"
