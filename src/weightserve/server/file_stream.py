@@ -20,6 +20,7 @@ DEFAULT_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
 
 _NEVER = ("*.index.json",)
 
+
 @dataclass(frozen=True)
 class FilePiece:
     """One chunk of one file (a FileChunk without protobuf)."""
