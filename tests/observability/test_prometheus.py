@@ -10,6 +10,7 @@ began after the awaited calls is queryable; nothing sleeps for a fixed time.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -60,13 +61,16 @@ def fetched(model_root: Path) -> Iterator[BackgroundServer]:
 
 
 @pytest.fixture(scope="module")
-def driven(model_root: Path, root: Path) -> Iterator[BackgroundServer]:
-    """A server that has seen fetches, a NOT_FOUND, an expert load report and a rebalance."""
-    config = ServerConfig(model_roots=(model_root, root), listen="127.0.0.1:0", cache_memory=CACHE)
+def driven(model_root: Path, root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    """A server that has seen fetches (streamed and over shared memory), a NOT_FOUND, an expert
+    load report and a rebalance."""
+    socket = tmp_path_factory.mktemp("driven") / "ws.sock"
+    config = ServerConfig(model_roots=(model_root, root), listen=f"unix:{socket}", cache_memory=CACHE)
     server = BackgroundServer(config).start()
     with WeightClient(server.address, timeout=30) as client:
-        client.fetch_state_dict(MODEL)
-        client.fetch_state_dict(MOE)
+        client.fetch_state_dict(MODEL, transport="grpc")
+        client.fetch_state_dict(MODEL, transport="shm")
+        client.fetch_state_dict(MOE, transport="grpc")
         with pytest.raises(FetchError):
             client.get_manifest("org/missing")
         client.report_expert_load(MOE, [[50, 1, 1, 1, 1, 1, 1, 40], [1, 30, 1, 1, 1, 1, 60, 1]])
@@ -202,3 +206,11 @@ def test_promtool_accepts_the_rules(args: tuple[str, str, Path]) -> None:
         pytest.skip("`promtool` is not on PATH (Debian's prometheus package has it)")
     result = subprocess.run([promtool, *map(str, args)], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_exported_family_is_documented(driven: BackgroundServer) -> None:
+    """observability.md lists every metric: an operator reads it, not the code."""
+    documented = (REPO / "docs" / "observability.md").read_text()
+    families = {re.sub(r"_(bucket|count|sum)$", "", name) for name in exported(driven)}
+    missing = sorted(f for f in families if f.startswith("weightserve_") and f"`{f}" not in documented)
+    assert not missing, f"exported but not in docs/observability.md: {missing}"
