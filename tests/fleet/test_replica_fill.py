@@ -110,3 +110,11 @@ def test_unpublished_entries_and_bad_resume_points_are_refused(
 def test_a_peer_without_the_copy_is_unavailable_to_the_filler(replica: str, tmp_path: Path) -> None:
     with pytest.raises(UnavailableError, match="not published"):
         fill_from_peer(replica, "s3://b/none@x", tmp_path, metadata=(("authorization", f"Bearer {REPLICA}"),))
+
+
+def test_every_stream_lists_the_entrys_files_first_so_a_cut_copy_is_noticed(replica: str) -> None:
+    listed = {name: len(data) for name, data in FILES.items()}
+    for request in ({"key": KEY}, {"key": KEY, "path": "config.json", "offset": 3}):
+        chunks = _fill(replica, REPLICA, **request)
+        assert {f.path: f.size for f in chunks[0].entry.files} == listed
+        assert not any(c.HasField("entry") for c in chunks[1:])

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from weightserve.atomic import atomic_write_bytes
-from weightserve.errors import ResourceExhaustedError
-from weightserve.storage.disk_cache import DiskCache, open_in_this_process, slug
+from weightserve.errors import ResourceExhaustedError, UnavailableError
+from weightserve.storage.disk_cache import UNFINISHED_SUFFIX, DiskCache, open_in_this_process, slug
 
 
 def writer(size: int, name: str = "w.safetensors") -> Callable[[Path], None]:
@@ -181,3 +181,16 @@ def test_a_fleet_download_writes_into_a_directory_named_by_its_lease_token(tmp_p
     assert seen == [f"{slug('k')}.7.partial"]
     assert cache.published_files("k") == (files, ["a.safetensors"], 7)
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.fault("remote download dropped or failing")
+def test_a_fill_that_returns_with_an_unfinished_file_is_not_published(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path)
+
+    def fill(directory: Path) -> None:
+        atomic_write_bytes(directory / "a.safetensors", b"a")
+        (directory / f"b.safetensors{UNFINISHED_SUFFIX}").write_bytes(b"half")
+
+    with pytest.raises(UnavailableError, match="unfinished"):
+        cache.populate("k", 5, fill)
+    assert cache.lookup("k") is None and not list(tmp_path.glob("*.partial"))

@@ -3,8 +3,9 @@
 `ReplicaFillServicer.FillReplica` streams the files of a published disk-cache entry
 (never a `.partial` download) as FileChunks with crc32c, from a (path, offset) on.
 `fill_from_peer` is its client: it writes each file into the caller's download directory,
-verifies every chunk and every whole file, and resumes a broken stream from the last
-verified byte. The call needs a token with the `replica` scope on a server with tokens.
+verifies every chunk and every whole file against the file list each stream starts with
+(fill_receiver.py), and resumes a broken stream from the last verified byte. The call
+needs a token with the `replica` scope on a server with tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
 
 import grpc
 
@@ -25,6 +25,7 @@ from weightserve.config import ServerConfig
 from weightserve.errors import InvalidRequestError, ModelNotFoundError, PreconditionError, UnavailableError
 from weightserve.recording import NULL_RECORDER, Recorder
 from weightserve.server.file_stream import FilePiece
+from weightserve.server.fill_receiver import FillReceiver
 from weightserve.server.proto_convert import file_chunk
 from weightserve.server.status_codes import call_errors
 from weightserve.storage.base import Storage
@@ -94,71 +95,25 @@ class ReplicaFillServicer(pb_grpc.ReplicaServiceServicer):
     @call_errors
     async def FillReplica(self, request: pb.FillReplicaRequest, context: grpc.aio.ServicerContext) -> None:
         files_dir, names = self._entry(request.key, request.token)
-        pieces = _pieces(files_dir, names, request.path, request.offset, self.chunk_bytes)
-        async for piece in _in_thread(pieces):
-            await context.write(file_chunk(piece))
-            self.recorder.replica_fill_sent(len(piece.data))
+        messages = _messages(files_dir, names, request.path, request.offset, self.chunk_bytes)
+        async for message in _in_thread(messages):
+            await context.write(message)
+            self.recorder.replica_fill_sent(len(message.data))
 
 
-async def _in_thread(pieces: Iterator[FilePiece]) -> AsyncIterator[FilePiece]:
-    while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-        yield piece
+def _messages(files_dir: Path, names: Sequence[str], start: str, offset: int, chunk: int) -> Iterator[pb.FileChunk]:
+    """The stream's FileChunks; the first lists every file of the entry, so the filler knows when it has all."""
+    listing = pb.FillEntry(files=[pb.FillEntryFile(path=n, size=(files_dir / n).stat().st_size) for n in names])
+    for i, piece in enumerate(_pieces(files_dir, names, start, offset, chunk)):
+        message = file_chunk(piece)
+        if i == 0:
+            message.entry.CopyFrom(listing)
+        yield message
 
 
-class _Receiver:
-    """Writes verified chunks into `directory`, file by file; knows where to resume."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.path = ""
-        self.offset = 0
-        self.last_done: tuple[str, int] | None = None
-        self._file: BinaryIO | None = None
-        self._running = 0
-
-    def accept(self, chunk: pb.FileChunk) -> None:
-        if chunk.path != self.path or chunk.offset != self.offset:
-            if chunk.offset != 0:
-                raise UnavailableError(
-                    f"replica fill sent {chunk.path}@{chunk.offset}, expected {self.path}@{self.offset}"
-                )
-            self._open(chunk.path)
-        if wire.crc32c(chunk.data) != chunk.crc32c:
-            raise UnavailableError(f"replica fill: checksum mismatch in {chunk.path} at {chunk.offset}")
-        assert self._file is not None
-        self._file.write(chunk.data)
-        self._running = wire.crc32c_combine(self._running, chunk.crc32c, len(chunk.data))
-        self.offset += len(chunk.data)
-        if chunk.last:
-            if self._running != chunk.file_crc32c or self.offset != chunk.size:
-                raise UnavailableError(f"replica fill: {chunk.path} does not match its whole-file checksum")
-            self.close()
-            final = self.directory / chunk.path
-            os.replace(final.with_name(final.name + ".fill"), final)
-            self.last_done, self.path, self.offset = (chunk.path, chunk.size), "", 0
-
-    def _open(self, name: str) -> None:
-        self.close()
-        root = self.directory.resolve()
-        target = (root / name).resolve()
-        if os.path.commonpath([target, root]) != str(root):
-            raise UnavailableError(f"replica fill sent a path outside the model: {name!r}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self._file = target.with_name(target.name + ".fill").open("wb")
-        self.path, self.offset, self._running = name, 0, 0
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-
-    def resume_from(self) -> tuple[str, int]:
-        """Where to ask next: within the unfinished file, or at the end of the last finished one (the next file)."""
-        if self.path:
-            return self.path, self.offset
-        return self.last_done or ("", 0)
+async def _in_thread(messages: Iterator[pb.FileChunk]) -> AsyncIterator[pb.FileChunk]:
+    while (message := await asyncio.to_thread(next, messages, None)) is not None:
+        yield message
 
 
 def fill_from_peer(
@@ -176,11 +131,14 @@ def fill_from_peer(
     carry), or an address alone (any published copy).
 
     A broken stream is resumed from the last verified byte (a stalled peer is noticed
-    by the channel's keepalive).
+    by the channel's keepalive). A stream that ends with status OK must have brought
+    every file its first message listed (fill_receiver.py); one that did not is not
+    resumed: the peer misbehaves, and the fleet asks another peer or the origin.
 
     Raises:
-        UnavailableError: the replica has no such copy, refuses the call, or breaks or
-            sends bad bytes PEER_ATTEMPTS times.
+        UnavailableError: the replica has no such copy, refuses the call, sends no file
+            list (it predates it), ends its stream early, sends bad bytes, or breaks
+            PEER_ATTEMPTS times.
     """
     address, token = (copy.address, copy.token) if isinstance(copy, Holder) else (copy, 0)
     options: list[tuple[str, str | int]] = [
@@ -195,16 +153,18 @@ def fill_from_peer(
         if credentials is not None
         else grpc.insecure_channel(address, options=options)
     )
-    receiver = _Receiver(directory)
+    receiver = FillReceiver(directory, f"replica fill of {key} from {address}")
     try:
         stub = pb_grpc.ReplicaServiceStub(channel)
         for attempt in range(1, PEER_ATTEMPTS + 1):
             path, offset = receiver.resume_from()
             request = pb.FillReplicaRequest(key=key, path=path, offset=offset, token=token)
             stream = stub.FillReplica(request, metadata=metadata)
+            receiver.start_stream()
             try:
                 for chunk in stream:
                     receiver.accept(chunk)
+                receiver.finish()
                 return
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE:

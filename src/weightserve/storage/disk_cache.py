@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from filelock import FileLock, Timeout
 
 from weightserve.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
-from weightserve.errors import ResourceExhaustedError
+from weightserve.errors import ResourceExhaustedError, UnavailableError
 
 if TYPE_CHECKING:
     from weightserve.storage.fleet_fill import FleetFill
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MARKER = "entry.json"
+UNFINISHED_SUFFIX = ".fill"
+"""What a file being written into a download directory is called until it is whole; never published."""
 _RESERVED = "reserved"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -201,6 +203,9 @@ class DiskCache:
     def _publish(self, key: str, partial: Path, final: Path, token: int = 0) -> None:
         files_dir = partial / "files"
         files = sorted(p.relative_to(files_dir).as_posix() for p in files_dir.rglob("*") if p.is_file())
+        unfinished = [f for f in files if f.endswith(UNFINISHED_SUFFIX)]
+        if unfinished:  # the fill returned without finishing them: never make that copy permanent
+            raise UnavailableError(f"{key}: the download left unfinished files {unfinished[:3]}; not publishing it")
         total = sum((files_dir / f).stat().st_size for f in files)
         fsync_dir(files_dir)
         (partial / _RESERVED).unlink()
