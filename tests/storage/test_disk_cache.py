@@ -111,14 +111,47 @@ def test_a_model_over_the_whole_budget_is_refused(tmp_path: Path) -> None:
         DiskCache(tmp_path, budget_bytes=10).populate("k", 11, writer(11))
 
 
-@pytest.mark.fault("remote download dropped or failing")
-def test_a_crashed_download_is_cleaned_up(tmp_path: Path) -> None:
+@pytest.mark.fault("remote download dropped or failing", cases=2)
+@pytest.mark.parametrize("suffix", [".partial", ".7.partial"], ids=["plain", "fleet-token"])
+def test_a_crashed_download_is_cleaned_up(tmp_path: Path, suffix: str) -> None:
     cache = DiskCache(tmp_path)
-    stale = tmp_path / f"{slug('old')}.partial" / "files"
+    stale = tmp_path / f"{slug('old')}{suffix}" / "files"
     stale.mkdir(parents=True)
     (stale / "half.safetensors").write_bytes(b"half")
     cache.populate("new", 1, writer(1))
     assert not stale.exists() and cache.lookup("old") is None
+
+
+@pytest.mark.parametrize("token", [0, 3], ids=["plain", "fleet-token"])
+def test_another_models_populate_leaves_a_live_download_alone(tmp_path: Path, token: int) -> None:
+    """Fleet downloads and peer fills write into `<slug>.<token>.partial` under the lock `<slug>.lock`."""
+    cache = DiskCache(tmp_path, budget_bytes=1000)
+    started, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def slow(directory: Path) -> None:
+        atomic_write_bytes(directory / "a.safetensors", b"a" * 50)
+        started.set()
+        release.wait(10)
+        atomic_write_bytes(directory / "b.safetensors", b"b" * 50)
+
+    def download() -> None:
+        try:
+            cache.populate_here("s3://b/a@1", 100, slow, token)
+        except BaseException as e:  # reported by the assertion below
+            errors.append(e)
+
+    first = threading.Thread(target=download)
+    first.start()
+    assert started.wait(10)
+    live = list(tmp_path.glob("*.partial"))
+    cache.populate("s3://b/b@2", 100, writer(100))
+    cache.populate_here("s3://b/c@3", 100, writer(100), token + 1)
+    assert list(tmp_path.glob("*.partial")) == live, "another model's populate removed a live download"
+    release.set()
+    first.join(10)
+    assert not errors
+    assert sorted(e.key for e in cache.entries()) == ["s3://b/a@1", "s3://b/b@2", "s3://b/c@3"]
 
 
 def _populate_in_child(root: str, log: str, arrived: Any) -> None:

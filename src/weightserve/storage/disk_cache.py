@@ -5,7 +5,8 @@ Layout under the cache's root:
     <slug>/files/...     a published model: the directory the loaders read
     <slug>/entry.json    its completion marker (key, bytes, files); its mtime is the last use
     <slug>.partial/      a download in progress, never served
-    .locks/<slug>.lock   held while that model is downloaded or removed
+    <slug>.<token>.partial/  the same under a fleet lease token (storage/fleet_fill.py)
+    .locks/<slug>.lock   held while that model is downloaded or removed (token or not)
     .trash/              models being removed
 
 A model is downloaded into `<slug>.partial`, every file written atomically (temp file in
@@ -46,6 +47,8 @@ UNFINISHED_SUFFIX = ".fill"
 """What a file being written into a download directory is called until it is whole; never published."""
 _RESERVED = "reserved"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_PARTIAL = re.compile(r"(?P<slug>.*-[0-9a-f]{12})(?:\.\d+)?\.partial")
+"""A download directory: the slug (which ends in its hash, never in `.<digits>`), a lease token or none."""
 
 
 def default_cache_dir() -> Path:
@@ -250,8 +253,16 @@ class DiskCache:
             )
 
     def _drop_stale_partials(self, keep: str) -> None:
+        """Remove the download directories of crashed downloads: those whose model's lock no one holds.
+
+        The lock is the model's slug whether the directory carries a lease token or not,
+        since that is the lock `populate_here` holds while it downloads.
+        """
         for partial in self.root.glob("*.partial"):
-            name = partial.name.removesuffix(".partial")
+            match = _PARTIAL.fullmatch(partial.name)
+            if match is None:
+                continue  # not a download of ours
+            name = match["slug"]
             if name == keep:
                 continue
             lock = self._lock(name, timeout=0)
