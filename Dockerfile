@@ -35,7 +35,7 @@ COPY src ./src
 # The build hook generates the gRPC stubs from proto/ into the installed package; the
 # package is this tree, and its dependencies are bounded in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install ".[hf,s3,gguf]"
+RUN pip install ".[hf,s3,gguf,fleet]"
 
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0

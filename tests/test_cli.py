@@ -618,3 +618,15 @@ def test_serve_needs_a_root_a_source_or_a_dummy_and_starts_with_remote_sources_o
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+@pytest.mark.fault("bad or unknown server setting")
+def test_a_setting_whose_extra_is_not_installed_stops_serve_with_one_line(
+    model_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # as in an image without the fleet extra
+    args = ["serve", "--model-root", str(model_root), "--listen", f"127.0.0.1:{free_port()}"]
+    args += ["--metrics-listen", "off", "--coordination", "redis://127.0.0.1:1", "--advertise", "127.0.0.1:50051"]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--coordination redis:// needs the redis client: pip install 'weightserve[fleet]'" in line

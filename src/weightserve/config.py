@@ -404,6 +404,7 @@ OTHER_VARIABLES = {
     "WEIGHTSERVE_SERVER": "the server the client commands call when --server is not given",
     "WEIGHTSERVE_TOKEN": "the bearer token clients and client commands send (what --token gives)",
     "WEIGHTSERVE_TLS_CA": "PEM CA bundle clients check the server's certificate against; turns TLS on",
+    "WEIGHTSERVE_TLS_SERVER_NAME": "the name client commands expect in the server's certificate (a health check)",
     "WEIGHTSERVE_REPLICA_TOKEN": "a token with the replica scope a fleet replica shows the others' FillReplica",
     "WEIGHTSERVE_REPLICA_SERVER_NAME": "the name the fleet replicas' certificates carry (the headless Service)",
 }

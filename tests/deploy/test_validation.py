@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import re
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -124,3 +125,24 @@ def test_vendored_crds_say_where_they_came_from() -> None:
     monitor = yaml.safe_load((CRDS / "monitoring.coreos.com_servicemonitors.yaml").read_text(encoding="utf-8"))
     version = monitor["metadata"]["annotations"]["operator.prometheus.io/version"]
     assert rows["monitoring.coreos.com_servicemonitors.yaml"][0] == f"v{version}"
+
+
+def test_every_weightserve_variable_the_shipped_files_name_is_one_the_server_accepts() -> None:
+    """A variable the image, the manifests or the docs tell an operator to set must not stop
+    the server as an unknown setting (WEIGHTSERVE_TLS_SERVER_NAME did, from the Dockerfile's advice)."""
+    from weightserve.config import check_variables
+
+    root = Path(__file__).resolve().parents[2]
+    files = [root / "Dockerfile", root / "README.md", *root.glob("docs/*.md"), *root.glob("deploy/**/*.yaml")]
+    named: dict[str, str] = {}
+    for path in files:
+        for name in re.findall(r"\bWEIGHTSERVE_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(encoding="utf-8")):
+            named.setdefault(name, str(path.relative_to(root)))
+    refused = {}
+    named.pop("WEIGHTSERVE_HEADLESS_SERVICE_HOST", None)  # deployment.md names it as one the server refuses
+    for name, where in named.items():
+        try:
+            check_variables({name: "x"})
+        except ValueError as e:
+            refused[name] = f"{where}: {e}"
+    assert not refused, f"named but refused by `weightserve serve`: {refused}"

@@ -125,6 +125,11 @@ def _serve(config: ServerConfig) -> int:
     except ValueError as e:  # a missing model root, a bad dummy model: found while building the server
         sys.stderr.write(f"weightserve serve: {e}\n")
         return 2
+    except ImportError as e:  # a setting that needs an extra not installed: our message says which
+        if "pip install" not in str(e):
+            raise
+        sys.stderr.write(f"weightserve serve: {e}\n")
+        return 2
     except (OSError, RuntimeError) as e:  # grpc's bind failure is a RuntimeError; the side port's an OSError
         if isinstance(e, RuntimeError) and "bind" not in str(e):
             raise
