@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from tests.integration.faultkit import MID_MODEL, Background, FaultProxy, assert_bit_identical, load_checkpoint
 from weightserve.client import WeightClient
@@ -110,6 +111,38 @@ def test_rewritten_in_place_mid_stream_is_data_loss(
     # the next fetch sees a new revision and serves the new bytes whole
     with WeightClient(server.address) as client:
         assert_bit_identical(client.fetch_state_dict(MID_MODEL), load_checkpoint(mid_root / MID_MODEL))
+
+
+@pytest.mark.fault(
+    "checkpoint file replaced by rename while served",
+    expect="streams in flight finish with the old bytes; the next fetch is the new revision",
+)
+def test_replaced_by_rename_mid_stream_finishes_with_the_old_bytes(
+    mid_root: Path,
+    serve: ServeFn,
+    proxy: Callable[..., FaultProxy],
+    slow_client: Callable[[str], WeightClient],
+) -> None:
+    """A rollout writes the new file beside the old and renames it over: the old inode stays whole."""
+    old = load_checkpoint(mid_root / MID_MODEL)
+    server = serve(mid_root, chunk_bytes=CHUNK)
+    victim = sorted((mid_root / MID_MODEL).glob("*.safetensors"))[-1]  # streamed last
+    link = proxy(server.server.port)
+    with slow_client(link.address) as client:
+        link.pause_after(HELD_AT)
+        fetch = Background(lambda: client.fetch_state_dict(MID_MODEL))
+        assert link.paused.wait(30), "the stream never started"
+        data = bytearray(victim.read_bytes())
+        data[-65536:] = bytes(b ^ 0x5A for b in data[-65536:])
+        fresh = victim.with_name(f".{victim.name}.new")
+        fresh.write_bytes(data)
+        os.replace(fresh, victim)
+        link.resume()
+        assert_bit_identical(fetch.result(timeout=30), old)
+    with WeightClient(server.address) as other:  # the next fetch is the new revision, whole
+        new = other.fetch_state_dict(MID_MODEL)
+    assert_bit_identical(new, load_checkpoint(mid_root / MID_MODEL))
+    assert any(not torch.equal(new[k], old[k]) for k in old), "the replacement changed nothing"
 
 
 @pytest.mark.fault("checkpoint file truncated while served")

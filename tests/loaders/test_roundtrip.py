@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,36 @@ def test_file_rewritten_in_place_same_size_new_mtime_raises_corrupt(tmp_path: Pa
         with pytest.raises(CorruptCheckpointError, match=r"changed while being served"):
             source.read_into(0, buf)
     finally:
+        source.close()
+
+
+@pytest.mark.fault(
+    "checkpoint file replaced by rename while served",
+    expect="streams in flight finish with the old bytes; a write to the unlinked file is still DATA_LOSS",
+    cases=2,
+)
+def test_a_file_replaced_by_rename_still_reads_its_old_bytes_until_written(tmp_path: Path) -> None:
+    """Unlinking moves the ctime; same size, mtime and inode with no name left is the old file, whole."""
+    path = tmp_path / "blob"
+    old = bytes(range(100))
+    path.write_bytes(old)
+    source = FileSource(path)
+    writer = os.open(path, os.O_WRONLY)  # someone who can still write to the old inode
+    try:
+        fresh = tmp_path / ".blob.new"
+        fresh.write_bytes(bytes(100))
+        os.replace(fresh, path)  # the safe way to roll out a new checkpoint
+        dest = bytearray(100)
+        source.read_into(0, memoryview(dest))
+        assert bytes(dest) == old
+        before = os.fstat(writer)
+        time.sleep(0.02)  # past the file system's timestamp granularity
+        os.pwrite(writer, b"\xff", 50)
+        os.utime(writer, ns=(before.st_atime_ns, before.st_mtime_ns))  # and hide it from the mtime
+        with pytest.raises(CorruptCheckpointError, match=r"changed while being served"):
+            source.read_into(0, memoryview(dest))
+    finally:
+        os.close(writer)
         source.close()
 
 

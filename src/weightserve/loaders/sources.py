@@ -5,7 +5,14 @@ truncated under a mapping turns the next page touch into SIGBUS, which would kil
 server and every stream with it. A short read, or a file whose identity changed since
 it was opened, raises CorruptCheckpointError, which costs only the stream that hit it.
 The identity is (size, mtime, inode, ctime): a writer can set the mtime back, but not
-the ctime, which the kernel moves on every write.
+the ctime, which the kernel moves on every write. Unlinking moves the ctime too, so a
+file replaced by rename (the safe way to roll out a checkpoint) or deleted gets one
+allowance: once no name links it, the same size, mtime and inode with a new ctime are
+the old bytes still held by our descriptor, and that ctime becomes the one to keep.
+A write after that moves the ctime again and is caught; a write with its mtime set
+back, landing between the last check before the unlink and the first after it, is the
+one case this trusts. A file still linked keeps the full identity, ctime included
+(`rsync --inplace --times` rewrites in place and sets the mtime back).
 """
 
 from __future__ import annotations
@@ -94,6 +101,9 @@ class FileSource(Source):
         st = os.fstat(self._fd)
         self.size = st.st_size
         self._identity = file_identity(st)
+        self._checked = self._identity
+        """The identity checks compare with: the opening one, or its ctime after the file was unlinked."""
+        self._unlinked_lock = threading.Lock()
         self.bytes_read = 0
 
     def read_into(self, offset: int, dest: memoryview, check: bool = True) -> None:
@@ -186,9 +196,21 @@ class FileSource(Source):
         return True
 
     def check_unchanged(self) -> None:
-        """Raise if the file was truncated or rewritten in place since it was opened."""
+        """Raise if the file was truncated or rewritten in place since it was opened.
+
+        A file replaced by rename, or deleted, is not changed: the descriptor still reads
+        its old bytes, so streams in flight finish with the revision they started on.
+        """
         st = os.fstat(self._fd)
-        if file_identity(st) != self._identity:
+        now = file_identity(st)
+        if now == self._checked:
+            return
+        with self._unlinked_lock:  # threads share the source: one of them adopts the unlinked ctime, once
+            if now == self._checked:
+                return
+            if st.st_nlink == 0 and self._checked == self._identity and now[:3] == self._identity[:3]:
+                self._checked = now
+                return
             raise CorruptCheckpointError(
                 f"{self.label}: file changed while being served "
                 f"(size {self._identity[0]} -> {st.st_size}); fetch again to get the new revision"
