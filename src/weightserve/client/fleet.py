@@ -14,7 +14,9 @@ client/routing.py says:
   fetch (since_mapping, since_version) that fails over to a replica without that state
   is answered FAILED_PRECONDITION there; the client then fetches its full share from
   that replica (a fresh manifest, without since_mapping / since_version) and logs a
-  warning. Any other FAILED_PRECONDITION (the plan differs on the new replica: another
+  warning, unless that replica's version is older than since_version (an update would
+  roll the weights back): then the fetch fails FAILED_PRECONDITION and writes nothing.
+  Any other FAILED_PRECONDITION (the plan differs on the new replica: another
   revision, another expert mapping) ends the fetch, as it does on one server.
 
 A stream that breaks is resumed on the next replica in order at once, under the same
@@ -57,6 +59,32 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLIN
 def stateful(shard: ShardArgs) -> bool:
     """Whether a plan depends on control state that lives on the model's owner (EP mapping, versions)."""
     return bool(shard.ep_size) or any(v is not None for v in (shard.since_mapping, shard.version, shard.since_version))
+
+
+def full_share_args(fetch: FetchArgs, endpoint: str) -> FetchArgs:
+    """A delta fetch made whole, for a replica without the owner's control state (logged: it costs bytes)."""
+    logger.warning("fetch %s: %s lacks the owner's control state; fetching the full share", fetch.shard.model, endpoint)
+    shard = dataclasses.replace(fetch.shard, since_mapping=None, since_version=None)
+    return dataclasses.replace(fetch, shard=shard)
+
+
+def check_full_share(manifest: pb.GetManifestResponse, fetch: FetchArgs, endpoint: str) -> None:
+    """Refuse a full share older than the version an update starts from.
+
+    A replica without the owner's versions serves its own latest, often the checkpoint
+    itself (version 0): applied as an update, it would roll the caller's weights back.
+
+    Raises:
+        FetchError: FAILED_PRECONDITION; the caller's tensors are untouched.
+    """
+    since = fetch.shard.since_version
+    if since is not None and manifest.version < since:
+        raise FetchError(
+            f"fetch {fetch.shard.model}: FAILED_PRECONDITION: the owner is unreachable and {endpoint} serves "
+            f"version {manifest.version}, older than since_version={since}; nothing was written (retry once "
+            "the owner is back)",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
 
 
 class FleetRouting:
@@ -315,14 +343,9 @@ class FleetClient(FleetRouting, WeightClient):
 
     def _full_share(self, fetch: FetchArgs, endpoint: str, order: list[str], started: float) -> dict[str, torch.Tensor]:
         """Fetch the whole share from `endpoint`, which lacks the owner's control state."""
-        shard = dataclasses.replace(fetch.shard, since_mapping=None, since_version=None)
-        logger.warning(
-            "fetch %s: %s does not hold the owner's control state; fetching the full share from it",
-            shard.model,
-            endpoint,
-        )
-        full = dataclasses.replace(fetch, shard=shard)
-        manifest = self.replica(endpoint)._manifest(shard)
+        full = full_share_args(fetch, endpoint)
+        manifest = self.replica(endpoint)._manifest(full.shard)
+        check_full_share(manifest, fetch, endpoint)
         return self._stream(full, manifest, [endpoint, *(e for e in order if e != endpoint)], endpoint, started)
 
     # ------------------------------------------------------------------ the rest of WeightClient

@@ -8,7 +8,6 @@ replica has its own single-address AsyncWeightClient.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing_extensions import Unpack
 from weightserve.client import control
 from weightserve.client.aio import AsyncWeightClient
 from weightserve.client.common import FetchArgs, FetchOptions, Pause, ResumeLoop, ShardArgs, fetch_args, logger
-from weightserve.client.fleet import FAILOVER_CODES, FleetRouting
+from weightserve.client.fleet import FAILOVER_CODES, FleetRouting, check_full_share, full_share_args
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.security import Pem
 from weightserve.errors import FetchError, IntegrityError
@@ -195,11 +194,11 @@ class AsyncFleetClient(FleetRouting, AsyncWeightClient):
         self, fetch: FetchArgs, endpoint: str, order: list[str], started: float
     ) -> dict[str, torch.Tensor]:
         """See FleetClient._full_share."""
-        shard = dataclasses.replace(fetch.shard, since_mapping=None, since_version=None)
-        logger.warning("fetch %s: %s lacks the owner's control state; fetching the full share", shard.model, endpoint)
-        manifest = await self.replica(endpoint)._manifest(shard)
+        full = full_share_args(fetch, endpoint)
+        manifest = await self.replica(endpoint)._manifest(full.shard)
+        check_full_share(manifest, fetch, endpoint)
         rest = [endpoint, *(e for e in order if e != endpoint)]
-        return await self._stream(dataclasses.replace(fetch, shard=shard), manifest, rest, endpoint, started)
+        return await self._stream(full, manifest, rest, endpoint, started)
 
     # ------------------------------------------------------------------ the rest of AsyncWeightClient
 
