@@ -191,7 +191,8 @@ def test_health_imports_no_torch(refusing_port: int) -> None:
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('torch', 'weightserve.client')))))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    light = ["weightserve.client", "weightserve.client.call_metadata", "weightserve.client.security"]
+    light = ["weightserve.client", "weightserve.client.call_metadata", "weightserve.client.routing",
+             "weightserve.client.security"]  # fmt: skip
     assert json.loads(done.stdout.splitlines()[-1]) == light
 
 

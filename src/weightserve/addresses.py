@@ -1,4 +1,5 @@
-"""Address settings (--listen, --control-listen, --metrics-listen, --advertise, --coordination), checked as text.
+"""Address settings (--listen, --control-listen, --metrics-listen, --advertise, --coordination)
+and the server addresses clients dial, checked as text.
 
 A port is refused unless it is a decimal number within 0-65535. The layers below do
 not refuse it: grpc takes a listen port modulo 2^16 (127.0.0.1:116156 listened on
@@ -14,6 +15,8 @@ from urllib.parse import urlsplit
 
 MAX_PORT = 65535
 UNIX_PREFIXES = ("unix:", "unix-abstract:")
+GRPC_SCHEMES = ("ipv4:", "ipv6:", "dns:", "vsock:")
+"""Targets gRPC parses itself (lists of addresses, an explicit resolver): passed as written."""
 REDIS_SCHEMES = ("redis", "rediss")
 
 
@@ -45,6 +48,32 @@ def listen_address(text: str) -> str:
     if ":" not in text:
         raise ValueError("must be HOST:PORT or unix:PATH")
     host_port(text)
+    return text
+
+
+def dial_address(text: str) -> str:
+    """A server address a client dials: `HOST:PORT`, `[V6]:PORT`, `unix:PATH`, `unix-abstract:NAME`
+    or a bare `/path`; gRPC's own `ipv4:`, `ipv6:`, `dns:` and `vsock:` targets pass as written.
+
+    Unchecked, "" reached gRPC core (which logged a C++ source line and failed every
+    call UNKNOWN), "localhost" dialled port 443, and port 99999 read "connection refused".
+
+    Raises:
+        ValueError: empty, no port, a port outside 1-65535, or no host.
+    """
+    if text.startswith("/") or text.startswith(GRPC_SCHEMES):
+        return text
+    if text.startswith(UNIX_PREFIXES):
+        if not text.partition(":")[2]:
+            raise ValueError("must name the socket: unix:PATH")
+        return text
+    if not text:
+        raise ValueError("is empty: give HOST:PORT or unix:PATH")
+    host, port = host_port(text)
+    if not host:
+        raise ValueError("must name a host: HOST:PORT")
+    if port == 0:
+        raise ValueError("port 0 cannot be dialled: give the server's port")
     return text
 
 

@@ -102,9 +102,12 @@ def security_of(args: argparse.Namespace) -> Security:
         ValueError: a PEM file cannot be read, or a token would go in plaintext to another host.
     """
     from weightserve.client.call_metadata import target
+    from weightserve.client.routing import Target, is_fleet
     from weightserve.client.security import security_from
 
     try:
+        if is_fleet(args.server):
+            Target.parse(args.server)  # each replica's address, before anything dials
         return security_from(
             target(args.server),
             token=getattr(args, "token", None),

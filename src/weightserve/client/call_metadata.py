@@ -15,11 +15,22 @@ from typing import Any
 
 import grpc
 
+from weightserve.addresses import dial_address
+from weightserve.errors import InvalidRequestError
+
 PID_METADATA = "x-weightserve-pid"
 
 
 def target(address: str) -> str:
-    """A gRPC target from 'host:port', 'unix:/path' or a bare '/path' socket."""
+    """A gRPC target from 'host:port', 'unix:/path' or a bare '/path' socket.
+
+    Raises:
+        InvalidRequestError: the address is none of those (no port, a port outside 1-65535, empty).
+    """
+    try:
+        dial_address(address)
+    except ValueError as e:
+        raise InvalidRequestError(f"server address {address!r} {e}") from None
     return f"unix:{address}" if address.startswith("/") else address
 
 

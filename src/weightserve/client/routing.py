@@ -29,6 +29,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from weightserve.addresses import dial_address, host_port
+from weightserve.errors import InvalidRequestError
+
 logger = logging.getLogger("weightserve.client")
 
 DNS_PREFIX = "dns:///"
@@ -91,17 +94,26 @@ class Target:
         """From a list of "host:port", a comma-separated string of them, or "dns:///name:port".
 
         Raises:
-            ValueError: no address, or a dns:/// target without a port.
+            InvalidRequestError: no address, a dns:/// target without a host or port, or an
+                endpoint that is not HOST:PORT with a port within 1-65535.
         """
         if isinstance(address, str) and address.startswith(DNS_PREFIX):
-            host, sep, port = address.removeprefix(DNS_PREFIX).rpartition(":")
-            if not sep or not port.isdigit() or not host:
-                raise ValueError(f"{address!r}: a dns:/// fleet needs a port (dns:///name:50051)")
-            return cls(host=host.strip("[]"), port=int(port))
+            try:
+                host, port = host_port(address.removeprefix(DNS_PREFIX))
+            except ValueError as e:
+                raise InvalidRequestError(f"{address!r}: a dns:/// fleet {e} (dns:///name:50051)") from None
+            if not host or not port:
+                raise InvalidRequestError(f"{address!r}: a dns:/// fleet needs a host and port (dns:///name:50051)")
+            return cls(host=host, port=port)
         parts = address.split(",") if isinstance(address, str) else list(address)
         endpoints = tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
         if not endpoints:
-            raise ValueError("a fleet needs at least one address")
+            raise InvalidRequestError("a fleet needs at least one address")
+        for endpoint in endpoints:
+            try:
+                dial_address(endpoint)
+            except ValueError as e:
+                raise InvalidRequestError(f"fleet address {endpoint!r} {e}") from None
         return cls(endpoints=endpoints)
 
     def __str__(self) -> str:
