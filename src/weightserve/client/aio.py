@@ -38,7 +38,7 @@ from weightserve.client.common import (
 from weightserve.client.expert_slots import check_expert_slots
 from weightserve.client.files import FileWriter
 from weightserve.client.manifest_pages import ManifestPages
-from weightserve.client.modules import module_destinations
+from weightserve.client.modules import ModuleLoad, check_names, module_destinations
 from weightserve.client.placements import manifest_names
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.security import Pem, security_from
@@ -181,6 +181,7 @@ class AsyncWeightClient:
         started, self.last_fetch_stats = time.monotonic(), None  # never an earlier fetch's, should this one fail
         fetch = fetch_args(model, rank, world_size, options)
         manifest = await self._manifest(fetch.shard)
+        check_names(manifest, fetch.names, model)
         if self._shared_memory(fetch):
             state = await self._fetch_segments(fetch, manifest, started)
             if state is not None:
@@ -321,18 +322,30 @@ class AsyncWeightClient:
             return False
         return True
 
+    async def load_into(
+        self, module: torch.nn.Module, model: str, rank: int = 0, world_size: int = 1, **options: Unpack[FetchOptions]
+    ) -> None:
+        """See WeightClient.load_into."""
+        load = ModuleLoad(module, model, options)
+        manifest = await self.get_manifest(model, rank, world_size, **options)
+        into: Any = load.options(manifest, options)
+        load.apply(await self.fetch_state_dict(model, rank, world_size, **into))
+
     async def fetch_files(
         self, model: str, dest: str | Path, patterns: list[str] | None = None, revision: str | None = None
     ) -> list[Path]:
         """See WeightClient.fetch_files."""
         writer = FileWriter(Path(dest))
         request = pb.FetchFilesRequest(model=model, revision=revision or "", patterns=patterns or [])
+        call = self._stub.FetchFiles(request)
         try:
-            async for chunk in self._stub.FetchFiles(request):
+            async for chunk in call:
                 writer.accept(chunk)
+            writer.finish()
         except grpc.RpcError as e:
             raise fetch_error(e, f"files of {model}") from None
         finally:
+            call.cancel()  # a no-op after the end; otherwise a chunk was refused
             writer.abort()
         return writer.written
 

@@ -43,6 +43,7 @@ from typing_extensions import Unpack
 from weightserve.client import control, versions
 from weightserve.client.assembly import FetchStats
 from weightserve.client.common import FetchArgs, FetchOptions, Pause, ResumeLoop, ShardArgs, fetch_args, logger
+from weightserve.client.modules import check_names
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.routing import Router, Target
 from weightserve.client.security import Pem
@@ -279,6 +280,7 @@ class FleetClient(FleetRouting, WeightClient):
             logger.info("%s: streaming chunks: a fleet is reached over TCP, not shared memory", self.address)
         order = self.fetch_order(fetch.shard)
         manifest, endpoint = self._first(order, f"manifest of {model}", lambda c: c._manifest(fetch.shard))
+        check_names(manifest, fetch.names, model)
         return self._stream(fetch, manifest, order, endpoint, started)
 
     def _stream(

@@ -22,6 +22,7 @@ from weightserve.client import control
 from weightserve.client.aio import AsyncWeightClient
 from weightserve.client.common import FetchArgs, FetchOptions, Pause, ResumeLoop, ShardArgs, fetch_args, logger
 from weightserve.client.fleet import FAILOVER_CODES, FleetRouting, check_full_share, full_share_args
+from weightserve.client.modules import check_names
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.security import Pem
 from weightserve.errors import FetchError, IntegrityError
@@ -134,6 +135,7 @@ class AsyncFleetClient(FleetRouting, AsyncWeightClient):
         fetch = fetch_args(model, rank, world_size, options)
         order = self.fetch_order(fetch.shard)
         manifest, endpoint = await self._first(order, f"manifest of {model}", lambda c: c._manifest(fetch.shard))
+        check_names(manifest, fetch.names, model)
         return await self._stream(fetch, manifest, order, endpoint, started)
 
     async def _stream(

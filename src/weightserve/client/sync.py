@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -38,7 +38,7 @@ from weightserve.client.common import (
 from weightserve.client.expert_slots import check_expert_slots
 from weightserve.client.files import FileWriter
 from weightserve.client.manifest_pages import ManifestPages
-from weightserve.client.modules import check_keys, module_destinations
+from weightserve.client.modules import ModuleLoad, check_names, module_destinations
 from weightserve.client.placements import manifest_names
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.security import Pem, security_from
@@ -238,6 +238,7 @@ class WeightClient:
         started, self.last_fetch_stats = time.monotonic(), None  # never an earlier fetch's, should this one fail
         fetch = fetch_args(model, rank, world_size, options)
         manifest = self._manifest(fetch.shard)
+        check_names(manifest, fetch.names, model)
         if self._shared_memory(fetch):
             state = self._fetch_segments(fetch, manifest, started)
             if state is not None:
@@ -315,47 +316,58 @@ class WeightClient:
     def load_into(
         self, module: torch.nn.Module, model: str, rank: int = 0, world_size: int = 1, **options: Unpack[FetchOptions]
     ) -> None:
-        """Fetch into an existing module's parameters and buffers, with strict key checks.
+        """Fetch into an existing module's parameters and buffers, checked against the plan first.
 
-        Tensors are written straight into the module's storage where dtype, shape and
-        device match; anything else is copied in after it arrives. The module decides
-        the device and destinations, so those two options are refused.
+        Every key, shape and dtype is checked against the manifest before any tensor is
+        fetched, so a module that does not fit is left untouched. Tensors are written
+        straight into the module's storage where device, dtype, shape and layout allow;
+        the rest (another device, a non-contiguous view, a module in float32 or float16
+        while the checkpoint is bfloat16) are copied in after they arrive. The module
+        decides where the bytes go and as what, so device, dtype and destinations are refused.
 
         Raises:
-            InvalidRequestError: the module's keys differ from the fetched plan's.
-            TypeError: `device` or `destinations` was given.
+            InvalidRequestError: the module's keys differ from the plan's; a tensor's shape
+                differs, or its dtype differs other than between float16, bfloat16, float32
+                and float64; the module has tensors on the meta device (deferred init: call
+                `module.to_empty(device=...)` first), or tensors that cannot hold distinct
+                values (an expand()ed buffer, views partly sharing memory).
+            TypeError: `device`, `dtype` or `destinations` was given.
+            FetchError: as fetch_state_dict.
         """
-        if "device" in options or "destinations" in options:
-            raise TypeError("load_into writes into the module's own tensors: drop device and destinations")
+        load = ModuleLoad(module, model, options)
         manifest = self.get_manifest(model, rank, world_size, **options)
-        targets = module_destinations(module)
-        check_keys(targets, [t.name for t in manifest.tensors], model)
-        device = next(iter(targets.values())).device if targets else torch.device("cpu")
-        into: FetchOptions = {**options, "device": device, "destinations": targets}
-        state = self.fetch_state_dict(model, rank, world_size, **into)
-        with torch.no_grad():
-            for name, tensor in state.items():
-                if tensor is not targets[name]:
-                    targets[name].copy_(tensor)
+        into: Any = load.options(manifest, options)
+        load.apply(self.fetch_state_dict(model, rank, world_size, **into))
 
     def fetch_files(
         self, model: str, dest: str | Path, patterns: list[str] | None = None, revision: str | None = None
     ) -> list[Path]:
-        """Write the model's non-weight files (config, tokenizer) under `dest`, atomically."""
+        """Write the model's non-weight files (config, tokenizer) under `dest`, atomically.
+
+        Each file appears whole or not at all; a failed call leaves no partial file behind
+        (files finished before the failure stay).
+
+        Returns:
+            The files written, in the order they arrived.
+
+        Raises:
+            FetchError: the call's status (NOT_FOUND, ...), or DATA_LOSS when a chunk fails
+                its checksum, a path is not a plain relative one inside `dest`, or the
+                stream ends inside a file or before a file it listed.
+        """
         writer = FileWriter(Path(dest))
         request = pb.FetchFilesRequest(model=model, revision=revision or "", patterns=patterns or [])
+        call = self._stub.FetchFiles(request)
         try:
-            for chunk in self._stream_files(request):
+            for chunk in call:
                 writer.accept(chunk)
+            writer.finish()
+        except grpc.RpcError as e:
+            raise fetch_error(e, f"files of {model}") from None
         finally:
+            call.cancel()  # a no-op after the end; otherwise a chunk was refused
             writer.abort()
         return writer.written
-
-    def _stream_files(self, request: pb.FetchFilesRequest) -> Iterator[pb.FileChunk]:
-        try:
-            yield from self._stub.FetchFiles(request)
-        except grpc.RpcError as e:
-            raise fetch_error(e, f"files of {request.model}") from None
 
     def prefetch(
         self, model: str, world_size: int = 1, ranks: list[int] | None = None, *, wait: bool = False
