@@ -204,7 +204,9 @@ def test_a_model_that_changes_between_pages_is_read_again_once(tmp_path: Path, s
 def test_manifest_pages_start_over_once_when_the_id_changes() -> None:
     def page(mid: str, names: list[str], token: str = "") -> pb.GetManifestResponse:
         return pb.GetManifestResponse(
-            manifest_id=mid, tensors=[pb.TensorInfo(name=n) for n in names], next_page_token=token
+            manifest_id=mid,
+            tensors=[pb.TensorInfo(name=n, dtype="U8", shape=[0]) for n in names],
+            next_page_token=token,
         )
 
     reader = ManifestPages("m", pb.ShardSpec(model="m"))

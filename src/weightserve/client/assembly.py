@@ -128,6 +128,8 @@ class _DeviceWriter:
         event = self.events[slot]
         if event is not None:
             event.synchronize()  # the copy that last used this buffer has finished
+        if len(data) > self.buffers[slot].numel():
+            raise IntegrityError(f"a chunk of {len(data)} bytes, over the plan's max_chunk_bytes")
         staging = self.buffers[slot][: len(data)]
         staging.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
         dest[offset : offset + len(data)].copy_(staging, non_blocking=self.pinned)
@@ -272,7 +274,9 @@ class FetchSession:
                     raise IntegrityError(f"manifest entry {progress.info.name!r}: shape and dtype disagree with nbytes")
             self._by_index = {p.index: p for p in self.pending}
         self._cursor = 0
-        self._writer = None if device.type == "cpu" else _DeviceWriter(device, max(manifest.max_chunk_bytes, 1))
+        # staging no larger than the largest tensor wanted, whatever max_chunk_bytes the server claims
+        staging = min(manifest.max_chunk_bytes, max((p.info.nbytes for p in self.pending), default=0))
+        self._writer = None if device.type == "cpu" else _DeviceWriter(device, max(staging, 1))
         self._arena: mmap.mmap | None = None
         self._arena_array: np.ndarray | None = None
         self._arena_offsets: dict[int, int] = {}

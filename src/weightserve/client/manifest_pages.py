@@ -7,8 +7,11 @@ ignores the fields and answers with one whole response, which is then the only p
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
+from weightserve import wire
 from weightserve.errors import FetchError
 from weightserve.v1 import weightserve_pb2 as pb
 
@@ -79,6 +82,7 @@ class ManifestPages:
         """The whole plan, as one unpaged GetManifestResponse."""
         assert self._done and self._manifest is not None, "result() before the last page"
         self._manifest.next_page_token = ""
+        check_plan(self._manifest, self.model)
         return self._manifest
 
     def _start_over(self, why: str) -> None:
@@ -90,3 +94,42 @@ class ManifestPages:
             )
         self.restarts += 1
         self._manifest, self._token = None, ""
+
+
+def check_plan(manifest: pb.GetManifestResponse, model: str) -> None:
+    """Refuse a plan no honest server sends, before anything is allocated from it.
+
+    Everything the client sizes comes from the plan: an unknown dtype, a negative
+    dimension or an nbytes its shape disagrees with failed deep inside torch (or
+    allocated whatever the server claimed), and a name listed twice silently lost one
+    of the two tensors from the state dict.
+
+    Raises:
+        FetchError: DATA_LOSS naming the first entry that is wrong.
+    """
+
+    def refuse(why: str) -> FetchError:
+        return FetchError(f"manifest of {model}: DATA_LOSS: {why}", grpc.StatusCode.DATA_LOSS)
+
+    seen: set[str] = set()
+    total = 0
+    for info in manifest.tensors:
+        if not info.name:
+            raise refuse("a tensor without a name")
+        if info.name in seen:
+            raise refuse(f"tensor {info.name!r} is listed twice")
+        seen.add(info.name)
+        size = wire.DTYPE_SIZES.get(info.dtype)
+        if size is None:
+            raise refuse(f"tensor {info.name!r} has an unknown dtype {info.dtype!r}")
+        if any(dim < 0 for dim in info.shape):
+            raise refuse(f"tensor {info.name!r} has a negative dimension {list(info.shape)}")
+        if math.prod(info.shape) * size != info.nbytes:
+            raise refuse(
+                f"tensor {info.name!r}: shape {list(info.shape)} and {info.dtype} disagree with its {info.nbytes} bytes"
+            )
+        total += info.nbytes
+    if manifest.total_bytes and manifest.total_bytes != total:
+        raise refuse(f"total_bytes {manifest.total_bytes} is not the sum of its tensors ({total})")
+    if total and not manifest.max_chunk_bytes:
+        raise refuse("max_chunk_bytes is 0 for a plan with bytes to send")
