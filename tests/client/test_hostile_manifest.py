@@ -1,6 +1,8 @@
 """A plan no honest server sends is refused before the client allocates anything from it.
 
-The client sizes every tensor from the manifest. Before these checks an unknown dtype was
+The gRPC path sizes every tensor from the manifest (check_plan); the shared-memory path
+takes geometry from its grant's runs (checked in tests/client/test_placements.py) and
+checks the manifest's names (tests/integration/test_shared_memory.py). Before these checks an unknown dtype was
 a KeyError, a negative dimension a RuntimeError from torch.empty, and a name listed twice
 quietly dropped one tensor from the state dict. Each case is tried on the plan assembler
 (every client reads its plan through it) and end to end against a server that lies.
@@ -18,7 +20,7 @@ import torch
 
 from weightserve import AsyncWeightClient, FetchError, WeightClient
 from weightserve.client.assembly import FetchSession
-from weightserve.client.manifest_pages import ManifestPages
+from weightserve.client.manifest_pages import check_plan
 from weightserve.errors import IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
 
@@ -39,12 +41,11 @@ def _plan(*tensors: pb.TensorInfo, total: int | None = None, max_chunk: int = 40
 
 HOSTILE: dict[str, tuple[pb.GetManifestResponse, str]] = {
     "unknown dtype": (_plan(_info(dtype="F128", nbytes=6 * 16)), "unknown dtype 'F128'"),
-    "negative dimension": (_plan(_info(shape=(-2, -3), nbytes=24)), "negative dimension"),
-    "nbytes past its shape": (_plan(_info(nbytes=1 << 40)), "disagree with its 1099511627776 bytes"),
+    "negative dimension": (_plan(_info(shape=(-2, -3), nbytes=24)), r"shape \[-2, -3\] of F32 disagrees"),
+    "nbytes past its shape": (_plan(_info(nbytes=1 << 40)), "disagrees with its 1099511627776 bytes"),
     "name listed twice": (_plan(_info("a"), _info("b"), _info("a")), "'a' is listed twice"),
     "nameless tensor": (_plan(_info("")), "without a name"),
     "total_bytes wrong": (_plan(_info(), total=25), "not the sum of its tensors"),
-    "no chunk size": (_plan(_info(), max_chunk=0), "max_chunk_bytes is 0"),
 }
 
 
@@ -52,17 +53,13 @@ HOSTILE: dict[str, tuple[pb.GetManifestResponse, str]] = {
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_plan_assembler_refuses_hostile_plans(case: str) -> None:
     plan, message = HOSTILE[case]
-    pages = ManifestPages("org/x", pb.ShardSpec(model="org/x"))
-    pages.on_page(plan)
     with pytest.raises(FetchError, match=message) as info:
-        pages.result()
+        check_plan(plan, "org/x")
     assert info.value.code() == grpc.StatusCode.DATA_LOSS
 
 
 def test_honest_plans_pass() -> None:
-    pages = ManifestPages("org/x", pb.ShardSpec(model="org/x"))
-    pages.on_page(_plan(_info("a"), _info("scalar", shape=(), nbytes=4), _info("empty", shape=(0, 3), nbytes=0)))
-    assert [t.name for t in pages.result().tensors] == ["a", "scalar", "empty"]
+    check_plan(_plan(_info("a"), _info("scalar", shape=(), nbytes=4), _info("empty", shape=(0, 3), nbytes=0)), "m")
 
 
 def _lying_server(plan: pb.GetManifestResponse) -> tuple[grpc.Server, str, list[str]]:

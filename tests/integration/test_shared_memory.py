@@ -405,3 +405,24 @@ def test_socket_mode_sets_the_permissions_of_both_sockets(root: Path, serve_unix
     assert set(modes.values()) == {0o660}, modes
     with WeightClient(server.address) as client:
         assert client.fetch_state_dict(MODEL, transport="shm")
+
+
+@pytest.mark.fault(
+    "a manifest naming two tensors alike, over shared memory", expect="DATA_LOSS; never a state dict one tensor short"
+)
+@pytest.mark.parametrize("copy", [False, True])
+def test_a_manifest_naming_a_tensor_twice_is_data_loss(
+    root: Path, serve_unix: ServeUnix, monkeypatch: pytest.MonkeyPatch, copy: bool
+) -> None:
+    server = serve_unix(root)
+    honest = WeightClient._manifest
+
+    def twice(self: WeightClient, shard: object) -> pb.GetManifestResponse:
+        manifest = honest(self, shard)  # type: ignore[arg-type]
+        manifest.tensors[1].name = manifest.tensors[0].name
+        return manifest
+
+    monkeypatch.setattr(WeightClient, "_manifest", twice)
+    with WeightClient(server.address) as client, pytest.raises(FetchError, match="listed twice") as info:
+        client.fetch_state_dict(MODEL, transport="shm", copy=copy)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import math
 import mmap
 import os
 import sys
@@ -268,10 +267,7 @@ class FetchSession:
             by_name = {t.name: i for i, t in enumerate(manifest.tensors)}
             wanted = names if names else [t.name for t in manifest.tensors]
             order = sorted({by_name[n] for n in wanted if n in by_name})  # the stream's order
-            self.pending = [TensorProgress(manifest.tensors[i], i) for i in order]
-            for progress in self.pending:
-                if nbytes_of(progress.info) != progress.info.nbytes:
-                    raise IntegrityError(f"manifest entry {progress.info.name!r}: shape and dtype disagree with nbytes")
+            self.pending = [TensorProgress(manifest.tensors[i], i) for i in order]  # a plan check_plan passed
             self._by_index = {p.index: p for p in self.pending}
         self._cursor = 0
         # staging no larger than the largest tensor wanted, whatever max_chunk_bytes the server claims
@@ -485,8 +481,3 @@ class FetchSession:
                 if progress.index in self._arena_offsets and progress.index not in converted:
                     out[progress.info.name] = out[progress.info.name].clone()
         return out
-
-
-def nbytes_of(info: pb.TensorInfo) -> int:
-    """Byte size from shape and dtype, for checking a manifest against itself."""
-    return math.prod(info.shape) * wire.DTYPE_SIZES[info.dtype]

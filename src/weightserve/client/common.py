@@ -16,6 +16,7 @@ from typing_extensions import TypedDict
 from weightserve.client.assembly import FetchSession, FetchStats
 from weightserve.client.call_metadata import is_unix
 from weightserve.client.expert_slots import check_expert_slots
+from weightserve.client.manifest_pages import check_plan
 from weightserve.client.retry import RetryPolicy, retry_after
 from weightserve.errors import FetchError, IntegrityError, InvalidRequestError, RedeemError
 from weightserve.v1 import weightserve_pb2 as pb
@@ -316,6 +317,7 @@ class ResumeLoop:
         self.args = fetch.shard
         self.dtype = fetch.dtype
         check_expert_slots(manifest, fetch.shard.model)
+        check_plan(manifest, fetch.shard.model)
         self.manifest = manifest
         self.names = list(fetch.names) if fetch.names else []
         self.policy = policy

@@ -8,6 +8,8 @@ ignores the fields and answers with one whole response, which is then the only p
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Sequence
 
 import grpc
 
@@ -82,7 +84,6 @@ class ManifestPages:
         """The whole plan, as one unpaged GetManifestResponse."""
         assert self._done and self._manifest is not None, "result() before the last page"
         self._manifest.next_page_token = ""
-        check_plan(self._manifest, self.model)
         return self._manifest
 
     def _start_over(self, why: str) -> None:
@@ -99,37 +100,47 @@ class ManifestPages:
 def check_plan(manifest: pb.GetManifestResponse, model: str) -> None:
     """Refuse a plan no honest server sends, before anything is allocated from it.
 
-    Everything the client sizes comes from the plan: an unknown dtype, a negative
+    Everything the gRPC path sizes comes from the plan: an unknown dtype, a negative
     dimension or an nbytes its shape disagrees with failed deep inside torch (or
-    allocated whatever the server claimed), and a name listed twice silently lost one
-    of the two tensors from the state dict.
+    allocated whatever the server claimed). About 2 us a tensor, next to the tens a
+    streamed tensor costs anyway; the shared-memory path checks the runs of its grant
+    instead (placements.runs_of) and the names here with `check_unique_names`.
 
     Raises:
         FetchError: DATA_LOSS naming the first entry that is wrong.
     """
-
-    def refuse(why: str) -> FetchError:
-        return FetchError(f"manifest of {model}: DATA_LOSS: {why}", grpc.StatusCode.DATA_LOSS)
-
-    seen: set[str] = set()
+    sizes = wire.DTYPE_SIZES
     total = 0
     for info in manifest.tensors:
-        if not info.name:
-            raise refuse("a tensor without a name")
-        if info.name in seen:
-            raise refuse(f"tensor {info.name!r} is listed twice")
-        seen.add(info.name)
-        size = wire.DTYPE_SIZES.get(info.dtype)
+        shape, size = info.shape, sizes.get(info.dtype)
         if size is None:
-            raise refuse(f"tensor {info.name!r} has an unknown dtype {info.dtype!r}")
-        if any(dim < 0 for dim in info.shape):
-            raise refuse(f"tensor {info.name!r} has a negative dimension {list(info.shape)}")
-        if math.prod(info.shape) * size != info.nbytes:
-            raise refuse(
-                f"tensor {info.name!r}: shape {list(info.shape)} and {info.dtype} disagree with its {info.nbytes} bytes"
+            raise plan_error(model, f"tensor {info.name!r} has an unknown dtype {info.dtype!r}")
+        if math.prod(shape) * size != info.nbytes or (shape and min(shape) < 0):
+            raise plan_error(
+                model,
+                f"tensor {info.name!r}: shape {list(shape)} of {info.dtype} disagrees with its {info.nbytes} bytes",
             )
         total += info.nbytes
     if manifest.total_bytes and manifest.total_bytes != total:
-        raise refuse(f"total_bytes {manifest.total_bytes} is not the sum of its tensors ({total})")
-    if total and not manifest.max_chunk_bytes:
-        raise refuse("max_chunk_bytes is 0 for a plan with bytes to send")
+        raise plan_error(model, f"total_bytes {manifest.total_bytes} is not the sum of its tensors ({total})")
+    check_unique_names([info.name for info in manifest.tensors], model)
+
+
+def check_unique_names(names: Sequence[str], model: str) -> None:
+    """Every tensor of the plan named, and named once (a name twice lost one tensor from the state dict).
+
+    Raises:
+        FetchError: DATA_LOSS naming a name listed twice.
+    """
+    unique = set(names)
+    if "" in unique:
+        raise plan_error(model, "a tensor without a name")
+    if len(unique) != len(names):
+        counts = Counter(names)
+        twice = next(name for name in names if counts[name] > 1)
+        raise plan_error(model, f"tensor {twice!r} is listed twice")
+
+
+def plan_error(model: str, why: str) -> FetchError:
+    """DATA_LOSS for a manifest that contradicts itself."""
+    return FetchError(f"manifest of {model}: DATA_LOSS: {why}", grpc.StatusCode.DATA_LOSS)

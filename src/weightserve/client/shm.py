@@ -14,13 +14,16 @@ last of them is garbage-collected. `verify=True` checks every tensor's crc32c.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import fcntl
+import math
 import mmap
 import os
 import socket
 import struct
+import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
@@ -34,6 +37,7 @@ from weightserve import wire
 from weightserve.client.assembly import FetchStats, allocate_arena, arena_view, populate_range
 from weightserve.client.common import FetchArgs
 from weightserve.client.gc_pause import gc_paused
+from weightserve.client.manifest_pages import check_unique_names
 from weightserve.client.placements import Run, manifest_names, names_of, runs_of
 from weightserve.errors import FetchError, RedeemError
 from weightserve.v1 import weightserve_pb2 as pb
@@ -186,8 +190,8 @@ def check_sealed(fd: int, size: int) -> None:
         raise FetchError(f"shared memory: a segment is not {size} bytes", grpc.StatusCode.DATA_LOSS)
 
 
-POPULATE_PIECE = 32 << 20
-"""Most bytes one populate call maps: a large segment is mapped by several threads at once."""
+POPULATE_PIECE = 8 << 20
+"""Most bytes one populate call maps: a large segment is shared out among the threads in pieces."""
 
 
 @contextlib.contextmanager
@@ -197,23 +201,41 @@ def populating(mapped: Sequence[Mapped], runs: Sequence[Run]) -> Iterator[None]:
     Only the runs' bytes: a rank's dim-0 slice is a range of a segment that every rank
     maps whole, and populating whole segments had 8 ranks map 8 times the model (each
     rank's fetch took 110-125 ms instead of ~15). One madvise(MADV_POPULATE_READ) per
-    POPULATE_PIECE on up to COPY_THREADS threads (ctypes lets go of the GIL), rather
-    than a page fault per 4 KiB on first use: 1 GiB took ~30 ms on two threads against
-    ~50 ms on one, and the views are made meanwhile. Read-only, so no copy-on-write page
-    is made. A no-op before Linux 5.14: the pages then fault in on first use. The
-    threads are joined even when the block raises, so no call outlives the mappings.
+    POPULATE_PIECE (ctypes lets go of the GIL), rather than a page fault per 4 KiB on
+    first use: 1 GiB took ~30 ms on two threads against ~50 ms on one. The calling
+    thread is one of the COPY_THREADS: it makes the views meanwhile and then takes the
+    pieces still left, so the views never wait for a core the populate threads hold
+    (10,000 small tensors took ~30% longer with a populate thread per core). Read-only,
+    so no copy-on-write page is made. A no-op before Linux 5.14: the pages then fault in
+    on first use. The threads are joined even when the block raises, so no call
+    outlives the mappings.
     """
-    pieces = [piece for start, end in _run_ranges(mapped, runs) for piece in _pieces(start, end)]
-    if not pieces:
-        yield
-        return
-    pool = ThreadPoolExecutor(min(COPY_THREADS, len(pieces)), thread_name_prefix="weightserve-populate")
+    pieces = collections.deque(piece for start, end in _run_ranges(mapped, runs) for piece in _pieces(start, end))
+    helpers = [
+        threading.Thread(target=_populate_pieces, args=(pieces,), name="weightserve-populate", daemon=True)
+        for _ in range(min(COPY_THREADS - 1, len(pieces)))
+    ]
+    for helper in helpers:
+        helper.start()
     try:
-        for address, nbytes in pieces:
-            pool.submit(populate_range, address, nbytes, MADV_POPULATE_READ)
         yield
+    except BaseException:
+        pieces.clear()  # nothing will read the pages: stop at the pieces in hand
+        raise
     finally:
-        pool.shutdown(wait=True)
+        _populate_pieces(pieces)
+        for helper in helpers:
+            helper.join()
+
+
+def _populate_pieces(pieces: collections.deque[tuple[int, int]]) -> None:
+    """Populate pieces until none is left (several threads share the deque)."""
+    while True:
+        try:
+            address, nbytes = pieces.popleft()
+        except IndexError:
+            return
+        populate_range(address, nbytes, MADV_POPULATE_READ)
 
 
 def _run_ranges(mapped: Sequence[Mapped], runs: Sequence[Run]) -> list[tuple[int, int]]:
@@ -249,6 +271,7 @@ def tensor_views(
     runs: Sequence[Run],
     mapped: Sequence[Mapped],
     names: set[str] | None,
+    model: str = "",
 ) -> dict[str, torch.Tensor]:
     """The granted tensors as views of their segments, in manifest order (empty tensors allocated).
 
@@ -257,7 +280,8 @@ def tensor_views(
     Views share their segment's storage; `copy=True` gives each its own.
 
     Raises:
-        FetchError: DATA_LOSS when a run lies outside its segment.
+        FetchError: DATA_LOSS when a run lies outside its segment, or the manifest names
+            a tensor twice (or not at all).
     """
     views = _SegmentViews(mapped)
     tensors: list[torch.Tensor] = []  # in manifest order
@@ -266,8 +290,9 @@ def tensor_views(
         tensors += views.run(run, run_names[0])
         placed_names += run_names
     by_name = dict(zip(placed_names, tensors, strict=True))
-    if names is None and len(by_name) == len(manifest.tensors):
-        return by_name  # every tensor placed (runs are in manifest order): none empty, none missing
+    if names is None and len(by_name) == len(manifest.tensors) and "" not in by_name:
+        return by_name  # every tensor placed (runs are in manifest order), by a name of its own
+    check_unique_names(all_names, model)
     placed = dict(zip((i for run in runs for i in run.indices), tensors, strict=True))
     return _in_manifest_order(manifest.tensors, placed, names)
 
@@ -288,7 +313,11 @@ def _in_manifest_order(
         if tensor is None:
             if info.nbytes:
                 raise FetchError(f"shared memory: no segment holds {info.name!r}", grpc.StatusCode.DATA_LOSS)
-            tensor = torch.empty(tuple(info.shape), dtype=wire.torch_dtype(info.dtype))
+            shape: tuple[int, ...] = tuple(info.shape)
+            if info.dtype not in wire.DTYPE_SIZES or math.prod(shape) != 0 or min(shape, default=0) < 0:
+                raise FetchError(f"shared memory: empty tensor {info.name!r} is shaped {list(info.shape)} of "
+                                 f"{info.dtype!r}", grpc.StatusCode.DATA_LOSS)  # fmt: skip
+            tensor = torch.empty(shape, dtype=wire.torch_dtype(info.dtype))
         out[info.name] = tensor
     return out
 
@@ -575,6 +604,7 @@ def receive(
     if fetch.device.type == "cpu" and (fetch.copy or fetch.destinations):
         try:
             stats.time_to_first_chunk = time.monotonic() - started
+            check_unique_names(all_names, fetch.shard.model)
             state = read_copies(fds, sizes, manifest, all_names, runs, names, fetch.destinations or {})
         finally:
             for fd in fds:
@@ -588,7 +618,7 @@ def receive(
         stats.time_to_first_chunk = time.monotonic() - started
         with populating(mapped, runs):  # for a GPU too: the copies then read mapped pages, rather than fault on each
             with gc_paused():
-                views = tensor_views(manifest, all_names, runs, mapped, names)
+                views = tensor_views(manifest, all_names, runs, mapped, names, fetch.shard.model)
             if fetch.verify:
                 verify(runs, manifest, views)
         state = views if fetch.device.type == "cpu" else copied(views, fetch.device, fetch.destinations or {})
