@@ -42,6 +42,7 @@ from weightserve.client.modules import ModuleLoad, check_names, module_destinati
 from weightserve.client.placements import manifest_names
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.security import Pem, security_from
+from weightserve.client.stalls import AsyncStallWatch
 from weightserve.errors import FetchError, IntegrityError, RedeemError
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
@@ -188,11 +189,13 @@ class AsyncWeightClient:
                 return state
         loop = ResumeLoop(fetch, manifest, self.retry, replica=self.address, started=started)
         self.last_fetch_stats = loop.stats
+        watch = AsyncStallWatch(self.retry.stream_idle_timeout, lambda: loop.stats.bytes_received)
         while (shard_request := loop.next_request()) is not None:
             stream = self._fetch(shard_request, wait_for_ready=loop.resuming)
             try:
-                async for message in stream:
-                    loop.on_message(message)
+                async with watch.watching(stream):
+                    async for message in stream:
+                        loop.on_message(message)
                 loop.on_stream_end()
             except IntegrityError as e:
                 loop.on_integrity_error(e)

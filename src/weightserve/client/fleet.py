@@ -47,6 +47,7 @@ from weightserve.client.modules import check_names
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.routing import Router, Target
 from weightserve.client.security import Pem
+from weightserve.client.stalls import StallWatch
 from weightserve.client.sync import WeightClient
 from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
@@ -289,26 +290,29 @@ class FleetClient(FleetRouting, WeightClient):
         loop = ResumeLoop(fetch, manifest, self.retry, replica=endpoint, started=started)
         self.last_fetch_stats = loop.stats
         failed: set[str] = set()  # replicas that broke a stream since the last verified byte
-        while (request := loop.next_request()) is not None:
-            before = loop.stats.payload_bytes
-            stream = self.replica(endpoint)._fetch(request, wait_for_ready=False)
-            try:
-                for message in stream:
-                    loop.on_message(message)
-                loop.on_stream_end()
-            except IntegrityError as e:
-                loop.on_integrity_error(e)
-            except grpc.RpcError as e:
-                if self._lacks_state(e, fetch, endpoint, order):
-                    return self._full_share(fetch, endpoint, order, started)
-                pause = loop.on_rpc_error(e)  # raises when the error cannot change by asking again
-                self.health.mark_down(endpoint)
-                if loop.stats.payload_bytes > before:
-                    failed.clear()
-                failed.add(endpoint)
-                endpoint = self._next(order, failed, loop, pause, endpoint, e)
-            finally:
-                stream.cancel()
+        with StallWatch(self.retry.stream_idle_timeout, lambda: loop.stats.bytes_received) as watch:
+            while (request := loop.next_request()) is not None:
+                before = loop.stats.payload_bytes
+                stream = self.replica(endpoint)._fetch(request, wait_for_ready=False)
+                try:
+                    with watch.watching(stream):
+                        for message in stream:
+                            loop.on_message(message)
+                    loop.on_stream_end()
+                except IntegrityError as e:
+                    loop.on_integrity_error(e)
+                except grpc.RpcError as e:
+                    e = watch.explain(e)  # a stalled replica fails over like a broken one
+                    if self._lacks_state(e, fetch, endpoint, order):
+                        return self._full_share(fetch, endpoint, order, started)
+                    pause = loop.on_rpc_error(e)  # raises when the error cannot change by asking again
+                    self.health.mark_down(endpoint)
+                    if loop.stats.payload_bytes > before:
+                        failed.clear()
+                    failed.add(endpoint)
+                    endpoint = self._next(order, failed, loop, pause, endpoint, e)
+                finally:
+                    stream.cancel()
         self.health.mark_up(endpoint)
         return loop.state_dict()
 

@@ -54,10 +54,17 @@ class RetryPolicy:
     retry_deadline: float = 120.0
     """Seconds a fetch may spend waiting to resume, summed over its breaks (enough for a
     rolling restart); past it the fetch raises FetchError with the last status."""
+    stream_idle_timeout: float | None = 120.0
+    """Seconds a stream may go without a message, once it has sent one, before the client
+    gives it up and resumes from the last verified byte (a live server whose stream stopped
+    moving; keepalive finds only dead connections). Nothing is timed before a stream's
+    first message, which a cold model may take minutes to send. None: wait for ever."""
 
     def __post_init__(self) -> None:
         if self.retry_deadline < 0:
             raise ValueError(f"retry_deadline {self.retry_deadline} must be >= 0")
+        if self.stream_idle_timeout is not None and not self.stream_idle_timeout > 0:
+            raise ValueError(f"stream_idle_timeout {self.stream_idle_timeout} must be > 0 (or None)")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError(f"max_attempts {self.max_attempts} must be >= 1 (or None)")
 

@@ -42,6 +42,7 @@ from weightserve.client.modules import ModuleLoad, check_names, module_destinati
 from weightserve.client.placements import manifest_names
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.security import Pem, security_from
+from weightserve.client.stalls import StallWatch
 from weightserve.errors import FetchError, IntegrityError, RedeemError
 from weightserve.v1 import weightserve_pb2 as pb
 from weightserve.v1 import weightserve_pb2_grpc as pb_grpc
@@ -245,18 +246,20 @@ class WeightClient:
                 return state
         loop = ResumeLoop(fetch, manifest, self.retry, replica=self.address, started=started)
         self.last_fetch_stats = loop.stats
-        while (shard_request := loop.next_request()) is not None:
-            stream = self._fetch(shard_request, wait_for_ready=loop.resuming)
-            try:
-                for message in stream:
-                    loop.on_message(message)
-                loop.on_stream_end()
-            except IntegrityError as e:
-                loop.on_integrity_error(e)
-            except grpc.RpcError as e:
-                loop.after_pause(self._pause(loop.on_rpc_error(e)))
-            finally:
-                stream.cancel()
+        with StallWatch(self.retry.stream_idle_timeout, lambda: loop.stats.bytes_received) as watch:
+            while (shard_request := loop.next_request()) is not None:
+                stream = self._fetch(shard_request, wait_for_ready=loop.resuming)
+                try:
+                    with watch.watching(stream):
+                        for message in stream:
+                            loop.on_message(message)
+                    loop.on_stream_end()
+                except IntegrityError as e:
+                    loop.on_integrity_error(e)
+                except grpc.RpcError as e:
+                    loop.after_pause(self._pause(loop.on_rpc_error(watch.explain(e))))
+                finally:
+                    stream.cancel()
         return loop.state_dict()
 
     def _shared_memory(self, fetch: FetchArgs) -> bool:
