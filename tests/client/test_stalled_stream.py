@@ -21,12 +21,15 @@ import pytest
 import torch
 
 from tests.client.test_client import MODEL, assert_bitwise_equal, reference
-from weightserve import AsyncWeightClient, WeightClient
+from weightserve import AsyncWeightClient, FetchError, WeightClient
 from weightserve.client import FetchStats, RetryPolicy
 from weightserve.client.common import fetch_args
 from weightserve.client.stalls import StalledStream, StallWatch
+from weightserve.testing import LlamaShape, write_llama_checkpoint
 
 SERVICE = "weightserve.v1.WeightService"
+SHAPE = LlamaShape(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, vocab_size=64)  # fmt: skip
 HEALTH = "grpc.health.v1.Health"
 
 
@@ -50,21 +53,24 @@ class Relay:
             call = channel.unary_unary(f"/{service}/{method}")
             return grpc.unary_unary_rpc_method_handler(lambda request, context: call(request))
 
-        fetch = channel.unary_stream(f"/{SERVICE}/FetchShard")
+        def stream(method: str) -> grpc.RpcMethodHandler:
+            call = channel.unary_stream(f"/{SERVICE}/{method}")
 
-        def fetch_shard(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-            self.streams += 1
-            held = self.streams <= self.hold_streams
-            if self.streams == 1 and self.delay_first:
-                time.sleep(self.delay_first)
-            for sent, message in enumerate(fetch(request)):
-                if held and sent == self.hold_after:
-                    self.released.wait(30)  # still connected, sending nothing
-                    return
-                yield message
+            def relay(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+                self.streams += 1
+                held = self.streams <= self.hold_streams
+                if self.streams == 1 and self.delay_first:
+                    time.sleep(self.delay_first)
+                for sent, message in enumerate(call(request)):
+                    if held and sent == self.hold_after:
+                        self.released.wait(30)  # still connected, sending nothing
+                        return
+                    yield message
+
+            return grpc.unary_stream_rpc_method_handler(relay)
 
         handlers = {"GetManifest": unary("GetManifest"), "ListModels": unary("ListModels"),
-                    "FetchShard": grpc.unary_stream_rpc_method_handler(fetch_shard)}  # fmt: skip
+                    "FetchShard": stream("FetchShard"), "FetchFiles": stream("FetchFiles")}  # fmt: skip
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         health = {"Check": unary("Check", HEALTH)}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),
@@ -190,3 +196,33 @@ def test_a_fleet_fails_over_from_a_stalled_replica(model_root: Path, relay: Call
     assert_bitwise_equal(state, reference(model_root / MODEL))
     assert stats is not None and stats.reconnects == 1
     assert [r.streams for r in relays.values()] == [1, 1]  # one stalled on the owner, the rest on the other
+
+
+@pytest.mark.fault(
+    "a file stream that stops moving", expect="DEADLINE_EXCEEDED after stream_idle_timeout; no partial file"
+)
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_a_stalled_file_stream_fails_and_leaves_no_partial_file(tmp_path: Path, serve, flavour: str) -> None:
+    root = tmp_path / "models"
+    write_llama_checkpoint(root / MODEL, SHAPE)
+    (root / MODEL / "tokenizer.json").write_bytes(bytes(range(256)) * 64)  # 16 KiB: several chunks
+    stalling = Relay(serve(root, chunk_bytes=4096).address, hold_after=2)
+    server = stalling.start()
+    dest = tmp_path / "out"
+    try:
+        if flavour == "sync":
+            with WeightClient(stalling.address, retry=POLICY) as client, pytest.raises(FetchError) as info:
+                client.fetch_files(MODEL, dest)
+        else:
+
+            async def fetch() -> None:
+                async with AsyncWeightClient(stalling.address, retry=POLICY) as client:
+                    await client.fetch_files(MODEL, dest)
+
+            with pytest.raises(FetchError) as info:
+                asyncio.run(fetch())
+    finally:
+        stalling.released.set()
+        server.stop(None)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "stream_idle_timeout" in str(info.value)
+    assert not [p for p in dest.rglob("*") if p.is_file() and p.name.startswith("tokenizer")]

@@ -354,22 +354,27 @@ class WeightClient:
             The files written, in the order they arrived.
 
         Raises:
-            FetchError: the call's status (NOT_FOUND, ...), or DATA_LOSS when a chunk fails
+            FetchError: the call's status (NOT_FOUND, ...; DEADLINE_EXCEEDED when the stream
+                stalls past RetryPolicy.stream_idle_timeout), or DATA_LOSS when a chunk fails
                 its checksum, a path is not a plain relative one inside `dest`, or the
                 stream ends inside a file or before a file it listed.
         """
         writer = FileWriter(Path(dest))
         request = pb.FetchFilesRequest(model=model, revision=revision or "", patterns=patterns or [])
         call = self._stub.FetchFiles(request)
-        try:
-            for chunk in call:
-                writer.accept(chunk)
-            writer.finish()
-        except grpc.RpcError as e:
-            raise fetch_error(e, f"files of {model}") from None
-        finally:
-            call.cancel()  # a no-op after the end; otherwise a chunk was refused
-            writer.abort()
+        received = [0]
+        with StallWatch(self.retry.stream_idle_timeout, lambda: received[0]) as watch:
+            try:
+                with watch.watching(call):
+                    for chunk in call:
+                        received[0] += 1
+                        writer.accept(chunk)
+                writer.finish()
+            except grpc.RpcError as e:
+                raise fetch_error(watch.explain(e), f"files of {model}") from None
+            finally:
+                call.cancel()  # a no-op after the end; otherwise a chunk was refused
+                writer.abort()
         return writer.written
 
     def prefetch(
