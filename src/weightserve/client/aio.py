@@ -189,14 +189,11 @@ class AsyncWeightClient:
                 return state
         loop = ResumeLoop(fetch, manifest, self.retry, replica=self.address, started=started)
         self.last_fetch_stats = loop.stats
-        watch = AsyncStallWatch(self.retry.stream_idle_timeout, lambda: loop.stats.bytes_received)
+        watch = loop.async_stall_watch()
         while (shard_request := loop.next_request()) is not None:
             stream = self._fetch(shard_request, wait_for_ready=loop.resuming)
             try:
-                async with watch.watching(stream):
-                    async for message in stream:
-                        loop.on_message(message)
-                loop.on_stream_end()
+                await loop.receive_async(stream, watch)
             except IntegrityError as e:
                 loop.on_integrity_error(e)
             except grpc.RpcError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -18,6 +19,7 @@ from weightserve.client.call_metadata import is_unix
 from weightserve.client.expert_slots import check_expert_slots
 from weightserve.client.manifest_pages import check_plan
 from weightserve.client.retry import RetryPolicy, retry_after
+from weightserve.client.stalls import AsyncStallWatch, StallWatch
 from weightserve.errors import FetchError, IntegrityError, InvalidRequestError, RedeemError
 from weightserve.v1 import weightserve_pb2 as pb
 
@@ -373,6 +375,28 @@ class ResumeLoop:
         if stats.reconnects:
             stats.bytes_after_reconnect += len(message)
         self.session.accept(message)
+
+    def stall_watch(self) -> StallWatch:
+        """A watch over this fetch's streams, by its bytes received (close it when the fetch ends)."""
+        return StallWatch(self.policy.stream_idle_timeout, lambda: self.session.stats.bytes_received)
+
+    def async_stall_watch(self) -> AsyncStallWatch:
+        """`stall_watch` for a grpc.aio fetch."""
+        return AsyncStallWatch(self.policy.stream_idle_timeout, lambda: self.session.stats.bytes_received)
+
+    def receive(self, stream: Iterable[bytes], watch: StallWatch) -> None:
+        """Read one stream to its end into the fetch (`watch` cancels it should it stall)."""
+        with watch.watching(stream):
+            for message in stream:
+                self.on_message(message)
+        self.on_stream_end()
+
+    async def receive_async(self, stream: AsyncIterable[bytes], watch: AsyncStallWatch) -> None:
+        """`receive` for a grpc.aio stream."""
+        async with watch.watching(stream):
+            async for message in stream:
+                self.on_message(message)
+        self.on_stream_end()
 
     def on_stream_end(self) -> None:
         if not self.session.complete:

@@ -47,7 +47,6 @@ from weightserve.client.modules import check_names
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.routing import Router, Target
 from weightserve.client.security import Pem
-from weightserve.client.stalls import StallWatch
 from weightserve.client.sync import WeightClient
 from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
@@ -290,15 +289,12 @@ class FleetClient(FleetRouting, WeightClient):
         loop = ResumeLoop(fetch, manifest, self.retry, replica=endpoint, started=started)
         self.last_fetch_stats = loop.stats
         failed: set[str] = set()  # replicas that broke a stream since the last verified byte
-        with StallWatch(self.retry.stream_idle_timeout, lambda: loop.stats.bytes_received) as watch:
+        with loop.stall_watch() as watch:
             while (request := loop.next_request()) is not None:
                 before = loop.stats.payload_bytes
                 stream = self.replica(endpoint)._fetch(request, wait_for_ready=False)
                 try:
-                    with watch.watching(stream):
-                        for message in stream:
-                            loop.on_message(message)
-                    loop.on_stream_end()
+                    loop.receive(stream, watch)
                 except IntegrityError as e:
                     loop.on_integrity_error(e)
                 except grpc.RpcError as e:

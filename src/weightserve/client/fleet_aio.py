@@ -25,7 +25,6 @@ from weightserve.client.fleet import FAILOVER_CODES, FleetRouting, check_full_sh
 from weightserve.client.modules import check_names
 from weightserve.client.retry import RetryPolicy
 from weightserve.client.security import Pem
-from weightserve.client.stalls import AsyncStallWatch
 from weightserve.errors import FetchError, IntegrityError
 from weightserve.v1 import weightserve_pb2 as pb
 
@@ -145,15 +144,12 @@ class AsyncFleetClient(FleetRouting, AsyncWeightClient):
         loop = ResumeLoop(fetch, manifest, self.retry, replica=endpoint, started=started)
         self.last_fetch_stats = loop.stats
         failed: set[str] = set()
-        watch = AsyncStallWatch(self.retry.stream_idle_timeout, lambda: loop.stats.bytes_received)
+        watch = loop.async_stall_watch()
         while (request := loop.next_request()) is not None:
             before = loop.stats.payload_bytes
             stream = self.replica(endpoint)._fetch(request, wait_for_ready=False)
             try:
-                async with watch.watching(stream):
-                    async for message in stream:
-                        loop.on_message(message)
-                loop.on_stream_end()
+                await loop.receive_async(stream, watch)
             except IntegrityError as e:
                 loop.on_integrity_error(e)
             except grpc.RpcError as e:

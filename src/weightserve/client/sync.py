@@ -246,14 +246,11 @@ class WeightClient:
                 return state
         loop = ResumeLoop(fetch, manifest, self.retry, replica=self.address, started=started)
         self.last_fetch_stats = loop.stats
-        with StallWatch(self.retry.stream_idle_timeout, lambda: loop.stats.bytes_received) as watch:
+        with loop.stall_watch() as watch:
             while (shard_request := loop.next_request()) is not None:
                 stream = self._fetch(shard_request, wait_for_ready=loop.resuming)
                 try:
-                    with watch.watching(stream):
-                        for message in stream:
-                            loop.on_message(message)
-                    loop.on_stream_end()
+                    loop.receive(stream, watch)
                 except IntegrityError as e:
                     loop.on_integrity_error(e)
                 except grpc.RpcError as e:
