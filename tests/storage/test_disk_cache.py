@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import threading
@@ -227,3 +228,46 @@ def test_a_fill_that_returns_with_an_unfinished_file_is_not_published(tmp_path: 
     with pytest.raises(UnavailableError, match="unfinished"):
         cache.populate("k", 5, fill)
     assert cache.lookup("k") is None and not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.fault(
+    "a cached model's file truncated, grown or deleted on disk",
+    expect="the model is discarded and downloaded again, never served damaged",
+)
+@pytest.mark.parametrize("damage", ["truncated", "grown", "deleted"])
+def test_a_damaged_model_is_downloaded_again(tmp_path: Path, damage: str) -> None:
+    cache = DiskCache(tmp_path)
+    fills: list[Path] = []
+
+    def fill(directory: Path) -> None:
+        fills.append(directory)
+        atomic_write_bytes(directory / "w.safetensors", b"x" * 100)
+        (directory / "sub").mkdir()
+        atomic_write_bytes(directory / "sub" / "config.json", b"{}")
+
+    files = cache.populate("k", 102, fill)
+    weights = files / "w.safetensors"
+    if damage == "truncated":
+        os.truncate(weights, 40)
+    elif damage == "grown":
+        with weights.open("ab") as f:
+            f.write(b"y")
+    else:
+        weights.unlink()
+    assert cache.lookup("k") is None  # never handed out damaged
+    again = cache.populate("k", 102, fill)
+    assert len(fills) == 2 and (again / "w.safetensors").read_bytes() == b"x" * 100
+    assert cache.lookup("k") == again and [(e.key, e.bytes) for e in cache.entries()] == [("k", 102)]
+    assert not [p for p in (tmp_path / ".trash").iterdir()]
+
+
+def test_a_marker_without_sizes_is_still_served(tmp_path: Path) -> None:
+    """Models published before sizes were recorded keep being served (they are not judged)."""
+    cache = DiskCache(tmp_path)
+    files = cache.populate("k", 10, writer(10))
+    marker = files.parent / "entry.json"
+    meta = json.loads(marker.read_text())
+    del meta["sizes"]
+    marker.write_text(json.dumps(meta))
+    os.truncate(files / "w.safetensors", 3)
+    assert cache.lookup("k") == files

@@ -92,6 +92,25 @@ def test_second_resolve_reuses_the_disk_cache(
     assert [key for key, _ in counting.gets] == ["prefix/model/model.safetensors.index.json"]
 
 
+@pytest.mark.fault(
+    "a cached S3 model truncated on disk", expect="a new server downloads it again; the fetch is bit-identical"
+)
+def test_a_truncated_cached_file_is_downloaded_again(
+    uploaded: tuple[Any, str, Path], tmp_path: Path, s3: SimpleNamespace
+) -> None:
+    client, name, source = uploaded
+    first = storage(tmp_path, client).resolve(parse_remote(f"s3://{name}/prefix/model"))
+    weights = sorted(first.model_dir.glob("*.safetensors"))[0]
+    size = weights.stat().st_size
+    with weights.open("r+b") as f:
+        f.truncate(size // 2)  # a disk that lost the end of a file
+    counting = s3.counting(client)
+    again = storage(tmp_path, counting).resolve(parse_remote(f"s3://{name}/prefix/model"))  # a new server
+    assert again.revision == first.revision
+    assert (again.model_dir / weights.name).read_bytes() == (source / weights.name).read_bytes()
+    assert f"prefix/model/{weights.name}" in {key for key, _ in counting.gets}
+
+
 @pytest.mark.fault("S3 object replaced")
 def test_a_replaced_object_is_a_new_revision(uploaded: tuple[Any, str, Path], tmp_path: Path) -> None:
     client, name, _ = uploaded

@@ -78,6 +78,30 @@ def open_in_this_process(path: Path) -> bool:
     return False
 
 
+def _damage(entry: Path) -> str | None:
+    """What is wrong with a published model's files against its marker's sizes, or None.
+
+    A marker written before sizes were recorded, or one unreadable meanwhile (the model
+    removed by another process), is not judged here.
+    """
+    try:
+        sizes = json.loads((entry / MARKER).read_text()).get("sizes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(sizes, dict):
+        return None
+    for name, size in sizes.items():
+        try:
+            found = (entry / "files" / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as e:
+            return f"{name} cannot be read ({e.strerror})"
+        if found != size:
+            return f"{name} is {found} bytes, not the {size} it was published with"
+    return None
+
+
 @dataclass(frozen=True)
 class CachedModel:
     """One published model in the cache."""
@@ -112,13 +136,35 @@ class DiskCache:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def lookup(self, key: str) -> Path | None:
-        """The files directory of a published model, marking it used; None if absent."""
+        """The files directory of a published model, marking it used; None if absent or damaged.
+
+        A published file whose size is no longer the one recorded (truncated, rewritten,
+        deleted by hand or by a failing disk) would be served as it is, or fail every
+        fetch of the model until someone cleared the cache by hand; the model is moved
+        to the trash instead and the caller downloads it again. A stat per file, so
+        cheap enough for every lookup; a flipped byte of the same size is not seen here
+        (the checksums the client verifies are computed from what is read).
+        """
         entry = self.root / slug(key)
         try:
             os.utime(entry / MARKER)
         except FileNotFoundError:
             return None
+        damage = _damage(entry)
+        if damage is not None:
+            logger.warning("disk cache: %s is damaged (%s); downloading it again", key, damage)
+            self._discard(entry)
+            return None
         return entry / "files"
+
+    def _discard(self, entry: Path) -> None:
+        """Move a damaged model out of the way at once (streams reading it keep their open files)."""
+        trash = self.root / ".trash" / f"{entry.name}.{os.getpid()}.{time.monotonic_ns()}"
+        try:
+            os.rename(entry, trash)
+        except FileNotFoundError:
+            return  # another process discarded it first
+        shutil.rmtree(trash, ignore_errors=True)
 
     def populate(self, key: str, expected_bytes: int, fill: Callable[[Path], None]) -> Path:
         """Publish `key` by calling `fill(directory)`, unless another process already did.
@@ -209,10 +255,11 @@ class DiskCache:
         unfinished = [f for f in files if f.endswith(UNFINISHED_SUFFIX)]
         if unfinished:  # the fill returned without finishing them: never make that copy permanent
             raise UnavailableError(f"{key}: the download left unfinished files {unfinished[:3]}; not publishing it")
-        total = sum((files_dir / f).stat().st_size for f in files)
+        sizes = {f: (files_dir / f).stat().st_size for f in files}
+        total = sum(sizes.values())
         fsync_dir(files_dir)
         (partial / _RESERVED).unlink()
-        marker = {"key": key, "bytes": total, "files": files, **({"token": token} if token else {})}
+        marker = {"key": key, "bytes": total, "files": files, "sizes": sizes, **({"token": token} if token else {})}
         atomic_write_bytes(partial / MARKER, json.dumps(marker).encode())
         fsync_dir(partial)
         if final.exists():  # not ours (no marker); keep the name free for the complete model
