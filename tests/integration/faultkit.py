@@ -243,6 +243,8 @@ class _Link:
         self.client = client
         self.upstream = upstream
         self.closed = threading.Event()
+        self.s2c_bytes = 0
+        """Server->client bytes forwarded on this connection."""
 
     def close(self) -> None:
         self.closed.set()
@@ -272,6 +274,7 @@ class FaultProxy:
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
         self._pause_at: int | None = None
+        self._link_cap: int | None = None
         self._flowing = threading.Event()
         self._flowing.set()
         self._closed = threading.Event()
@@ -294,10 +297,20 @@ class FaultProxy:
         with self._lock:
             self._pause_at = nbytes
 
+    def hold_links_after(self, nbytes: int) -> None:
+        """Hold each connection's server bytes once it alone has sent `nbytes`; the others keep flowing.
+
+        For a transfer paused midway while other clients' small calls still pass (a fleet
+        replica's listing while another's download is held): pause_after counts every
+        connection, so whichever is first past the mark is held, small calls included.
+        """
+        with self._lock:
+            self._link_cap = nbytes
+
     def resume(self) -> None:
         """Forward everything from now on."""
         with self._lock:
-            self._pause_at = None
+            self._pause_at = self._link_cap = None
             self.paused.clear()
             self._flowing.set()
 
@@ -387,9 +400,11 @@ class FaultProxy:
                 allowed = len(view)
                 if self._pause_at is not None:
                     allowed = max(0, min(allowed, self._pause_at - self.s2c_bytes))
-                    if allowed == 0:
-                        self._flowing.clear()
-                        self.paused.set()
+                if self._link_cap is not None:
+                    allowed = max(0, min(allowed, self._link_cap - link.s2c_bytes))
+                if allowed == 0:
+                    self._flowing.clear()
+                    self.paused.set()
             if allowed == 0:
                 if time.monotonic() > deadline:
                     raise OSError("proxy held bytes past its deadline")
@@ -398,6 +413,7 @@ class FaultProxy:
             link.client.sendall(view[:allowed])
             with self._lock:
                 self.s2c_bytes += allowed
+                link.s2c_bytes += allowed
             view = view[allowed:]
 
 
