@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -44,17 +43,6 @@ def assert_bitwise_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
         assert got[name].dtype == tensor.dtype, name
         assert got[name].shape == tensor.shape, name
         assert torch.equal(raw(got[name]), raw(tensor)), name
-
-
-@pytest.fixture
-def address(model_root: Path, serve) -> str:
-    return serve(model_root, chunk_bytes=4096).address
-
-
-@pytest.fixture
-def client(address: str) -> Iterator[WeightClient]:
-    with WeightClient(address) as c:
-        yield c
 
 
 # ------------------------------------------------------------------- state dicts

@@ -9,7 +9,6 @@ file stream that ended inside a file (or abandoned one for the next) returned as
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,17 +24,6 @@ from weightserve.errors import InvalidRequestError
 @pytest.fixture(scope="module")
 def checkpoint(model_root: Path) -> dict[str, torch.Tensor]:
     return reference(model_root / MODEL)
-
-
-@pytest.fixture
-def address(model_root: Path, serve) -> str:
-    return serve(model_root, chunk_bytes=4096).address
-
-
-@pytest.fixture
-def client(address: str) -> Iterator[WeightClient]:
-    with WeightClient(address) as c:
-        yield c
 
 
 def _shapes(checkpoint: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
