@@ -54,7 +54,8 @@ demo: venv $(STUBS)
 test: venv node $(STUBS) test-deps
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-# tests/observability runs a real Prometheus and tests/fleet a real redis-server: each is
+# tests/observability runs a real Prometheus, tests/fleet a real redis-server and
+# tests/benchmarks/test_peers.py the peers benchmark's nginx: each is
 # installed here when missing, as root with
 # apt-get; otherwise its tests skip and say why, and the build goes on. Under systemd each
 # package starts and enables its service; it is stopped and disabled at once (the tests
@@ -73,6 +74,11 @@ test-deps:
 			if DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; then \
 				if [ -d /run/systemd/system ]; then systemctl disable --now redis-server.service || true; fi; \
 			else echo "redis-server not installed: the fleet coordination tests will skip"; fi; \
+		}; \
+		command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
+			if DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx; then \
+				if [ -d /run/systemd/system ]; then systemctl disable --now nginx.service || true; fi; \
+			else echo "nginx not installed: the peers benchmark's HTTP contender and its test will skip"; fi; \
 		}; \
 	fi
 

@@ -86,3 +86,20 @@ def test_rewriting_replaces_the_block_and_refuses_a_file_without_one(tmp_path: P
     (tmp_path / "bare.md").write_text("no markers\n")
     with pytest.raises(SystemExit, match="needs exactly one"):
         peers.write_readme(tmp_path / "bare.md", ["| a |"], "cmd")
+
+
+def test_the_nginx_contender_serves_the_files_whole_and_by_range(tmp_path: Path) -> None:
+    """tensorizer-over-HTTP reads from this nginx: whole files and byte ranges must come back exact."""
+    peers = load_peers()
+    if peers.nginx_binary() is None:
+        pytest.skip("nginx is not installed (make test installs it as root with apt-get)")
+    import urllib.request
+
+    payload = os.urandom(3 << 20)
+    (tmp_path / "model.tensors").write_bytes(payload)
+    with peers.nginx_serving(tmp_path) as url:
+        with urllib.request.urlopen(f"{url}/model.tensors", timeout=10) as response:
+            assert response.read() == payload
+        ranged = urllib.request.Request(f"{url}/model.tensors", headers={"Range": "bytes=1000-1048575"})
+        with urllib.request.urlopen(ranged, timeout=10) as response:
+            assert response.status == 206 and response.read() == payload[1000:1048576]
