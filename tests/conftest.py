@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -31,6 +32,21 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     write_llama_checkpoint(root / "org" / "tiny-llama", TINY_LLAMA, num_files=2)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """Give the root logger its handlers back after each test.
+
+    A test that runs `serve` in this process has it point the root logger at the stderr
+    pytest captured for that test; servers still running after it then logged into the
+    closed capture ("--- Logging error --- I/O operation on closed file" in later output).
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 ServeFn = Callable[..., BackgroundServer]
