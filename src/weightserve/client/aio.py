@@ -338,12 +338,10 @@ class AsyncWeightClient:
         writer = FileWriter(Path(dest))
         request = pb.FetchFilesRequest(model=model, revision=revision or "", patterns=patterns or [])
         call = self._stub.FetchFiles(request)
-        received = [0]
-        watch = AsyncStallWatch(self.retry.stream_idle_timeout, lambda: received[0])
+        watch = AsyncStallWatch(self.retry.stream_idle_timeout, lambda: writer.chunks)
         try:
             async with watch.watching(call):
                 async for chunk in call:
-                    received[0] += 1
                     writer.accept(chunk)
             writer.finish()
         except grpc.RpcError as e:

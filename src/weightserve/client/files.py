@@ -25,6 +25,8 @@ class FileWriter:
     def __init__(self, dest: Path) -> None:
         self.dest = dest.resolve()
         self.written: list[Path] = []
+        self.chunks = 0
+        """Chunks received so far (a stalled stream is one whose count stops)."""
         self._open: tuple[str, IO[bytes], Path, int] | None = None
         self._size = 0  # the open file's size, as its first chunk gave it
         self._finals: set[Path] = set()  # every file started, so none is written twice
@@ -33,6 +35,7 @@ class FileWriter:
         return FetchError(f"fetch files: DATA_LOSS: {message}", grpc.StatusCode.DATA_LOSS)
 
     def accept(self, chunk: pb.FileChunk) -> None:
+        self.chunks += 1
         if wire.crc32c(chunk.data) != chunk.crc32c:
             raise self._error(f"{chunk.path}: chunk at byte {chunk.offset} failed its crc32c")
         if self._open is None:

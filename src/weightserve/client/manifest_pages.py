@@ -109,21 +109,26 @@ def check_plan(manifest: pb.GetManifestResponse, model: str) -> None:
     Raises:
         FetchError: DATA_LOSS naming the first entry that is wrong.
     """
-    sizes = wire.DTYPE_SIZES
-    total = 0
-    for info in manifest.tensors:
-        shape, size = info.shape, sizes.get(info.dtype)
-        if size is None:
-            raise plan_error(model, f"tensor {info.name!r} has an unknown dtype {info.dtype!r}")
-        if math.prod(shape) * size != info.nbytes or (shape and min(shape) < 0):
-            raise plan_error(
-                model,
-                f"tensor {info.name!r}: shape {list(shape)} of {info.dtype} disagrees with its {info.nbytes} bytes",
-            )
-        total += info.nbytes
+    total = sum(check_entry(info, model) for info in manifest.tensors)
     if manifest.total_bytes and manifest.total_bytes != total:
         raise plan_error(model, f"total_bytes {manifest.total_bytes} is not the sum of its tensors ({total})")
     check_unique_names([info.name for info in manifest.tensors], model)
+
+
+def check_entry(info: pb.TensorInfo, model: str) -> int:
+    """One tensor's dtype known, its dimensions not negative and its nbytes what they make; returns nbytes.
+
+    Raises:
+        FetchError: DATA_LOSS naming the tensor.
+    """
+    shape, size = info.shape, wire.DTYPE_SIZES.get(info.dtype)
+    if size is None:
+        raise plan_error(model, f"tensor {info.name!r} has an unknown dtype {info.dtype!r}")
+    if math.prod(shape) * size != info.nbytes or (shape and min(shape) < 0):
+        raise plan_error(
+            model, f"tensor {info.name!r}: shape {list(shape)} of {info.dtype} disagrees with its {info.nbytes} bytes"
+        )
+    return int(info.nbytes)
 
 
 def check_unique_names(names: Sequence[str], model: str) -> None:

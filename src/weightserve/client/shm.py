@@ -18,7 +18,6 @@ import collections
 import contextlib
 import ctypes
 import fcntl
-import math
 import mmap
 import os
 import socket
@@ -37,7 +36,7 @@ from weightserve import wire
 from weightserve.client.assembly import FetchStats, allocate_arena, arena_view, populate_range
 from weightserve.client.common import FetchArgs
 from weightserve.client.gc_pause import gc_paused
-from weightserve.client.manifest_pages import check_unique_names
+from weightserve.client.manifest_pages import check_entry, check_unique_names
 from weightserve.client.placements import Run, manifest_names, names_of, runs_of
 from weightserve.errors import FetchError, RedeemError
 from weightserve.v1 import weightserve_pb2 as pb
@@ -294,11 +293,11 @@ def tensor_views(
         return by_name  # every tensor placed (runs are in manifest order), by a name of its own
     check_unique_names(all_names, model)
     placed = dict(zip((i for run in runs for i in run.indices), tensors, strict=True))
-    return _in_manifest_order(manifest.tensors, placed, names)
+    return _in_manifest_order(manifest.tensors, placed, names, model)
 
 
 def _in_manifest_order(
-    infos: Sequence[pb.TensorInfo], placed: dict[int, torch.Tensor], names: set[str] | None
+    infos: Sequence[pb.TensorInfo], placed: dict[int, torch.Tensor], names: set[str] | None, model: str
 ) -> dict[str, torch.Tensor]:
     """The wanted tensors by name in manifest order, an empty tensor allocated for each of 0 bytes.
 
@@ -313,11 +312,8 @@ def _in_manifest_order(
         if tensor is None:
             if info.nbytes:
                 raise FetchError(f"shared memory: no segment holds {info.name!r}", grpc.StatusCode.DATA_LOSS)
-            shape: tuple[int, ...] = tuple(info.shape)
-            if info.dtype not in wire.DTYPE_SIZES or math.prod(shape) != 0 or min(shape, default=0) < 0:
-                raise FetchError(f"shared memory: empty tensor {info.name!r} is shaped {list(info.shape)} of "
-                                 f"{info.dtype!r}", grpc.StatusCode.DATA_LOSS)  # fmt: skip
-            tensor = torch.empty(shape, dtype=wire.torch_dtype(info.dtype))
+            check_entry(info, model)  # 0 bytes: a shape torch can make empty
+            tensor = torch.empty(tuple(info.shape), dtype=wire.torch_dtype(info.dtype))
         out[info.name] = tensor
     return out
 
@@ -432,6 +428,7 @@ def read_copies(
     runs: Sequence[Run],
     names: set[str] | None,
     into: dict[str, torch.Tensor],
+    model: str = "",
 ) -> dict[str, torch.Tensor]:
     """copy=True on the CPU: each tensor read from its segment's descriptor straight into storage of its own.
 
@@ -464,7 +461,7 @@ def read_copies(
     with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="weightserve-copy") as pool:
         for _ in pool.map(_read, reads):
             pass
-    return _in_manifest_order(manifest.tensors, placed, names)
+    return _in_manifest_order(manifest.tensors, placed, names, model)
 
 
 def _plan_reads(reads: list[_Read], read: _Read) -> None:
@@ -605,7 +602,8 @@ def receive(
         try:
             stats.time_to_first_chunk = time.monotonic() - started
             check_unique_names(all_names, fetch.shard.model)
-            state = read_copies(fds, sizes, manifest, all_names, runs, names, fetch.destinations or {})
+            state = read_copies(fds, sizes, manifest, all_names, runs, names, fetch.destinations or {},
+                                fetch.shard.model)  # fmt: skip
         finally:
             for fd in fds:
                 os.close(fd)

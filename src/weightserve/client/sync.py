@@ -359,12 +359,10 @@ class WeightClient:
         writer = FileWriter(Path(dest))
         request = pb.FetchFilesRequest(model=model, revision=revision or "", patterns=patterns or [])
         call = self._stub.FetchFiles(request)
-        received = [0]
-        with StallWatch(self.retry.stream_idle_timeout, lambda: received[0]) as watch:
+        with StallWatch(self.retry.stream_idle_timeout, lambda: writer.chunks) as watch:
             try:
                 with watch.watching(call):
                     for chunk in call:
-                        received[0] += 1
                         writer.accept(chunk)
                 writer.finish()
             except grpc.RpcError as e:
