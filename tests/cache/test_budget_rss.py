@@ -52,6 +52,8 @@ def test_rss_growth_stays_under_the_budget(tmp_path: Path) -> None:
             str(1 << 20),
             "--log-level",
             "WARNING",
+            "--metrics-listen",
+            "off",
         ],
     )
     try:

@@ -337,7 +337,7 @@ def test_load_into_with_mismatched_keys_names_them(client: WeightClient, model_r
 def test_unix_socket_address(model_root: Path) -> None:
     with tempfile.TemporaryDirectory(dir="/tmp") as short:  # socket paths must stay < 108 bytes
         socket = Path(short) / "ws.sock"
-        config = ServerConfig(model_roots=(model_root,), listen=f"unix:{socket}")
+        config = ServerConfig(model_roots=(model_root,), listen=f"unix:{socket}", metrics_listen="off")
         with BackgroundServer(config) as server:
             assert server.address == f"unix:{socket}"
             assert socket.exists()

@@ -61,14 +61,20 @@ def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
 @pytest.fixture
 def slow_client(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], WeightClient]:
-    """WeightClients whose HTTP/2 receive window stays at its 64 KiB default (no BDP probing).
+    """WeightClients whose HTTP/2 receive window stays at its 64 KiB default (no wide window, no BDP probing).
 
     Such a client, held by a paused proxy, lets the server run at most a window ahead:
-    without it, grpc grows the window to megabytes and the server's kernel send buffer
-    (up to tcp_wmem's max) swallows a whole small model while the client is held.
+    with the library's 8 MiB window (RECEIVE_WINDOW), or one grown by probing, a loaded
+    machine lets the server put a whole small model into the window and the kernel's
+    socket buffers before the proxy pauses, and the stream never stalls.
     """
     stock = client_sync.channel_options
-    monkeypatch.setattr(client_sync, "channel_options", lambda: [*stock(), ("grpc.http2.bdp_probe", 0)])
+
+    def narrow() -> list[tuple[str, int]]:
+        options = [(key, value) for key, value in stock() if key != "grpc.http2.lookahead_bytes"]
+        return [*options, ("grpc.http2.bdp_probe", 0)]
+
+    monkeypatch.setattr(client_sync, "channel_options", narrow)
     return WeightClient
 
 

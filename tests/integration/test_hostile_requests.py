@@ -44,7 +44,7 @@ def capped_server(model_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     port = free_port()
     argv = [sys.executable, "-c", SERVE, "serve", "--model-root", str(model_root), "--model-root", str(moe_root)]
     argv += ["--listen", f"127.0.0.1:{port}", "--cache-memory", "96MiB", "--grace-seconds", "1"]
-    argv += ["--stream-idle-seconds", "5", "--log-level", "WARNING"]
+    argv += ["--stream-idle-seconds", "5", "--log-level", "WARNING", "--metrics-listen", "off"]
     log = tmp_path_factory.mktemp("hostile") / "server.log"
     with memory_cgroup(LIMIT) as group, log.open("wb") as out:
         proc, how = start_capped(argv, group, LIMIT, stdout=out, stderr=out)

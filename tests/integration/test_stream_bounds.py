@@ -117,7 +117,7 @@ def test_the_memory_of_cancelled_streams_is_given_back(tmp_path: Path) -> None:
     write_llama_checkpoint(root / MID_MODEL, WIDE, num_files=1)  # 4 MiB chunks: each stream holds ~12 MB
     port = free_port()
     argv = [sys.executable, "-c", SERVE, "serve", "--model-root", str(root), "--listen", f"127.0.0.1:{port}"]
-    argv += ["--grace-seconds", "1"]
+    argv += ["--grace-seconds", "1", "--metrics-listen", "off"]  # parallel tests must not share port 9400
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     try:
         address = f"127.0.0.1:{port}"
@@ -143,7 +143,11 @@ def test_unix_socket_peers_are_limited_per_process(mid_root: Path, tmp_path: Pat
 
     socket_path = tmp_path / "ws.sock"
     config = ServerConfig(
-        model_roots=(mid_root,), listen=f"unix:{socket_path}", chunk_bytes=CHUNK, max_streams_per_peer=1
+        model_roots=(mid_root,),
+        listen=f"unix:{socket_path}",
+        chunk_bytes=CHUNK,
+        max_streams_per_peer=1,
+        metrics_listen="off",
     )
     with BackgroundServer(config) as server, WeightClient(f"unix:{socket_path}") as client:
         manifest = client.get_manifest(MID_MODEL)

@@ -65,7 +65,8 @@ def driven(model_root: Path, root: Path, tmp_path_factory: pytest.TempPathFactor
     """A server that has seen fetches (streamed and over shared memory), a NOT_FOUND, an expert
     load report and a rebalance."""
     socket = tmp_path_factory.mktemp("driven") / "ws.sock"
-    config = ServerConfig(model_roots=(model_root, root), listen=f"unix:{socket}", cache_memory=CACHE)
+    config = ServerConfig(model_roots=(model_root, root), listen=f"unix:{socket}", cache_memory=CACHE,
+                          metrics_listen="127.0.0.1:0")  # fmt: skip
     server = BackgroundServer(config).start()
     with WeightClient(server.address, timeout=30) as client:
         client.fetch_state_dict(MODEL, transport="grpc")
