@@ -7,12 +7,12 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
-# Test files run on this many processes (pytest-xdist; 0: in this one, the default). The
-# suite mostly waits on servers, restarts and backoffs (8 min of CPU in 11.5 on 2 cores),
-# so PYTEST_WORKERS=3 finishes it in about 5 min; but a few tests still depend on timing
-# that a loaded machine upsets (tests/integration/test_stream_bounds.py's paused client
-# failed once in five parallel runs), so CI keeps one process until they do not.
-PYTEST_WORKERS ?= 0
+# Test files run on this many processes (pytest-xdist, --dist loadfile; 0: in this one).
+# The suite mostly waits on servers, restarts and backoffs (8 min of CPU in 11.5 on 2
+# cores); on 3 workers it takes 4-5 min. Tests that share a port or rely on timing a
+# loaded machine upsets break this: start servers on port 0 (metrics too) and wait on
+# conditions, never on sleeps.
+PYTEST_WORKERS ?= 3
 FUZZ_SECONDS ?= 60
 
 BIN := $(VENV)/bin
